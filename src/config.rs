@@ -1,0 +1,808 @@
+//! Configuration: YAML parsed from a string into raw serde structs (unknown
+//! keys rejected with their name and line), then validated into [`Config`],
+//! the checked type the rest of the crate uses.
+
+use http::{HeaderName, Method};
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration problem, worded for the operator who has to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    /// Data-plane threads, each with its own runtime and listener socket.
+    pub workers: usize,
+    pub tls: Option<TlsFiles>,
+    pub store: StoreConfig,
+    pub admin: AdminConfig,
+    pub routes: Vec<RouteConfig>,
+    pub cors: Option<CorsConfig>,
+    pub headers: HeaderNames,
+    pub cache: CacheConfig,
+    pub limits: Limits,
+    pub usage: UsageConfig,
+    pub rate_limit: RateLimitConfig,
+    pub log: LogConfig,
+    pub shutdown_timeout: Duration,
+}
+
+/// An HTTP/1.1 upstream, `http://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `host:port`, used both to connect and as the `Host` sent upstream.
+    pub authority: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Embedded { path: PathBuf },
+    Redis(RedisConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Prepended to every Redis key, so several deployments can share a server.
+    pub prefix: String,
+    /// Per-command timeout: a stalled Redis must turn into a 503, not a hang.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// A token set in config (usually `${ENV_VAR}`); when absent the server
+    /// creates `token_file` and the CLI reads it.
+    pub token: Option<String>,
+    pub token_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub path: String,
+    pub methods: Vec<Method>,
+    pub upstream: Upstream,
+    pub forward_authorization: bool,
+    /// Send the client's `Host` upstream instead of the upstream's authority.
+    pub preserve_host: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CorsConfig {
+    pub allow_origin: String,
+    pub allow_methods: String,
+    pub allow_headers: String,
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderNames {
+    pub user_id: HeaderName,
+    pub key_id: HeaderName,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSize {
+    pub capacity: u64,
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    pub keys: CacheSize,
+    pub negative: CacheSize,
+    pub owners: CacheSize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_response_timeout: Duration,
+    /// Idle upstream connections kept per worker.
+    pub upstream_idle_per_worker: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UsageConfig {
+    pub flush_interval: Duration,
+    /// Keys with an unwritten `lastUsedAt` kept while the store is down.
+    pub max_pending: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimitConfig {
+    /// Failed authentications one client may make per window before 429.
+    pub max_failures: u32,
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: tracing::Level,
+    /// One line per proxied request.
+    pub access: bool,
+}
+
+// ---- raw YAML shape -------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: Option<String>,
+    upstream: Option<String>,
+    workers: Option<usize>,
+    tls: Option<RawTls>,
+    store: Option<RawStore>,
+    admin: Option<RawAdmin>,
+    routes: Option<Vec<RawRoute>>,
+    cors: Option<RawCors>,
+    headers: Option<RawHeaders>,
+    cache: Option<RawCache>,
+    limits: Option<RawLimits>,
+    usage: Option<RawUsage>,
+    rate_limit: Option<RawRateLimit>,
+    log: Option<RawLog>,
+    shutdown_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    embedded: Option<RawEmbedded>,
+    redis: Option<RawRedis>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmbedded {
+    path: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: String,
+    prefix: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token: Option<String>,
+    token_file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path: String,
+    methods: Option<Vec<String>>,
+    upstream: Option<String>,
+    forward_authorization: Option<bool>,
+    preserve_host: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCors {
+    enabled: Option<bool>,
+    allow_origin: Option<String>,
+    allow_methods: Option<Vec<String>>,
+    allow_headers: Option<Vec<String>>,
+    max_age: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaders {
+    user_id: Option<String>,
+    key_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    keys: Option<RawCacheSize>,
+    negative: Option<RawCacheSize>,
+    owners: Option<RawCacheSize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCacheSize {
+    capacity: Option<u64>,
+    ttl: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_body_bytes: Option<u64>,
+    header_read_timeout: Option<String>,
+    upstream_connect_timeout: Option<String>,
+    upstream_response_timeout: Option<String>,
+    upstream_idle_per_worker: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsage {
+    flush_interval: Option<String>,
+    max_pending: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    max_failures: Option<u32>,
+    window: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+    access: Option<bool>,
+}
+
+// ---- validation -----------------------------------------------------------
+
+pub const DEFAULT_ROUTE: &str = "/api/workflows/{workflow}/webhook";
+
+impl Config {
+    /// Reads and validates a config file; relative paths inside it are taken
+    /// from the file's own folder, so the CLI and the server agree wherever
+    /// they are started from.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!("cannot read config file {}: {e}", path.display()))
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_yaml(&text, base)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and validates YAML; `base` resolves relative paths.
+    pub fn from_yaml(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        Config::from_yaml_with_env(text, base, &|name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::from_yaml`], reading `${NAME}` values through `env`.
+    pub fn from_yaml_with_env(
+        text: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: Raw = if text.trim().is_empty() {
+            Raw::default()
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| ConfigError(yaml_error(&e)))?
+        };
+        Config::validate(raw, base, env)
+    }
+
+    fn validate(
+        raw: Raw,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let listen = socket_addr("listen", raw.listen.as_deref().unwrap_or("127.0.0.1:8080"))?;
+        let upstream = upstream(
+            "upstream",
+            raw.upstream.as_deref().unwrap_or("http://127.0.0.1:3000"),
+        )?;
+        let workers = match raw.workers {
+            None | Some(0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(n) if n > 256 => return err("workers: at most 256"),
+            Some(n) => n,
+        };
+        let tls = raw.tls.map(|t| TlsFiles {
+            cert: base.join(t.cert),
+            key: base.join(t.key),
+        });
+
+        let store = match raw.store {
+            None => StoreConfig::Embedded {
+                path: base.join("data/keygate.redb"),
+            },
+            Some(RawStore {
+                embedded: Some(_),
+                redis: Some(_),
+            }) => return err("store: choose one of `embedded` or `redis`, not both"),
+            Some(RawStore {
+                embedded: Some(e),
+                redis: None,
+            }) => StoreConfig::Embedded {
+                path: base.join(e.path.as_deref().unwrap_or("data/keygate.redb")),
+            },
+            Some(RawStore {
+                embedded: None,
+                redis: Some(r),
+            }) => {
+                let url = from_env("store.redis.url", &r.url, env)?;
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return err("store.redis.url: expected redis://host:port");
+                }
+                StoreConfig::Redis(RedisConfig {
+                    url,
+                    prefix: r.prefix.unwrap_or_else(|| "keygate:".to_owned()),
+                    timeout: duration("store.redis.timeout", r.timeout.as_deref(), "2s")?,
+                })
+            }
+            Some(RawStore {
+                embedded: None,
+                redis: None,
+            }) => return err("store: set `embedded` or `redis`"),
+        };
+
+        let admin_raw = raw.admin.unwrap_or(RawAdmin {
+            listen: None,
+            token: None,
+            token_file: None,
+        });
+        let token_file = match (&admin_raw.token_file, &store) {
+            (Some(p), _) => base.join(p),
+            (None, StoreConfig::Embedded { path }) => path
+                .parent()
+                .unwrap_or(base)
+                .join("admin.token"),
+            (None, StoreConfig::Redis(_)) => base.join("data/admin.token"),
+        };
+        let token = match admin_raw.token {
+            None => None,
+            Some(t) => {
+                let t = from_env("admin.token", &t, env)?;
+                if t.len() < 16 {
+                    return err("admin.token: use at least 16 characters");
+                }
+                Some(t)
+            }
+        };
+        let admin = AdminConfig {
+            listen: socket_addr(
+                "admin.listen",
+                admin_raw.listen.as_deref().unwrap_or("127.0.0.1:9090"),
+            )?,
+            token,
+            token_file,
+        };
+        if admin.listen == listen && listen.port() != 0 {
+            return err("admin.listen: must differ from listen");
+        }
+
+        let routes = match raw.routes {
+            None => vec![RouteConfig {
+                path: DEFAULT_ROUTE.to_owned(),
+                methods: vec![Method::POST],
+                upstream: upstream.clone(),
+                forward_authorization: false,
+                preserve_host: false,
+            }],
+            Some(list) if list.is_empty() => return err("routes: list at least one route"),
+            Some(list) => list
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| route(i, r, &upstream))
+                .collect::<Result<_, _>>()?,
+        };
+
+        let cors = cors(raw.cors)?;
+
+        let headers = match raw.headers {
+            None => HeaderNames {
+                user_id: HeaderName::from_static("x-user-id"),
+                key_id: HeaderName::from_static("x-api-key-id"),
+            },
+            Some(h) => HeaderNames {
+                user_id: header_name("headers.user_id", h.user_id.as_deref().unwrap_or("X-User-Id"))?,
+                key_id: header_name(
+                    "headers.key_id",
+                    h.key_id.as_deref().unwrap_or("X-Api-Key-Id"),
+                )?,
+            },
+        };
+        if headers.user_id == headers.key_id {
+            return err("headers: user_id and key_id must differ");
+        }
+
+        let c = raw.cache.unwrap_or_default();
+        let cache = CacheConfig {
+            keys: cache_size("cache.keys", c.keys, 100_000, "60s")?,
+            negative: cache_size("cache.negative", c.negative, 100_000, "5s")?,
+            owners: cache_size("cache.owners", c.owners, 100_000, "60s")?,
+        };
+
+        let l = raw.limits.unwrap_or(RawLimits {
+            max_body_bytes: None,
+            header_read_timeout: None,
+            upstream_connect_timeout: None,
+            upstream_response_timeout: None,
+            upstream_idle_per_worker: None,
+        });
+        let limits = Limits {
+            max_body_bytes: l.max_body_bytes.unwrap_or(1024 * 1024),
+            header_read_timeout: duration(
+                "limits.header_read_timeout",
+                l.header_read_timeout.as_deref(),
+                "10s",
+            )?,
+            upstream_connect_timeout: duration(
+                "limits.upstream_connect_timeout",
+                l.upstream_connect_timeout.as_deref(),
+                "5s",
+            )?,
+            upstream_response_timeout: duration(
+                "limits.upstream_response_timeout",
+                l.upstream_response_timeout.as_deref(),
+                "60s",
+            )?,
+            upstream_idle_per_worker: l.upstream_idle_per_worker.unwrap_or(256),
+        };
+
+        let u = raw.usage.unwrap_or(RawUsage {
+            flush_interval: None,
+            max_pending: None,
+        });
+        let usage = UsageConfig {
+            flush_interval: duration("usage.flush_interval", u.flush_interval.as_deref(), "1s")?,
+            max_pending: u.max_pending.unwrap_or(1_000_000),
+        };
+        if usage.max_pending == 0 {
+            return err("usage.max_pending: must be at least 1");
+        }
+
+        let rl = raw.rate_limit.unwrap_or(RawRateLimit {
+            max_failures: None,
+            window: None,
+        });
+        let rate_limit = RateLimitConfig {
+            max_failures: rl.max_failures.unwrap_or(20),
+            window: duration("rate_limit.window", rl.window.as_deref(), "60s")?,
+        };
+
+        let lg = raw.log.unwrap_or(RawLog {
+            format: None,
+            level: None,
+            access: None,
+        });
+        let log = LogConfig {
+            format: match lg.format.as_deref().unwrap_or("text") {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => return err(format!("log.format: expected text or json, got {other:?}")),
+            },
+            level: match lg.level.as_deref().unwrap_or("info") {
+                "error" => tracing::Level::ERROR,
+                "warn" => tracing::Level::WARN,
+                "info" => tracing::Level::INFO,
+                "debug" => tracing::Level::DEBUG,
+                "trace" => tracing::Level::TRACE,
+                other => {
+                    return err(format!(
+                        "log.level: expected error, warn, info, debug or trace, got {other:?}"
+                    ));
+                }
+            },
+            access: lg.access.unwrap_or(true),
+        };
+
+        Ok(Config {
+            listen,
+            upstream,
+            workers,
+            tls,
+            store,
+            admin,
+            routes,
+            cors,
+            headers,
+            cache,
+            limits,
+            usage,
+            rate_limit,
+            log,
+            shutdown_timeout: duration("shutdown_timeout", raw.shutdown_timeout.as_deref(), "30s")?,
+        })
+    }
+}
+
+/// serde-saphyr reports the key and its line; keep its first line only, so
+/// the CLI can print a one-line error.
+fn yaml_error(e: &serde_saphyr::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("invalid YAML").trim().to_owned();
+    match e.location() {
+        Some(loc) if !first.contains("line") => {
+            format!("{first} (line {}, column {})", loc.line(), loc.column())
+        }
+        _ => first,
+    }
+}
+
+/// `${NAME}` takes the value from the environment, so secrets stay out of
+/// the file.
+fn from_env(
+    field: &str,
+    value: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+        None => Ok(value.to_owned()),
+        Some(name) => env(name).ok_or_else(|| {
+            ConfigError(format!("{field}: environment variable {name} is not set"))
+        }),
+    }
+}
+
+fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        ConfigError(format!("{field}: expected an address like 127.0.0.1:8080, got {value:?}"))
+    })
+}
+
+fn upstream(field: &str, value: &str) -> Result<Upstream, ConfigError> {
+    let Some(rest) = value.strip_prefix("http://") else {
+        return err(format!("{field}: expected http://host:port, got {value:?}"));
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') || authority.contains('@') {
+        return err(format!(
+            "{field}: expected http://host:port with no path, got {value:?}"
+        ));
+    }
+    let authority = if has_port(authority) {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    if authority.parse::<http::uri::Authority>().is_err() {
+        return err(format!("{field}: invalid host in {value:?}"));
+    }
+    Ok(Upstream { authority })
+}
+
+fn has_port(authority: &str) -> bool {
+    match authority.rsplit_once(':') {
+        Some((host, port)) => !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':'),
+        None => false,
+    }
+}
+
+fn route(i: usize, r: RawRoute, default: &Upstream) -> Result<RouteConfig, ConfigError> {
+    let field = format!("routes[{i}]");
+    crate::proxy::route::Pattern::parse(&r.path)
+        .map_err(|e| ConfigError(format!("{field}.path: {e}")))?;
+    let methods = match r.methods {
+        None => vec![Method::POST],
+        Some(m) if m.is_empty() => return err(format!("{field}.methods: list at least one method")),
+        Some(m) => m
+            .iter()
+            .map(|s| {
+                Method::from_bytes(s.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| ConfigError(format!("{field}.methods: invalid method {s:?}")))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(RouteConfig {
+        path: r.path,
+        methods,
+        upstream: match r.upstream {
+            Some(u) => upstream(&format!("{field}.upstream"), &u)?,
+            None => default.clone(),
+        },
+        forward_authorization: r.forward_authorization.unwrap_or(false),
+        preserve_host: r.preserve_host.unwrap_or(false),
+    })
+}
+
+fn cors(raw: Option<RawCors>) -> Result<Option<CorsConfig>, ConfigError> {
+    let raw = raw.unwrap_or(RawCors {
+        enabled: None,
+        allow_origin: None,
+        allow_methods: None,
+        allow_headers: None,
+        max_age: None,
+    });
+    if raw.enabled == Some(false) {
+        return Ok(None);
+    }
+    let join = |field: &str, list: Option<Vec<String>>, default: &str| -> Result<String, ConfigError> {
+        let value = list.map_or_else(|| default.to_owned(), |l| l.join(", "));
+        if http::HeaderValue::from_str(&value).is_err() {
+            return err(format!("{field}: not a valid header value"));
+        }
+        Ok(value)
+    };
+    let allow_origin = raw.allow_origin.unwrap_or_else(|| "*".to_owned());
+    if http::HeaderValue::from_str(&allow_origin).is_err() {
+        return err("cors.allow_origin: not a valid header value");
+    }
+    Ok(Some(CorsConfig {
+        allow_origin,
+        allow_methods: join("cors.allow_methods", raw.allow_methods, "POST, OPTIONS")?,
+        allow_headers: join(
+            "cors.allow_headers",
+            raw.allow_headers,
+            "Content-Type, Authorization",
+        )?,
+        max_age: duration("cors.max_age", raw.max_age.as_deref(), "86400s")?,
+    }))
+}
+
+fn header_name(field: &str, value: &str) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(value.as_bytes())
+        .map_err(|_| ConfigError(format!("{field}: invalid header name {value:?}")))
+}
+
+fn cache_size(
+    field: &str,
+    raw: Option<RawCacheSize>,
+    capacity: u64,
+    ttl: &str,
+) -> Result<CacheSize, ConfigError> {
+    let (c, t) = raw.map_or((None, None), |r| (r.capacity, r.ttl));
+    let size = CacheSize {
+        capacity: c.unwrap_or(capacity),
+        ttl: duration(&format!("{field}.ttl"), t.as_deref(), ttl)?,
+    };
+    if size.ttl.is_zero() {
+        return err(format!("{field}.ttl: must be more than 0"));
+    }
+    Ok(size)
+}
+
+fn duration(field: &str, value: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+    let value = value.unwrap_or(default);
+    parse_duration(value).ok_or_else(|| {
+        ConfigError(format!(
+            "{field}: expected a duration like 500ms, 5s, 2m or 1h, got {value:?}"
+        ))
+    })
+}
+
+/// `500ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(yaml, Path::new("/etc/keygate"))
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../config.example.yaml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert!(matches!(c.store, StoreConfig::Embedded { .. }));
+        assert_eq!(c.routes[0].path, DEFAULT_ROUTE);
+    }
+
+    #[test]
+    fn empty_config_takes_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.upstream.authority, "127.0.0.1:3000");
+        assert_eq!(c.cache.keys.ttl, Duration::from_secs(60));
+        assert_eq!(c.cache.negative.ttl, Duration::from_secs(5));
+        assert_eq!(c.limits.max_body_bytes, 1 << 20);
+        assert_eq!(c.admin.token_file, Path::new("/etc/keygate/data/admin.token"));
+        assert!(c.cors.is_some());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = parse("listen: \"127.0.0.1:1\"\nadmin:\n  listen: \"127.0.0.1:2\"\n  tokne: x\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("tokne"), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named() {
+        let e = parse("listen: \"127.0.0.1:1\"\nupstreem: x\n").unwrap_err().0;
+        assert!(e.contains("upstreem") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment() {
+        let env = |name: &str| (name == "ADMIN_TOKEN").then(|| "0123456789abcdef-token".to_owned());
+        let base = Path::new("/");
+        let c = Config::from_yaml_with_env("admin:\n  token: ${ADMIN_TOKEN}\n", base, &env).unwrap();
+        assert_eq!(c.admin.token.as_deref(), Some("0123456789abcdef-token"));
+        let e = Config::from_yaml_with_env("admin:\n  token: ${UNSET_VARIABLE}\n", base, &env)
+            .unwrap_err()
+            .0;
+        assert!(e.contains("UNSET_VARIABLE"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        for (yaml, needle) in [
+            ("listen: nowhere\n", "listen"),
+            ("upstream: ftp://x\n", "upstream"),
+            ("cache:\n  keys:\n    ttl: soon\n", "cache.keys.ttl"),
+            ("store:\n  embedded: {}\n  redis: {url: \"redis://x:1\"}\n", "not both"),
+            ("routes:\n  - path: /no/capture\n", "routes[0].path"),
+            ("log:\n  format: xml\n", "log.format"),
+            ("headers:\n  user_id: \"bad header\"\n", "headers.user_id"),
+            ("listen: [1, 2]\n", "line 1"),
+        ] {
+            let e = parse(yaml).unwrap_err().0;
+            assert!(e.contains(needle), "{yaml:?} gave {e}");
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+
+    #[test]
+    fn upstream_without_port_gets_80() {
+        assert_eq!(upstream("u", "http://engine").unwrap().authority, "engine:80");
+        assert_eq!(upstream("u", "http://[::1]:3000/").unwrap().authority, "[::1]:3000");
+    }
+}

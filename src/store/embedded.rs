@@ -1,0 +1,254 @@
+//! The default store: one crash-safe redb file, nothing to install.
+//!
+//! Tables: `keys` (id → JSON record), `key_by_hash` (SHA-256 → id),
+//! `user_keys` (user → ids, multimap) and `owners` (workflow → user).
+//! redb is synchronous, so every call runs on tokio's blocking pool.
+
+use super::{
+    KeyRecord, LastUsed, Store, StoreError, StoreFuture, StoredKey, WorkflowOwner,
+    sort_newest_first,
+};
+use crate::key::KeyHash;
+use redb::{
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable,
+    TableDefinition,
+};
+use std::path::Path;
+use std::sync::Arc;
+
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+const KEY_BY_HASH: TableDefinition<&[u8], &str> = TableDefinition::new("key_by_hash");
+const USER_KEYS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("user_keys");
+const OWNERS: TableDefinition<&str, &str> = TableDefinition::new("owners");
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+fn fail(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens or creates the file (and its folder), creating the tables.
+    pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
+                "{} is already open in another keygate process",
+                path.display()
+            )),
+            other => StoreError::Unavailable(format!("cannot open {}: {other}", path.display())),
+        })?;
+        let txn = db.begin_write().map_err(fail)?;
+        txn.open_table(KEYS).map_err(fail)?;
+        txn.open_table(KEY_BY_HASH).map_err(fail)?;
+        txn.open_multimap_table(USER_KEYS).map_err(fail)?;
+        txn.open_table(OWNERS).map_err(fail)?;
+        txn.commit().map_err(fail)?;
+        Ok(EmbeddedStore { db: Arc::new(db) })
+    }
+
+    fn blocking<T, F>(&self, f: F) -> StoreFuture<'static, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || f(&db))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+        })
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<KeyRecord, StoreError> {
+    let stored: StoredKey =
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    KeyRecord::try_from(stored)
+}
+
+fn encode(record: &KeyRecord) -> Vec<u8> {
+    serde_json::to_vec(&StoredKey::from(record)).expect("a key record always serializes")
+}
+
+impl Store for EmbeddedStore {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn create_key(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(fail)?;
+            {
+                let mut keys = txn.open_table(KEYS).map_err(fail)?;
+                let mut by_hash = txn.open_table(KEY_BY_HASH).map_err(fail)?;
+                if keys.get(record.id.as_str()).map_err(fail)?.is_some()
+                    || by_hash.get(&record.hash.0[..]).map_err(fail)?.is_some()
+                {
+                    return Err(StoreError::Conflict(format!("key {}", record.id)));
+                }
+                keys.insert(record.id.as_str(), encode(&record).as_slice())
+                    .map_err(fail)?;
+                by_hash
+                    .insert(&record.hash.0[..], record.id.as_str())
+                    .map_err(fail)?;
+                let mut user_keys = txn.open_multimap_table(USER_KEYS).map_err(fail)?;
+                user_keys
+                    .insert(record.user_id.as_str(), record.id.as_str())
+                    .map_err(fail)?;
+            }
+            txn.commit().map_err(fail)
+        })
+    }
+
+    fn find_by_hash(&self, hash: KeyHash) -> StoreFuture<'_, Option<KeyRecord>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(fail)?;
+            let by_hash = txn.open_table(KEY_BY_HASH).map_err(fail)?;
+            let Some(id) = by_hash.get(&hash.0[..]).map_err(fail)? else {
+                return Ok(None);
+            };
+            let keys = txn.open_table(KEYS).map_err(fail)?;
+            match keys.get(id.value()).map_err(fail)? {
+                Some(bytes) => decode(bytes.value()).map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn list_keys<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<KeyRecord>> {
+        let user_id = user_id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(fail)?;
+            let user_keys = txn.open_multimap_table(USER_KEYS).map_err(fail)?;
+            let keys = txn.open_table(KEYS).map_err(fail)?;
+            let mut out = Vec::new();
+            for id in user_keys.get(user_id.as_str()).map_err(fail)? {
+                let id = id.map_err(fail)?;
+                if let Some(bytes) = keys.get(id.value()).map_err(fail)? {
+                    out.push(decode(bytes.value())?);
+                }
+            }
+            sort_newest_first(&mut out);
+            Ok(out)
+        })
+    }
+
+    fn revoke_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, KeyRecord> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(fail)?;
+            let record = {
+                let mut keys = txn.open_table(KEYS).map_err(fail)?;
+                let Some(bytes) = keys.remove(id.as_str()).map_err(fail)? else {
+                    return Err(StoreError::UnknownKey(id));
+                };
+                let record = decode(bytes.value())?;
+                drop(bytes);
+                txn.open_table(KEY_BY_HASH)
+                    .map_err(fail)?
+                    .remove(&record.hash.0[..])
+                    .map_err(fail)?;
+                txn.open_multimap_table(USER_KEYS)
+                    .map_err(fail)?
+                    .remove(record.user_id.as_str(), id.as_str())
+                    .map_err(fail)?;
+                record
+            };
+            txn.commit().map_err(fail)?;
+            Ok(record)
+        })
+    }
+
+    fn record_last_used(&self, batch: Vec<LastUsed>) -> StoreFuture<'_, ()> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(fail)?;
+            {
+                let mut keys = txn.open_table(KEYS).map_err(fail)?;
+                for used in &batch {
+                    let current = match keys.get(used.id.as_str()).map_err(fail)? {
+                        Some(bytes) => decode(bytes.value())?,
+                        None => continue,
+                    };
+                    if current.last_used_at.is_some_and(|t| t >= used.at) {
+                        continue;
+                    }
+                    let updated = KeyRecord {
+                        last_used_at: Some(used.at),
+                        ..current
+                    };
+                    keys.insert(used.id.as_str(), encode(&updated).as_slice())
+                        .map_err(fail)?;
+                }
+            }
+            txn.commit().map_err(fail)
+        })
+    }
+
+    fn set_owner<'a>(&'a self, workflow_id: &'a str, user_id: &'a str) -> StoreFuture<'a, ()> {
+        let (workflow_id, user_id) = (workflow_id.to_owned(), user_id.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(fail)?;
+            txn.open_table(OWNERS)
+                .map_err(fail)?
+                .insert(workflow_id.as_str(), user_id.as_str())
+                .map_err(fail)?;
+            txn.commit().map_err(fail)
+        })
+    }
+
+    fn remove_owner<'a>(&'a self, workflow_id: &'a str) -> StoreFuture<'a, ()> {
+        let workflow_id = workflow_id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(fail)?;
+            let removed = txn
+                .open_table(OWNERS)
+                .map_err(fail)?
+                .remove(workflow_id.as_str())
+                .map_err(fail)?
+                .is_some();
+            if !removed {
+                return Err(StoreError::UnknownWorkflow(workflow_id));
+            }
+            txn.commit().map_err(fail)
+        })
+    }
+
+    fn get_owner<'a>(&'a self, workflow_id: &'a str) -> StoreFuture<'a, Option<String>> {
+        let workflow_id = workflow_id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(fail)?;
+            let owners = txn.open_table(OWNERS).map_err(fail)?;
+            Ok(owners
+                .get(workflow_id.as_str())
+                .map_err(fail)?
+                .map(|v| v.value().to_owned()))
+        })
+    }
+
+    fn list_workflows(&self) -> StoreFuture<'_, Vec<WorkflowOwner>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(fail)?;
+            let owners = txn.open_table(OWNERS).map_err(fail)?;
+            let mut out = Vec::new();
+            for entry in owners.iter().map_err(fail)? {
+                let (k, v) = entry.map_err(fail)?;
+                out.push(WorkflowOwner {
+                    workflow_id: k.value().to_owned(),
+                    owner: v.value().to_owned(),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        self.blocking(|db| db.begin_read().map(drop).map_err(fail))
+    }
+}

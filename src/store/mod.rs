@@ -1,0 +1,168 @@
+//! Where keys and workflow owners live: one [`Store`] trait with an embedded
+//! (redb file) and a Redis implementation. Both pass the same conformance
+//! suite (`tests/store_conformance.rs`).
+
+pub mod embedded;
+pub mod redis;
+
+use crate::key::KeyHash;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+/// What a store returns; boxed because the store is chosen at run time
+/// (`Arc<dyn Store>`) and only cache misses reach it.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A stored API key. Never holds the key itself: only its hash and prefix.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub hash: KeyHash,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+impl fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("id", &self.id)
+            .field("user_id", &self.user_id)
+            .field("name", &self.name)
+            .field("prefix", &self.prefix)
+            .field("created_at", &self.created_at)
+            .field("last_used_at", &self.last_used_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One pending `lastUsedAt` write. The hash is carried so stores keyed by
+/// hash need no extra lookup; it never leaves the process except to the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastUsed {
+    pub id: String,
+    pub hash: KeyHash,
+    pub at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkflowOwner {
+    pub workflow_id: String,
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// No key with this id (never existed, or already revoked).
+    UnknownKey(String),
+    /// No owner registered for this workflow.
+    UnknownWorkflow(String),
+    /// A key with this id or hash exists already.
+    Conflict(String),
+    /// The store cannot be reached or did not answer in time.
+    Unavailable(String),
+    /// The store answered with data keygate cannot read.
+    Corrupt(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::UnknownKey(id) => write!(f, "unknown key id {id:?}"),
+            StoreError::UnknownWorkflow(id) => write!(f, "workflow {id:?} has no owner"),
+            StoreError::Conflict(what) => write!(f, "already exists: {what}"),
+            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
+            StoreError::Corrupt(why) => write!(f, "store data unreadable: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+pub trait Store: Send + Sync + 'static {
+    /// Which implementation, for logs and metrics.
+    fn kind(&self) -> &'static str;
+
+    fn create_key(&self, record: KeyRecord) -> StoreFuture<'_, ()>;
+
+    fn find_by_hash(&self, hash: KeyHash) -> StoreFuture<'_, Option<KeyRecord>>;
+
+    /// A user's keys, newest first.
+    fn list_keys<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<KeyRecord>>;
+
+    /// Deletes a key and returns what it was; `UnknownKey` if there is none.
+    fn revoke_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, KeyRecord>;
+
+    /// Writes a batch of last-used times; a time never moves backwards and a
+    /// revoked key is not brought back.
+    fn record_last_used(&self, batch: Vec<LastUsed>) -> StoreFuture<'_, ()>;
+
+    fn set_owner<'a>(&'a self, workflow_id: &'a str, user_id: &'a str) -> StoreFuture<'a, ()>;
+
+    /// `UnknownWorkflow` if the workflow had no owner.
+    fn remove_owner<'a>(&'a self, workflow_id: &'a str) -> StoreFuture<'a, ()>;
+
+    fn get_owner<'a>(&'a self, workflow_id: &'a str) -> StoreFuture<'a, Option<String>>;
+
+    /// All workflows with an owner, sorted by id.
+    fn list_workflows(&self) -> StoreFuture<'_, Vec<WorkflowOwner>>;
+
+    /// Succeeds when the store answers; backs `/readyz`.
+    fn ping(&self) -> StoreFuture<'_, ()>;
+}
+
+/// Stored form of a key record, shared by both stores so they agree on the
+/// field names (`camelCase`, like the admin API).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct StoredKey {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub key_prefix: String,
+    pub key_hash: String,
+    pub created_at: i64,
+    #[serde(default)]
+    pub last_used_at: Option<i64>,
+}
+
+impl From<&KeyRecord> for StoredKey {
+    fn from(r: &KeyRecord) -> StoredKey {
+        StoredKey {
+            id: r.id.clone(),
+            user_id: r.user_id.clone(),
+            name: r.name.clone(),
+            key_prefix: r.prefix.clone(),
+            key_hash: r.hash.to_hex(),
+            created_at: r.created_at,
+            last_used_at: r.last_used_at,
+        }
+    }
+}
+
+impl TryFrom<StoredKey> for KeyRecord {
+    type Error = StoreError;
+
+    fn try_from(s: StoredKey) -> Result<KeyRecord, StoreError> {
+        let hash = KeyHash::from_hex(&s.key_hash)
+            .ok_or_else(|| StoreError::Corrupt(format!("key {} has a malformed hash", s.id)))?;
+        Ok(KeyRecord {
+            id: s.id,
+            user_id: s.user_id,
+            name: s.name,
+            prefix: s.key_prefix,
+            hash,
+            created_at: s.created_at,
+            last_used_at: s.last_used_at,
+        })
+    }
+}
+
+/// Newest first; ties broken by id so listings are stable.
+pub(crate) fn sort_newest_first(keys: &mut [KeyRecord]) {
+    keys.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
+}

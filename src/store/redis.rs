@@ -1,0 +1,368 @@
+//! Redis store: what lets many gateway instances share keys.
+//!
+//! Key schema (every name starts with the configured prefix, `keygate:` by
+//! default):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `key:<sha256 hex>` | hash | `id`, `userId`, `name`, `keyPrefix`, `createdAt`, `lastUsedAt` |
+//! | `id:<key id>` | string | the key's SHA-256 hex (revoke by id) |
+//! | `user:<user id>` | sorted set | the user's key ids, scored by `createdAt` |
+//! | `owners` | hash | workflow id → owner user id |
+//!
+//! The hot path (`find_by_hash`) is one `HGETALL` on one key. Writes that
+//! touch several keys are ordered so that a crash between them never leaves
+//! an authenticating key that cannot be listed or revoked: create writes the
+//! indexes first and `key:<hash>` last; revoke deletes `key:<hash>` first.
+//! No command spans two keys, so the schema also runs on Redis Cluster,
+//! where each key hashes on its own; a deployment that wants a user's keys
+//! together can tag the prefix (`{keygate}:`).
+
+use super::{
+    KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner, sort_newest_first,
+};
+use crate::config::RedisConfig;
+use crate::key::KeyHash;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+/// Raises `lastUsedAt` only forwards, and only on a key that still exists.
+const TOUCH_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'lastUsedAt') or '0')
+if cur < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'lastUsedAt', ARGV[1])
+  return 1
+end
+return 0
+";
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+impl RedisStore {
+    /// Connects lazily: the gateway starts (and answers 503, not ready)
+    /// while Redis is down, and the manager reconnects on the next call.
+    pub fn connect(config: &RedisConfig) -> Result<RedisStore, StoreError> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| StoreError::Unavailable(format!("invalid redis url: {e}")))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(unavailable)?;
+        Ok(RedisStore {
+            conn,
+            prefix: config.prefix.clone(),
+            timeout: config.timeout,
+        })
+    }
+
+    fn key_key(&self, hash: &KeyHash) -> String {
+        format!("{}key:{}", self.prefix, hash.to_hex())
+    }
+
+    fn id_key(&self, id: &str) -> String {
+        format!("{}id:{id}", self.prefix)
+    }
+
+    fn user_key(&self, user: &str) -> String {
+        format!("{}user:{user}", self.prefix)
+    }
+
+    fn owners_key(&self) -> String {
+        format!("{}owners", self.prefix)
+    }
+
+    /// Runs one store operation with a deadline, so a stalled Redis becomes
+    /// a 503 rather than a hung request.
+    async fn bounded<T>(
+        &self,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout * 2, op)
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("redis: timed out".into())))
+    }
+}
+
+fn parse_record(fields: HashMap<String, String>, hash: KeyHash) -> Result<KeyRecord, StoreError> {
+    let get = |name: &str| {
+        fields
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::Corrupt(format!("key record without {name}")))
+    };
+    let number = |name: &str, v: &str| {
+        v.parse::<i64>()
+            .map_err(|_| StoreError::Corrupt(format!("key record with a non-numeric {name}")))
+    };
+    Ok(KeyRecord {
+        id: get("id")?,
+        user_id: get("userId")?,
+        name: get("name")?,
+        prefix: get("keyPrefix")?,
+        hash,
+        created_at: number("createdAt", &get("createdAt")?)?,
+        last_used_at: match fields.get("lastUsedAt") {
+            Some(v) => Some(number("lastUsedAt", v)?),
+            None => None,
+        },
+    })
+}
+
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn create_key(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
+        Box::pin(self.bounded(async move {
+            let mut conn = self.conn.clone();
+            let key_key = self.key_key(&record.hash);
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&key_key)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if exists {
+                return Err(StoreError::Conflict(format!("key {}", record.id)));
+            }
+            let claimed: Option<String> = redis::cmd("SET")
+                .arg(self.id_key(&record.id))
+                .arg(record.hash.to_hex())
+                .arg("NX")
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if claimed.is_none() {
+                return Err(StoreError::Conflict(format!("key {}", record.id)));
+            }
+            redis::pipe()
+                .cmd("ZADD")
+                .arg(self.user_key(&record.user_id))
+                .arg(record.created_at)
+                .arg(&record.id)
+                .ignore()
+                .cmd("HSET")
+                .arg(&key_key)
+                .arg("id")
+                .arg(&record.id)
+                .arg("userId")
+                .arg(&record.user_id)
+                .arg("name")
+                .arg(&record.name)
+                .arg("keyPrefix")
+                .arg(&record.prefix)
+                .arg("createdAt")
+                .arg(record.created_at)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)
+        }))
+    }
+
+    fn find_by_hash(&self, hash: KeyHash) -> StoreFuture<'_, Option<KeyRecord>> {
+        Box::pin(self.bounded(async move {
+            let mut conn = self.conn.clone();
+            let fields: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.key_key(&hash))
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if fields.is_empty() {
+                return Ok(None);
+            }
+            parse_record(fields, hash).map(Some)
+        }))
+    }
+
+    fn list_keys<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<KeyRecord>> {
+        Box::pin(self.bounded(async move {
+            let mut conn = self.conn.clone();
+            let ids: Vec<String> = redis::cmd("ZREVRANGE")
+                .arg(self.user_key(user_id))
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("GET").arg(self.id_key(id));
+            }
+            let hashes: Vec<Option<String>> =
+                pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let hashes: Vec<KeyHash> = hashes
+                .iter()
+                .flatten()
+                .filter_map(|h| KeyHash::from_hex(h))
+                .collect();
+            let mut pipe = redis::pipe();
+            for hash in &hashes {
+                pipe.cmd("HGETALL").arg(self.key_key(hash));
+            }
+            let records: Vec<HashMap<String, String>> =
+                pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let mut out = Vec::with_capacity(records.len());
+            for (fields, hash) in records.into_iter().zip(hashes) {
+                // A record missing here was revoked between the two reads.
+                if !fields.is_empty() {
+                    out.push(parse_record(fields, hash)?);
+                }
+            }
+            sort_newest_first(&mut out);
+            Ok(out)
+        }))
+    }
+
+    fn revoke_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, KeyRecord> {
+        Box::pin(self.bounded(async move {
+            let mut conn = self.conn.clone();
+            let hash: Option<String> = redis::cmd("GET")
+                .arg(self.id_key(id))
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let Some(hash) = hash.as_deref().and_then(KeyHash::from_hex) else {
+                return Err(StoreError::UnknownKey(id.to_owned()));
+            };
+            let key_key = self.key_key(&hash);
+            let fields: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(&key_key)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            // Authentication stops with this DEL; the index clean-up follows.
+            let deleted: i64 = redis::cmd("DEL")
+                .arg(&key_key)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let mut pipe = redis::pipe();
+            pipe.cmd("DEL").arg(self.id_key(id)).ignore();
+            let record = if fields.is_empty() {
+                None
+            } else {
+                let record = parse_record(fields, hash)?;
+                pipe.cmd("ZREM")
+                    .arg(self.user_key(&record.user_id))
+                    .arg(id)
+                    .ignore();
+                Some(record)
+            };
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            match record {
+                Some(record) if deleted == 1 => Ok(record),
+                _ => Err(StoreError::UnknownKey(id.to_owned())),
+            }
+        }))
+    }
+
+    fn record_last_used(&self, batch: Vec<LastUsed>) -> StoreFuture<'_, ()> {
+        Box::pin(self.bounded(async move {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let mut conn = self.conn.clone();
+            let mut pipe = redis::pipe();
+            for used in &batch {
+                pipe.cmd("EVAL")
+                    .arg(TOUCH_SCRIPT)
+                    .arg(1)
+                    .arg(self.key_key(&used.hash))
+                    .arg(used.at)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)
+        }))
+    }
+
+    fn set_owner<'a>(&'a self, workflow_id: &'a str, user_id: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(self.bounded(async move {
+            let mut conn = self.conn.clone();
+            redis::cmd("HSET")
+                .arg(self.owners_key())
+                .arg(workflow_id)
+                .arg(user_id)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)
+        }))
+    }
+
+    fn remove_owner<'a>(&'a self, workflow_id: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(self.bounded(async move {
+            let mut conn = self.conn.clone();
+            let removed: i64 = redis::cmd("HDEL")
+                .arg(self.owners_key())
+                .arg(workflow_id)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if removed == 0 {
+                return Err(StoreError::UnknownWorkflow(workflow_id.to_owned()));
+            }
+            Ok(())
+        }))
+    }
+
+    fn get_owner<'a>(&'a self, workflow_id: &'a str) -> StoreFuture<'a, Option<String>> {
+        Box::pin(self.bounded(async move {
+            let mut conn = self.conn.clone();
+            redis::cmd("HGET")
+                .arg(self.owners_key())
+                .arg(workflow_id)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)
+        }))
+    }
+
+    fn list_workflows(&self) -> StoreFuture<'_, Vec<WorkflowOwner>> {
+        Box::pin(self.bounded(async move {
+            let mut conn = self.conn.clone();
+            let all: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.owners_key())
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let mut out: Vec<WorkflowOwner> = all
+                .into_iter()
+                .map(|(workflow_id, owner)| WorkflowOwner { workflow_id, owner })
+                .collect();
+            out.sort_by(|a, b| a.workflow_id.cmp(&b.workflow_id));
+            Ok(out)
+        }))
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(self.bounded(async move {
+            let mut conn = self.conn.clone();
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map(drop)
+                .map_err(unavailable)
+        }))
+    }
+}
