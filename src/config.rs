@@ -299,12 +299,10 @@ impl Config {
     /// from the file's own folder, so the CLI and the server agree wherever
     /// they are started from.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError(format!("cannot read config file {}: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::from_yaml(&text, base)
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+        Config::from_yaml(&text, base).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
     }
 
     /// Parses and validates YAML; `base` resolves relative paths.
@@ -387,10 +385,9 @@ impl Config {
         });
         let token_file = match (&admin_raw.token_file, &store) {
             (Some(p), _) => base.join(p),
-            (None, StoreConfig::Embedded { path }) => path
-                .parent()
-                .unwrap_or(base)
-                .join("admin.token"),
+            (None, StoreConfig::Embedded { path }) => {
+                path.parent().unwrap_or(base).join("admin.token")
+            }
             (None, StoreConfig::Redis(_)) => base.join("data/admin.token"),
         };
         let token = match admin_raw.token {
@@ -439,7 +436,10 @@ impl Config {
                 key_id: HeaderName::from_static("x-api-key-id"),
             },
             Some(h) => HeaderNames {
-                user_id: header_name("headers.user_id", h.user_id.as_deref().unwrap_or("X-User-Id"))?,
+                user_id: header_name(
+                    "headers.user_id",
+                    h.user_id.as_deref().unwrap_or("X-User-Id"),
+                )?,
                 key_id: header_name(
                     "headers.key_id",
                     h.key_id.as_deref().unwrap_or("X-Api-Key-Id"),
@@ -555,7 +555,12 @@ impl Config {
 /// the CLI can print a one-line error.
 fn yaml_error(e: &serde_saphyr::Error) -> String {
     let text = e.to_string();
-    let first = text.lines().next().unwrap_or("invalid YAML").trim().to_owned();
+    let first = text
+        .lines()
+        .next()
+        .unwrap_or("invalid YAML")
+        .trim()
+        .to_owned();
     match e.location() {
         Some(loc) if !first.contains("line") => {
             format!("{first} (line {}, column {})", loc.line(), loc.column())
@@ -573,15 +578,16 @@ fn from_env(
 ) -> Result<String, ConfigError> {
     match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
         None => Ok(value.to_owned()),
-        Some(name) => env(name).ok_or_else(|| {
-            ConfigError(format!("{field}: environment variable {name} is not set"))
-        }),
+        Some(name) => env(name)
+            .ok_or_else(|| ConfigError(format!("{field}: environment variable {name} is not set"))),
     }
 }
 
 fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {
-        ConfigError(format!("{field}: expected an address like 127.0.0.1:8080, got {value:?}"))
+        ConfigError(format!(
+            "{field}: expected an address like 127.0.0.1:8080, got {value:?}"
+        ))
     })
 }
 
@@ -608,7 +614,9 @@ fn upstream(field: &str, value: &str) -> Result<Upstream, ConfigError> {
 
 fn has_port(authority: &str) -> bool {
     match authority.rsplit_once(':') {
-        Some((host, port)) => !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':'),
+        Some((host, port)) => {
+            !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':')
+        }
         None => false,
     }
 }
@@ -619,7 +627,9 @@ fn route(i: usize, r: RawRoute, default: &Upstream) -> Result<RouteConfig, Confi
         .map_err(|e| ConfigError(format!("{field}.path: {e}")))?;
     let methods = match r.methods {
         None => vec![Method::POST],
-        Some(m) if m.is_empty() => return err(format!("{field}.methods: list at least one method")),
+        Some(m) if m.is_empty() => {
+            return err(format!("{field}.methods: list at least one method"));
+        }
         Some(m) => m
             .iter()
             .map(|s| {
@@ -651,13 +661,14 @@ fn cors(raw: Option<RawCors>) -> Result<Option<CorsConfig>, ConfigError> {
     if raw.enabled == Some(false) {
         return Ok(None);
     }
-    let join = |field: &str, list: Option<Vec<String>>, default: &str| -> Result<String, ConfigError> {
-        let value = list.map_or_else(|| default.to_owned(), |l| l.join(", "));
-        if http::HeaderValue::from_str(&value).is_err() {
-            return err(format!("{field}: not a valid header value"));
-        }
-        Ok(value)
-    };
+    let join =
+        |field: &str, list: Option<Vec<String>>, default: &str| -> Result<String, ConfigError> {
+            let value = list.map_or_else(|| default.to_owned(), |l| l.join(", "));
+            if http::HeaderValue::from_str(&value).is_err() {
+                return err(format!("{field}: not a valid header value"));
+            }
+            Ok(value)
+        };
     let allow_origin = raw.allow_origin.unwrap_or_else(|| "*".to_owned());
     if http::HeaderValue::from_str(&allow_origin).is_err() {
         return err("cors.allow_origin: not a valid header value");
@@ -744,7 +755,10 @@ mod tests {
         assert_eq!(c.cache.keys.ttl, Duration::from_secs(60));
         assert_eq!(c.cache.negative.ttl, Duration::from_secs(5));
         assert_eq!(c.limits.max_body_bytes, 1 << 20);
-        assert_eq!(c.admin.token_file, Path::new("/etc/keygate/data/admin.token"));
+        assert_eq!(
+            c.admin.token_file,
+            Path::new("/etc/keygate/data/admin.token")
+        );
         assert!(c.cors.is_some());
     }
 
@@ -759,7 +773,9 @@ mod tests {
 
     #[test]
     fn unknown_top_level_key_is_named() {
-        let e = parse("listen: \"127.0.0.1:1\"\nupstreem: x\n").unwrap_err().0;
+        let e = parse("listen: \"127.0.0.1:1\"\nupstreem: x\n")
+            .unwrap_err()
+            .0;
         assert!(e.contains("upstreem") && e.contains("line 2"), "{e}");
     }
 
@@ -767,7 +783,8 @@ mod tests {
     fn secrets_come_from_the_environment() {
         let env = |name: &str| (name == "ADMIN_TOKEN").then(|| "0123456789abcdef-token".to_owned());
         let base = Path::new("/");
-        let c = Config::from_yaml_with_env("admin:\n  token: ${ADMIN_TOKEN}\n", base, &env).unwrap();
+        let c =
+            Config::from_yaml_with_env("admin:\n  token: ${ADMIN_TOKEN}\n", base, &env).unwrap();
         assert_eq!(c.admin.token.as_deref(), Some("0123456789abcdef-token"));
         let e = Config::from_yaml_with_env("admin:\n  token: ${UNSET_VARIABLE}\n", base, &env)
             .unwrap_err()
@@ -781,7 +798,10 @@ mod tests {
             ("listen: nowhere\n", "listen"),
             ("upstream: ftp://x\n", "upstream"),
             ("cache:\n  keys:\n    ttl: soon\n", "cache.keys.ttl"),
-            ("store:\n  embedded: {}\n  redis: {url: \"redis://x:1\"}\n", "not both"),
+            (
+                "store:\n  embedded: {}\n  redis: {url: \"redis://x:1\"}\n",
+                "not both",
+            ),
             ("routes:\n  - path: /no/capture\n", "routes[0].path"),
             ("log:\n  format: xml\n", "log.format"),
             ("headers:\n  user_id: \"bad header\"\n", "headers.user_id"),
@@ -802,7 +822,13 @@ mod tests {
 
     #[test]
     fn upstream_without_port_gets_80() {
-        assert_eq!(upstream("u", "http://engine").unwrap().authority, "engine:80");
-        assert_eq!(upstream("u", "http://[::1]:3000/").unwrap().authority, "[::1]:3000");
+        assert_eq!(
+            upstream("u", "http://engine").unwrap().authority,
+            "engine:80"
+        );
+        assert_eq!(
+            upstream("u", "http://[::1]:3000/").unwrap().authority,
+            "[::1]:3000"
+        );
     }
 }

@@ -10,8 +10,16 @@
 //! `wfb_` key format; [`metrics`] renders Prometheus text.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod auth;
+pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod invalidate;
 pub mod key;
+pub mod metrics;
 pub mod proxy;
+pub mod server;
 pub mod store;
+pub mod tls;
+pub mod usage;

@@ -25,10 +25,14 @@ impl Pattern {
             return Err(format!("{pattern:?} may contain {CAPTURE} only once"));
         }
         if !before.ends_with('/') || !(after.is_empty() || after.starts_with('/')) {
-            return Err(format!("{CAPTURE} must be a whole path segment in {pattern:?}"));
+            return Err(format!(
+                "{CAPTURE} must be a whole path segment in {pattern:?}"
+            ));
         }
         if before.contains(['{', '}', '?', '#']) || after.contains(['{', '}', '?', '#']) {
-            return Err(format!("{pattern:?} may hold no other placeholder or query"));
+            return Err(format!(
+                "{pattern:?} may hold no other placeholder or query"
+            ));
         }
         Ok(Pattern {
             before: before.to_owned(),
@@ -58,9 +62,14 @@ pub enum Matched<'a, 'p> {
         workflow: &'p str,
     },
     /// The path fits a route but this method is not allowed on it.
-    MethodNotAllowed { index: usize, route: &'a Route },
+    MethodNotAllowed {
+        index: usize,
+        route: &'a Route,
+    },
     /// The path fits a route and the request is a CORS preflight.
-    Preflight { index: usize },
+    Preflight {
+        index: usize,
+    },
     NotFound,
 }
 
@@ -148,7 +157,14 @@ mod tests {
 
     #[test]
     fn bad_patterns_are_refused() {
-        for bad in ["api/{workflow}", "/a/{workflow}x", "/a{workflow}/", "/a/b", "/{workflow}/{workflow}", "/{x}/{workflow}"] {
+        for bad in [
+            "api/{workflow}",
+            "/a/{workflow}x",
+            "/a{workflow}/",
+            "/a/b",
+            "/{workflow}/{workflow}",
+            "/{x}/{workflow}",
+        ] {
             assert!(Pattern::parse(bad).is_err(), "{bad}");
         }
     }
@@ -156,11 +172,26 @@ mod tests {
     #[test]
     fn method_mismatch_and_preflight_are_told_apart() {
         let router = Router::new(&[route("/w/{workflow}", &[Method::POST])], true).unwrap();
-        assert!(matches!(router.find(&Method::POST, "/w/1"), Matched::Route { workflow: "1", .. }));
-        assert!(matches!(router.find(&Method::GET, "/w/1"), Matched::MethodNotAllowed { .. }));
-        assert!(matches!(router.find(&Method::OPTIONS, "/w/1"), Matched::Preflight { .. }));
-        assert!(matches!(router.find(&Method::POST, "/x/1"), Matched::NotFound));
+        assert!(matches!(
+            router.find(&Method::POST, "/w/1"),
+            Matched::Route { workflow: "1", .. }
+        ));
+        assert!(matches!(
+            router.find(&Method::GET, "/w/1"),
+            Matched::MethodNotAllowed { .. }
+        ));
+        assert!(matches!(
+            router.find(&Method::OPTIONS, "/w/1"),
+            Matched::Preflight { .. }
+        ));
+        assert!(matches!(
+            router.find(&Method::POST, "/x/1"),
+            Matched::NotFound
+        ));
         let no_cors = Router::new(&[route("/w/{workflow}", &[Method::POST])], false).unwrap();
-        assert!(matches!(no_cors.find(&Method::OPTIONS, "/w/1"), Matched::MethodNotAllowed { .. }));
+        assert!(matches!(
+            no_cors.find(&Method::OPTIONS, "/w/1"),
+            Matched::MethodNotAllowed { .. }
+        ));
     }
 }

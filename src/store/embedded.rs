@@ -9,10 +9,7 @@ use super::{
     sort_newest_first,
 };
 use crate::key::KeyHash;
-use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable,
-    TableDefinition,
-};
+use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 use std::sync::Arc;
 

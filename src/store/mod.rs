@@ -164,5 +164,9 @@ impl TryFrom<StoredKey> for KeyRecord {
 
 /// Newest first; ties broken by id so listings are stable.
 pub(crate) fn sort_newest_first(keys: &mut [KeyRecord]) {
-    keys.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
+    keys.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then_with(|| b.id.cmp(&a.id))
+    });
 }

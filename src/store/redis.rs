@@ -60,8 +60,8 @@ impl RedisStore {
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(unavailable)?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(unavailable)?;
         Ok(RedisStore {
             conn,
             prefix: config.prefix.clone(),
@@ -291,9 +291,7 @@ impl Store for RedisStore {
                     .arg(used.at)
                     .ignore();
             }
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable)
+            pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
         }))
     }
 

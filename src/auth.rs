@@ -1,0 +1,264 @@
+//! The key and owner checks, over moka caches in front of the store.
+//!
+//! Three caches: key hash → key (positive TTL), unknown hashes (a shorter
+//! negative TTL, and a cache of its own so a flood of random keys cannot
+//! evict valid ones), and workflow → owner. Concurrent misses for one entry
+//! share one store call (`try_get_with`).
+//!
+//! Invalidation is fenced: every cached value remembers the invalidation
+//! epoch at which its store read began, and an invalidation records the
+//! epoch it happened at. A value read before an invalidation of its entry
+//! is never served after it, even if a concurrent miss inserts it late.
+
+use crate::config::CacheConfig;
+use crate::key::KeyHash;
+use crate::metrics::Metrics;
+use crate::store::{KeyRecord, Store, StoreError};
+use dashmap::DashMap;
+use moka::future::Cache;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Who a valid key belongs to: what the proxy injects upstream.
+#[derive(Debug)]
+pub struct Principal {
+    pub key_id: Arc<str>,
+    pub user_id: Arc<str>,
+    /// For logs; never the key.
+    pub prefix: Arc<str>,
+    pub hash: KeyHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    /// Unknown, revoked or expired key.
+    InvalidKey,
+    /// The store could not answer and nothing usable was cached.
+    Unavailable,
+}
+
+#[derive(Clone)]
+struct Fenced<T> {
+    value: T,
+    epoch: u64,
+}
+
+/// Per-entry invalidation epochs, kept for as long as a stale value could
+/// still live in the cache (its TTL).
+struct Fences<K> {
+    epochs: DashMap<K, (u64, Instant)>,
+    len: AtomicUsize,
+    keep_for: Duration,
+}
+
+impl<K: Hash + Eq + Clone> Fences<K> {
+    fn new(keep_for: Duration) -> Self {
+        Fences {
+            epochs: DashMap::new(),
+            len: AtomicUsize::new(0),
+            keep_for,
+        }
+    }
+
+    fn raise(&self, key: K, epoch: u64) {
+        let now = Instant::now();
+        if self.epochs.len() >= 4096 {
+            self.epochs
+                .retain(|_, (_, at)| now.duration_since(*at) < self.keep_for);
+        }
+        self.epochs.insert(key, (epoch, now));
+        self.len.store(self.epochs.len(), Ordering::Release);
+    }
+
+    /// True if `key` was invalidated after a read that began at `epoch`.
+    fn is_stale<Q>(&self, key: &Q, epoch: u64) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.len.load(Ordering::Acquire) != 0 && self.epochs.get(key).is_some_and(|e| e.0 > epoch)
+    }
+}
+
+pub struct Auth {
+    store: Arc<dyn Store>,
+    keys: Cache<KeyHash, Fenced<Arc<Principal>>>,
+    unknown: Cache<KeyHash, u64>,
+    owners: Cache<String, Fenced<Option<Arc<str>>>>,
+    epoch: AtomicU64,
+    /// Entries read before this epoch are void (a whole-cache flush).
+    floor: AtomicU64,
+    key_fences: Fences<KeyHash>,
+    owner_fences: Fences<String>,
+    metrics: Arc<Metrics>,
+}
+
+enum Miss {
+    NotFound,
+    Store(StoreError),
+}
+
+impl Auth {
+    pub fn new(store: Arc<dyn Store>, config: &CacheConfig, metrics: Arc<Metrics>) -> Auth {
+        Auth {
+            store,
+            keys: Cache::builder()
+                .max_capacity(config.keys.capacity)
+                .time_to_live(config.keys.ttl)
+                .build(),
+            unknown: Cache::builder()
+                .max_capacity(config.negative.capacity)
+                .time_to_live(config.negative.ttl)
+                .build(),
+            owners: Cache::builder()
+                .max_capacity(config.owners.capacity)
+                .time_to_live(config.owners.ttl)
+                .build(),
+            epoch: AtomicU64::new(1),
+            floor: AtomicU64::new(0),
+            key_fences: Fences::new(config.keys.ttl.max(config.negative.ttl)),
+            owner_fences: Fences::new(config.owners.ttl),
+            metrics,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn fresh(&self, epoch: u64) -> bool {
+        epoch >= self.floor.load(Ordering::Acquire)
+    }
+
+    /// Looks a key up by hash: cache, then store.
+    pub async fn authenticate(&self, hash: KeyHash) -> Result<Arc<Principal>, AuthError> {
+        if let Some(hit) = self.keys.get(&hash).await {
+            if self.fresh(hit.epoch) && !self.key_fences.is_stale(&hash, hit.epoch) {
+                self.metrics.key_cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(hit.value);
+            }
+            self.keys.invalidate(&hash).await;
+        }
+        if let Some(epoch) = self.unknown.get(&hash).await {
+            if self.fresh(epoch) && !self.key_fences.is_stale(&hash, epoch) {
+                self.metrics.key_cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Err(AuthError::InvalidKey);
+            }
+            self.unknown.invalidate(&hash).await;
+        }
+        self.metrics
+            .key_cache_misses
+            .fetch_add(1, Ordering::Relaxed);
+        let result = self
+            .keys
+            .try_get_with(hash, async {
+                let epoch = self.epoch.load(Ordering::Acquire);
+                match self.store.find_by_hash(hash).await {
+                    Ok(Some(record)) if record.hash.ct_eq(&hash) => Ok(Fenced {
+                        value: Arc::new(principal(record)),
+                        epoch,
+                    }),
+                    Ok(_) => Err(Miss::NotFound),
+                    Err(e) => Err(Miss::Store(e)),
+                }
+            })
+            .await;
+        match result {
+            Ok(found) => Ok(found.value),
+            Err(miss) => match &*miss {
+                Miss::NotFound => {
+                    self.unknown
+                        .insert(hash, self.epoch.load(Ordering::Acquire))
+                        .await;
+                    Err(AuthError::InvalidKey)
+                }
+                Miss::Store(e) => {
+                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "key lookup failed");
+                    Err(AuthError::Unavailable)
+                }
+            },
+        }
+    }
+
+    /// The owner of a workflow, `None` if it has none.
+    pub async fn owner(&self, workflow: &str) -> Result<Option<Arc<str>>, AuthError> {
+        if let Some(hit) = self.owners.get(workflow).await {
+            if self.fresh(hit.epoch) && !self.owner_fences.is_stale(workflow, hit.epoch) {
+                self.metrics
+                    .owner_cache_hits
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(hit.value);
+            }
+            self.owners.invalidate(workflow).await;
+        }
+        self.metrics
+            .owner_cache_misses
+            .fetch_add(1, Ordering::Relaxed);
+        let result = self
+            .owners
+            .try_get_with(workflow.to_owned(), async {
+                let epoch = self.epoch.load(Ordering::Acquire);
+                let owner = self.store.get_owner(workflow).await?;
+                Ok::<_, StoreError>(Fenced {
+                    value: owner.map(Arc::from),
+                    epoch,
+                })
+            })
+            .await;
+        result.map(|f| f.value).map_err(|e| {
+            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "owner lookup failed");
+            AuthError::Unavailable
+        })
+    }
+
+    fn next_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Drops a key (after revocation): no answer read before this call is
+    /// served after it returns.
+    pub async fn invalidate_key(&self, hash: KeyHash) {
+        let epoch = self.next_epoch();
+        self.key_fences.raise(hash, epoch);
+        self.keys.invalidate(&hash).await;
+        self.unknown.invalidate(&hash).await;
+        self.metrics.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops a workflow's owner (after it changed or was removed).
+    pub async fn invalidate_workflow(&self, workflow: &str) {
+        let epoch = self.next_epoch();
+        self.owner_fences.raise(workflow.to_owned(), epoch);
+        self.owners.invalidate(workflow).await;
+        self.metrics.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Voids every cached answer, for when invalidations may have been missed.
+    pub fn invalidate_all(&self) {
+        let epoch = self.next_epoch();
+        self.floor.store(epoch, Ordering::Release);
+        self.keys.invalidate_all();
+        self.unknown.invalidate_all();
+        self.owners.invalidate_all();
+        self.metrics.cache_flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Number of cached valid keys (for the memory benchmark).
+    pub async fn cached_keys(&self) -> u64 {
+        self.keys.run_pending_tasks().await;
+        self.keys.entry_count()
+    }
+}
+
+fn principal(record: KeyRecord) -> Principal {
+    Principal {
+        key_id: record.id.into(),
+        user_id: record.user_id.into(),
+        prefix: record.prefix.into(),
+        hash: record.hash,
+    }
+}

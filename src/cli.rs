@@ -1,0 +1,268 @@
+//! The `keygate` command line. `serve` runs the gateway; every other command
+//! drives a running gateway's admin API, found through the same config file
+//! (`admin.listen`, and `admin.token` or the token file the server wrote).
+
+use crate::admin::{percent_encode, read_token_file};
+use crate::config::Config;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keygate",
+    version,
+    about = "Authorization gateway for workflow webhooks"
+)]
+pub struct Cli {
+    /// Config file (YAML).
+    #[arg(long, global = true, default_value = "keygate.yaml")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway.
+    Serve,
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Manage workflow owners.
+    #[command(subcommand)]
+    Workflows(WorkflowsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Create a key; prints it once.
+    Create {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a user's keys (never the keys themselves).
+    List {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id; takes effect at once.
+    Revoke { key_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkflowsCommand {
+    /// Register the user who owns a workflow.
+    SetOwner { workflow_id: String, user: String },
+    /// Remove a workflow's owner.
+    Remove { workflow_id: String },
+    /// List workflows and their owners.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A failure, worded as the one line the CLI prints.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+struct AdminClient {
+    addr: SocketAddr,
+    token: String,
+}
+
+impl AdminClient {
+    fn from_config(config: &Config) -> Result<AdminClient, CliError> {
+        let mut addr = config.admin.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let token = match &config.admin.token {
+            Some(t) => t.clone(),
+            None => read_token_file(&config.admin.token_file).map_err(|e| {
+                CliError(format!(
+                    "cannot read the admin token {}: {e} (start `keygate serve` with this config first, or set admin.token)",
+                    config.admin.token_file.display()
+                ))
+            })?,
+        };
+        Ok(AdminClient { addr, token })
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), CliError> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            CliError(format!(
+                "cannot reach the gateway's admin API at {} ({e}); is `keygate serve` running with this config?",
+                self.addr
+            ))
+        };
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(self.addr),
+        )
+        .await
+        .map_err(|_| unreachable(&"connect timed out"))?
+        .map_err(|e| unreachable(&e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        tokio::spawn(connection);
+        let body = body.map_or_else(Bytes::new, |v| Bytes::from(v.to_string()));
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, self.addr.to_string())
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| CliError(format!("cannot build request: {e}")))?;
+        let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
+            .await
+            .map_err(|_| CliError("the admin API did not answer within 30 s".into()))?
+            .map_err(|e| unreachable(&e))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(&e))?
+            .to_bytes();
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(CliError(
+                "the admin API refused the token (is the token file or admin.token from another config?)".into(),
+            ));
+        }
+        if !status.is_success() {
+            let message = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("admin API answered {status}"), str::to_owned);
+            return Err(CliError(message));
+        }
+        Ok((status, value))
+    }
+}
+
+/// Runs an admin command, returning what to print on stdout.
+pub async fn admin_command(config: &Config, command: Command) -> Result<String, CliError> {
+    let client = AdminClient::from_config(config)?;
+    match command {
+        Command::Serve => Err(CliError("serve is not an admin command".into())),
+        Command::Keys(KeysCommand::Create { user, name, json }) => {
+            let mut body = serde_json::json!({ "userId": user });
+            if let Some(name) = name {
+                body["name"] = Value::String(name);
+            }
+            let (_, created) = client
+                .call(Method::POST, "/admin/v1/keys", Some(body))
+                .await?;
+            if json {
+                Ok(created.to_string())
+            } else {
+                created
+                    .get("key")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| CliError("the admin API returned no key".into()))
+            }
+        }
+        Command::Keys(KeysCommand::List { user, json }) => {
+            let path = format!("/admin/v1/keys?userId={}", percent_encode(&user));
+            let (_, keys) = client.call(Method::GET, &path, None).await?;
+            if json {
+                return Ok(keys.to_string());
+            }
+            let mut out = format!(
+                "{:<22} {:<12} {:<20} {:<25} {}",
+                "ID", "PREFIX", "NAME", "CREATED", "LAST USED"
+            );
+            for k in keys.as_array().into_iter().flatten() {
+                let field = |name: &str| {
+                    k.get(name)
+                        .and_then(Value::as_str)
+                        .unwrap_or("-")
+                        .to_owned()
+                };
+                out.push_str(&format!(
+                    "\n{:<22} {:<12} {:<20} {:<25} {}",
+                    field("id"),
+                    field("keyPrefix"),
+                    field("name"),
+                    field("createdAt"),
+                    field("lastUsedAt")
+                ));
+            }
+            Ok(out)
+        }
+        Command::Keys(KeysCommand::Revoke { key_id }) => {
+            let path = format!("/admin/v1/keys/{}", percent_encode(&key_id));
+            client.call(Method::DELETE, &path, None).await?;
+            Ok(format!("revoked {key_id}"))
+        }
+        Command::Workflows(WorkflowsCommand::SetOwner { workflow_id, user }) => {
+            let path = format!("/admin/v1/workflows/{}", percent_encode(&workflow_id));
+            let body = serde_json::json!({ "userId": user });
+            client.call(Method::PUT, &path, Some(body)).await?;
+            Ok(format!("workflow {workflow_id} is owned by {user}"))
+        }
+        Command::Workflows(WorkflowsCommand::Remove { workflow_id }) => {
+            let path = format!("/admin/v1/workflows/{}", percent_encode(&workflow_id));
+            client.call(Method::DELETE, &path, None).await?;
+            Ok(format!("removed workflow {workflow_id}"))
+        }
+        Command::Workflows(WorkflowsCommand::List { json }) => {
+            let (_, list) = client
+                .call(Method::GET, "/admin/v1/workflows", None)
+                .await?;
+            if json {
+                return Ok(list.to_string());
+            }
+            let mut out = format!("{:<40} {}", "WORKFLOW", "OWNER");
+            for w in list.as_array().into_iter().flatten() {
+                let field = |name: &str| {
+                    w.get(name)
+                        .and_then(Value::as_str)
+                        .unwrap_or("-")
+                        .to_owned()
+                };
+                out.push_str(&format!(
+                    "\n{:<40} {}",
+                    field("workflowId"),
+                    field("userId")
+                ));
+            }
+            Ok(out)
+        }
+    }
+}

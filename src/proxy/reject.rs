@@ -1,0 +1,172 @@
+//! Every answer the gateway gives on its own, in one place: status, message
+//! and headers, as DESIGN.md's table lists them.
+
+use super::body::ProxyBody;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    NoRoute,
+    MethodNotAllowed {
+        allow: String,
+    },
+    MissingAuthorization,
+    InvalidFormat,
+    /// A Skytells `sk-...` key presented on a webhook.
+    IntegrationKey,
+    InvalidKey,
+    WorkflowNotFound,
+    Forbidden,
+    TooManyFailures {
+        retry_after: Duration,
+    },
+    StoreUnavailable,
+    PayloadTooLarge,
+    BadGateway,
+    GatewayTimeout,
+}
+
+impl Reject {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Reject::NoRoute | Reject::WorkflowNotFound => StatusCode::NOT_FOUND,
+            Reject::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Reject::MissingAuthorization
+            | Reject::InvalidFormat
+            | Reject::IntegrationKey
+            | Reject::InvalidKey => StatusCode::UNAUTHORIZED,
+            Reject::Forbidden => StatusCode::FORBIDDEN,
+            Reject::TooManyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Reject::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reject::BadGateway => StatusCode::BAD_GATEWAY,
+            Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The JSON body: `{"error": ...}`, plus a hint for integration keys.
+    pub fn body(&self) -> &'static str {
+        match self {
+            Reject::NoRoute => r#"{"error":"Not found"}"#,
+            Reject::MethodNotAllowed { .. } => r#"{"error":"Method not allowed"}"#,
+            Reject::MissingAuthorization => r#"{"error":"Missing Authorization header"}"#,
+            Reject::InvalidFormat => r#"{"error":"Invalid API key format"}"#,
+            Reject::IntegrationKey => {
+                r#"{"error":"Invalid API key format","detail":"This looks like a Skytells API key (sk-...). Integration keys cannot authorize webhook calls; use a keygate API key (wfb_...)."}"#
+            }
+            Reject::InvalidKey => r#"{"error":"Invalid API key"}"#,
+            Reject::WorkflowNotFound => r#"{"error":"Workflow not found"}"#,
+            Reject::Forbidden => r#"{"error":"You do not have permission to run this workflow"}"#,
+            Reject::TooManyFailures { .. } => {
+                r#"{"error":"Too many failed authentication attempts"}"#
+            }
+            Reject::StoreUnavailable => r#"{"error":"Service temporarily unavailable"}"#,
+            Reject::PayloadTooLarge => r#"{"error":"Request body too large"}"#,
+            Reject::BadGateway => r#"{"error":"Upstream unavailable"}"#,
+            Reject::GatewayTimeout => r#"{"error":"Upstream timed out"}"#,
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let body = self.body();
+        let mut response = Response::new(ProxyBody::full(body));
+        *response.status_mut() = self.status();
+        let h = response.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match &self {
+            Reject::MissingAuthorization
+            | Reject::InvalidFormat
+            | Reject::IntegrationKey
+            | Reject::InvalidKey => {
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Reject::MethodNotAllowed { allow } => {
+                if let Ok(v) = HeaderValue::from_str(allow) {
+                    h.insert(header::ALLOW, v);
+                }
+            }
+            Reject::TooManyFailures { retry_after } => {
+                h.insert(header::RETRY_AFTER, retry_after_value(*retry_after));
+            }
+            Reject::StoreUnavailable => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+fn retry_after_value(d: Duration) -> HeaderValue {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_rejection_has_the_documented_status_and_message() {
+        let table = [
+            (
+                Reject::MissingAuthorization,
+                401,
+                "Missing Authorization header",
+            ),
+            (Reject::InvalidFormat, 401, "Invalid API key format"),
+            (Reject::IntegrationKey, 401, "Invalid API key format"),
+            (Reject::InvalidKey, 401, "Invalid API key"),
+            (Reject::WorkflowNotFound, 404, "Workflow not found"),
+            (
+                Reject::Forbidden,
+                403,
+                "You do not have permission to run this workflow",
+            ),
+            (
+                Reject::TooManyFailures {
+                    retry_after: Duration::from_millis(1500),
+                },
+                429,
+                "Too many failed authentication attempts",
+            ),
+            (
+                Reject::StoreUnavailable,
+                503,
+                "Service temporarily unavailable",
+            ),
+            (Reject::PayloadTooLarge, 413, "Request body too large"),
+            (Reject::BadGateway, 502, "Upstream unavailable"),
+            (Reject::GatewayTimeout, 504, "Upstream timed out"),
+            (Reject::NoRoute, 404, "Not found"),
+        ];
+        for (reject, status, message) in table {
+            assert_eq!(reject.status().as_u16(), status, "{reject:?}");
+            let json: serde_json::Value = serde_json::from_str(reject.body()).unwrap();
+            assert_eq!(json["error"], message, "{reject:?}");
+            let response = reject.clone().into_response();
+            assert_eq!(
+                response.headers().contains_key(header::WWW_AUTHENTICATE),
+                status == 401,
+                "{reject:?}"
+            );
+            assert_eq!(
+                response.headers().contains_key(header::RETRY_AFTER),
+                status == 429 || status == 503,
+                "{reject:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_value(Duration::from_millis(1500)), "2");
+        assert_eq!(retry_after_value(Duration::ZERO), "1");
+    }
+}

@@ -1,0 +1,354 @@
+//! Process layout: the data plane runs one current-thread tokio runtime per
+//! worker thread, each accepting on its own `SO_REUSEPORT` socket and keeping
+//! its own upstream pool, so a request never crosses threads. The caller's
+//! runtime hosts the store connection, the admin API and background tasks.
+
+use crate::admin::{self, Admin};
+use crate::auth::Auth;
+use crate::config::{Config, StoreConfig};
+use crate::invalidate::Invalidator;
+use crate::metrics::Metrics;
+use crate::proxy::{ConnInfo, Gateway};
+use crate::store::Store;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::redis::RedisStore;
+use crate::usage::{Usage, UsageHandle};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio_rustls::TlsAcceptor;
+
+/// A started gateway: its bound addresses and what it needs to stop.
+pub struct Running {
+    pub listen_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    pub store: Arc<dyn Store>,
+    stop: watch::Sender<bool>,
+    workers: Vec<oneshot::Receiver<()>>,
+    admin_task: tokio::task::JoinHandle<()>,
+    usage_task: UsageHandle,
+    shutdown_timeout: Duration,
+}
+
+/// Opens the store, binds both listeners and starts serving.
+pub async fn start(config: Config) -> Result<Running, String> {
+    let store: Arc<dyn Store> = match &config.store {
+        StoreConfig::Embedded { path } => {
+            Arc::new(EmbeddedStore::open(path).map_err(|e| e.to_string())?)
+        }
+        StoreConfig::Redis(redis) => {
+            Arc::new(RedisStore::connect(redis).map_err(|e| e.to_string())?)
+        }
+    };
+    let invalidator = Arc::new(Invalidator::local());
+    let token = admin::server_token(config.admin.token.as_deref(), &config.admin.token_file)?;
+
+    let metrics = Arc::new(Metrics::new(config.routes.iter().map(|r| r.path.clone())));
+    let auth = Arc::new(Auth::new(store.clone(), &config.cache, metrics.clone()));
+    let usage = Arc::new(Usage::new(config.usage.max_pending, metrics.clone()));
+    let gateway = Arc::new(Gateway::new(
+        &config,
+        auth.clone(),
+        usage.clone(),
+        metrics.clone(),
+    )?);
+    let tls = match &config.tls {
+        Some(files) => Some(crate::tls::acceptor(files)?),
+        None => None,
+    };
+
+    let admin_listener = TcpListener::bind(config.admin.listen).await.map_err(|e| {
+        format!(
+            "cannot listen on admin address {}: {e}",
+            config.admin.listen
+        )
+    })?;
+    let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
+    let sockets = bind_reuseport(config.listen, config.workers)?;
+    let listen_addr = sockets[0].local_addr().map_err(|e| e.to_string())?;
+
+    let (stop, stopped) = watch::channel(false);
+    let admin = Arc::new(Admin::new(
+        store.clone(),
+        auth,
+        metrics,
+        invalidator,
+        &token,
+    ));
+    let admin_task = tokio::spawn(serve_admin(admin_listener, admin, stopped.clone()));
+    let usage_task = UsageHandle::spawn(usage, store.clone(), config.usage.flush_interval);
+
+    let mut workers = Vec::with_capacity(sockets.len());
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let (done, finished) = oneshot::channel();
+        let gateway = gateway.clone();
+        let tls = tls.clone();
+        let stopped = stopped.clone();
+        let header_timeout = config.limits.header_read_timeout;
+        let shutdown_timeout = config.shutdown_timeout;
+        std::thread::Builder::new()
+            .name(format!("keygate-worker-{i}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a worker runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(worker(
+                    socket,
+                    gateway,
+                    tls,
+                    stopped,
+                    header_timeout,
+                    shutdown_timeout,
+                ));
+                let _ = done.send(());
+            })
+            .map_err(|e| format!("cannot start worker thread: {e}"))?;
+        workers.push(finished);
+    }
+    tracing::info!(
+        listen = %listen_addr,
+        admin = %admin_addr,
+        workers = workers.len(),
+        store = store.kind(),
+        tls = config.tls.is_some(),
+        "keygate serving"
+    );
+    Ok(Running {
+        listen_addr,
+        admin_addr,
+        gateway,
+        store,
+        stop,
+        workers,
+        admin_task,
+        usage_task,
+        shutdown_timeout: config.shutdown_timeout,
+    })
+}
+
+impl Running {
+    /// Graceful stop: stop accepting, let in-flight requests finish within
+    /// the shutdown timeout, then write pending `lastUsedAt` times. Returns
+    /// how many keys' last-used times could not be written.
+    pub async fn shutdown(self) -> usize {
+        let _ = self.stop.send(true);
+        for worker in self.workers {
+            let _ = worker.await;
+        }
+        let _ = self.admin_task.await;
+        let left = self
+            .usage_task
+            .shutdown(
+                &self.gateway.usage,
+                self.store.as_ref(),
+                self.shutdown_timeout,
+            )
+            .await;
+        tracing::info!("keygate stopped");
+        left
+    }
+}
+
+/// Runs until `signal` resolves, then stops gracefully.
+pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(), String> {
+    let running = start(config).await?;
+    signal.await;
+    tracing::info!("shutting down");
+    let left = running.shutdown().await;
+    if left > 0 {
+        return Err(format!("{left} lastUsedAt updates could not be written"));
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// `n` sockets on one address with `SO_REUSEPORT`, so the kernel spreads
+/// connections across workers. Port 0 is resolved by the first bind.
+fn bind_reuseport(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, String> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    let mut bound = addr;
+    for _ in 0..n.max(1) {
+        let socket = Socket::new(
+            Domain::for_address(bound),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .map_err(|e| format!("cannot create socket: {e}"))?;
+        socket
+            .set_reuse_address(true)
+            .and_then(|()| socket.set_reuse_port(true))
+            .and_then(|()| socket.set_tcp_nodelay(true))
+            .and_then(|()| socket.set_nonblocking(true))
+            .map_err(|e| format!("cannot configure socket: {e}"))?;
+        socket
+            .bind(&bound.into())
+            .and_then(|()| socket.listen(1024))
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let listener: std::net::TcpListener = socket.into();
+        if out.is_empty() {
+            bound = listener.local_addr().map_err(|e| e.to_string())?;
+        }
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+async fn worker(
+    socket: std::net::TcpListener,
+    gateway: Arc<Gateway>,
+    tls: Option<TlsAcceptor>,
+    mut stopped: watch::Receiver<bool>,
+    header_timeout: Duration,
+    shutdown_timeout: Duration,
+) {
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register listener");
+            return;
+        }
+    };
+    let forwarder = Arc::new(gateway.forwarder());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let gateway = gateway.clone();
+        let forwarder = forwarder.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let info = ConnInfo {
+                peer,
+                tls: tls.is_some(),
+            };
+            let service = service_fn(move |request| {
+                let gateway = gateway.clone();
+                let forwarder = forwarder.clone();
+                async move { Ok::<_, Infallible>(gateway.handle(&forwarder, info, request).await) }
+            });
+            let result = match tls {
+                None => {
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(header_timeout, acceptor.accept(stream)).await;
+                    let stream = match handshake {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown deadline passed with requests still in flight");
+    }
+}
+
+async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stopped: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => break,
+        };
+        let admin = admin.clone();
+        let service = service_fn(move |request| {
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(admin.handle(request).await) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .serve_connection(TokioIo::new(stream), service);
+        let watched = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = watched.await;
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+}
