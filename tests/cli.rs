@@ -1,0 +1,577 @@
+//! The `keygate` command line as scripts see it: the real binary, a real
+//! `keygate serve` child process on free ports, and the exact shape of what
+//! each command prints (DESIGN.md, "CLI").
+
+mod common;
+
+use keygate::key::KeyHash;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a `serve` child may take to answer `/healthz` or to exit; the
+/// machine may be busy compiling, so this is generous.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `keygate --config <config> <args...>` to completion.
+fn keygate(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the keygate binary runs")
+}
+
+/// The stdout of a command that must succeed.
+fn ok(config: &Path, args: &[&str]) -> String {
+    let out = keygate(config, args);
+    assert!(
+        out.status.success(),
+        "keygate {args:?} failed ({}): stdout={:?} stderr={:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    String::from_utf8(out.stdout).expect("stdout is UTF-8")
+}
+
+/// The one stderr line of a command that must fail the documented way:
+/// non-zero exit, nothing on stdout, exactly one non-empty line on stderr.
+fn one_line_failure(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected a failure, got {}: stdout={stdout:?} stderr={stderr:?}",
+        out.status
+    );
+    assert!(stdout.is_empty(), "nothing on stdout, got {stdout:?}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one stderr line, got {stderr:?}");
+    assert!(
+        !lines[0].trim().is_empty(),
+        "a non-empty stderr line, got {stderr:?}"
+    );
+    lines[0].to_owned()
+}
+
+fn parse_json(stdout: &str) -> Value {
+    serde_json::from_str(stdout.trim_end())
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout:?}"))
+}
+
+/// A port held by a socket that is bound but not listening: connecting to
+/// it is refused, and no other test can take it while the socket lives.
+fn reserved_port() -> (socket2::Socket, u16) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    (socket, port)
+}
+
+/// A config file in its own temporary folder, on ports picked for it.
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    store_yaml: String,
+    admin_port: u16,
+    /// Ports that must stay silent for the whole test.
+    reserved: Vec<socket2::Socket>,
+}
+
+impl Setup {
+    /// Embedded store (`data/keygate.redb`) and token file inside the folder.
+    fn embedded() -> Setup {
+        Setup::new("store:\n  embedded:\n    path: \"data/keygate.redb\"\n".to_owned())
+    }
+
+    /// As [`Setup::embedded`], with `admin.listen` on a port where nothing
+    /// listens (and nothing will).
+    fn embedded_without_server() -> Setup {
+        let mut setup = Setup::embedded();
+        let (socket, port) = reserved_port();
+        setup.reserved.push(socket);
+        setup.write_config(Some(port));
+        setup
+    }
+
+    /// A Redis store on a port with nothing listening.
+    fn redis_down() -> Setup {
+        let (socket, port) = reserved_port();
+        let mut setup = Setup::new(format!(
+            "store:\n  redis:\n    url: \"redis://127.0.0.1:{port}\"\n    timeout: 300ms\n"
+        ));
+        setup.reserved.push(socket);
+        setup
+    }
+
+    fn new(store_yaml: String) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("keygate.yaml");
+        let mut setup = Setup {
+            dir,
+            config,
+            store_yaml,
+            admin_port: 0,
+            reserved: Vec::new(),
+        };
+        setup.write_config(None);
+        setup
+    }
+
+    /// (Re)writes the config with fresh free ports (or the given admin port).
+    fn write_config(&mut self, admin: Option<u16>) {
+        let admin = admin.unwrap_or_else(common::free_port);
+        let mut listen = common::free_port();
+        while listen == admin {
+            listen = common::free_port();
+        }
+        let upstream = common::free_port();
+        let yaml = format!(
+            "listen: \"127.0.0.1:{listen}\"\n\
+             upstream: \"http://127.0.0.1:{upstream}\"\n\
+             workers: 1\n\
+             {}\
+             admin:\n  listen: \"127.0.0.1:{admin}\"\n  token_file: \"data/admin.token\"\n\
+             log:\n  access: false\n",
+            self.store_yaml
+        );
+        std::fs::write(&self.config, yaml).unwrap();
+        self.admin_port = admin;
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self.dir.path().join("data/admin.token")
+    }
+
+    fn store_file(&self) -> PathBuf {
+        self.dir.path().join("data/keygate.redb")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        keygate(&self.config, args)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        ok(&self.config, args)
+    }
+
+    /// Starts `keygate serve` with this config and waits until `/healthz`
+    /// answers. A port taken between picking and binding gets fresh ports.
+    fn serve(&mut self) -> Server {
+        let log = self.dir.path().join("serve.log");
+        for attempt in 0..3 {
+            if attempt > 0 {
+                self.write_config(None);
+            }
+            let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+                .arg("--config")
+                .arg(&self.config)
+                .arg("serve")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("keygate serve starts");
+            let mut server = Server {
+                child: Some(child),
+                log: log.clone(),
+            };
+            let until = Instant::now() + DEADLINE;
+            while Instant::now() < until {
+                if healthz(self.admin_port) {
+                    return server;
+                }
+                if server.exited() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !server.exited() {
+                panic!(
+                    "keygate serve did not answer /healthz within {DEADLINE:?}; log:\n{}",
+                    server.log()
+                );
+            }
+            if attempt == 2 {
+                panic!("keygate serve exited at start; log:\n{}", server.log());
+            }
+        }
+        unreachable!()
+    }
+}
+
+/// A `keygate serve` child process; killed on drop if still running.
+struct Server {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Server {
+    fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().unwrap().is_some())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -TERM failed");
+        let until = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= until {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "keygate serve did not exit within {DEADLINE:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One raw HTTP/1.1 exchange with the admin port; the whole response, or
+/// nothing if the port does not answer.
+fn http(port: u16, request: &str) -> Option<String> {
+    let mut stream =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .ok()?;
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    Some(String::from_utf8_lossy(&response).into_owned())
+}
+
+/// Whether `GET /healthz` on the admin port answers 200.
+fn healthz(port: u16) -> bool {
+    http(
+        port,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+}
+
+/// Waits (with a deadline) until the wall clock, as the server renders it,
+/// is past `created_at`, so the next key's `createdAt` is strictly later.
+fn wait_for_clock_past(created_at: &str) {
+    let until = Instant::now() + Duration::from_secs(5);
+    while keygate::clock::rfc3339(keygate::clock::now_ms()).as_str() <= created_at {
+        assert!(Instant::now() < until, "the clock did not move");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn created_json(setup: &Setup, user: &str, name: &str) -> Value {
+    parse_json(&setup.ok(&["keys", "create", "--user", user, "--name", name, "--json"]))
+}
+
+fn list_json(setup: &Setup, user: &str) -> Vec<Value> {
+    match parse_json(&setup.ok(&["keys", "list", "--user", user, "--json"])) {
+        Value::Array(items) => items,
+        other => panic!("keys list --json prints an array, got {other}"),
+    }
+}
+
+// ---- happy path against a running server ----------------------------------
+
+#[test]
+fn create_prints_a_42_char_key_shown_once() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+
+    let stdout = setup.ok(&["keys", "create", "--user", "u1", "--name", "prod"]);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, got {stdout:?}");
+    assert_eq!(stdout, format!("{}\n", lines[0]));
+    let key = lines[0];
+    assert_eq!(key.len(), 42, "{key:?}");
+    assert!(key.starts_with("wfb_"), "{key:?}");
+    assert!(keygate::key::is_wfb_key(key), "{key:?}");
+
+    // Shown once: nothing afterwards prints it again.
+    let listed = setup.ok(&["keys", "list", "--user", "u1"]);
+    let listed_json = setup.ok(&["keys", "list", "--user", "u1", "--json"]);
+    assert!(!listed.contains(key), "{listed}");
+    assert!(!listed_json.contains(key), "{listed_json}");
+    assert!(listed.contains(&key[..11]), "the table shows the prefix");
+}
+
+#[test]
+fn create_json_prints_id_name_prefix_created_at_and_key() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+
+    let stdout = setup.ok(&["keys", "create", "--user", "u1", "--json"]);
+    assert_eq!(stdout.lines().count(), 1, "{stdout:?}");
+    let created = parse_json(&stdout);
+    let object = created.as_object().expect("an object");
+    let mut fields: Vec<&str> = object.keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["createdAt", "id", "key", "keyPrefix", "name"]);
+
+    let key = created["key"].as_str().unwrap();
+    assert_eq!(key.len(), 42);
+    assert!(key.starts_with("wfb_"));
+    assert_eq!(created["keyPrefix"].as_str().unwrap(), &key[..11]);
+    assert!(!created["id"].as_str().unwrap().is_empty());
+    assert_eq!(created["name"], "");
+    let created_at = created["createdAt"].as_str().unwrap();
+    assert_eq!(created_at.len(), "2026-01-02T03:04:05.678Z".len());
+    assert!(created_at.ends_with('Z'), "{created_at}");
+}
+
+#[test]
+fn list_json_shows_metadata_only_newest_first() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+
+    let first = created_json(&setup, "u1", "first");
+    wait_for_clock_past(first["createdAt"].as_str().unwrap());
+    let second = created_json(&setup, "u1", "second");
+    created_json(&setup, "someone-else", "other");
+
+    let stdout = setup.ok(&["keys", "list", "--user", "u1", "--json"]);
+    let listed = list_json(&setup, "u1");
+    assert_eq!(listed.len(), 2, "{stdout}");
+    for item in &listed {
+        let mut fields: Vec<&str> = item
+            .as_object()
+            .expect("objects")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            ["createdAt", "id", "keyPrefix", "lastUsedAt", "name"]
+        );
+        assert!(item["lastUsedAt"].is_null(), "{item}");
+    }
+
+    // Newest first.
+    assert_eq!(listed[0]["id"], second["id"]);
+    assert_eq!(listed[1]["id"], first["id"]);
+    for (item, created) in [(&listed[0], &second), (&listed[1], &first)] {
+        let key = created["key"].as_str().unwrap();
+        assert_eq!(item["keyPrefix"].as_str().unwrap(), &key[..11]);
+        assert_eq!(item["name"], created["name"]);
+        assert_eq!(item["createdAt"], created["createdAt"]);
+        assert!(!stdout.contains(key), "full key listed: {stdout}");
+        let hash = KeyHash::of(key).to_hex();
+        assert!(!stdout.contains(&hash), "key hash listed: {stdout}");
+        assert!(
+            !stdout.to_ascii_lowercase().contains(&hash),
+            "key hash listed: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn revoke_removes_the_key_and_a_second_revoke_fails_naming_the_id() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+
+    let keep = created_json(&setup, "u1", "keep");
+    let gone = created_json(&setup, "u1", "gone");
+    let id = gone["id"].as_str().unwrap();
+
+    let out = setup.run(&["keys", "revoke", id]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let listed = list_json(&setup, "u1");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], keep["id"]);
+
+    let line = one_line_failure(&setup.run(&["keys", "revoke", id]));
+    assert!(line.contains(id), "{line}");
+}
+
+#[test]
+fn revoke_of_an_unknown_key_id_fails_with_one_line() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+
+    let line = one_line_failure(&setup.run(&["keys", "revoke", "key_doesNotExist"]));
+    assert!(line.contains("key_doesNotExist"), "{line}");
+    assert!(line.contains("unknown"), "{line}");
+}
+
+#[test]
+fn workflow_owner_is_set_and_removed_and_a_second_remove_fails() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+
+    let out = setup.run(&["workflows", "set-owner", "wf_1", "u1"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = setup.run(&["workflows", "remove", "wf_1"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    let line = one_line_failure(&setup.run(&["workflows", "remove", "wf_1"]));
+    assert!(line.contains("wf_1"), "{line}");
+}
+
+#[test]
+fn sigterm_stops_serve_with_status_0_and_the_store_file_holds_no_full_key() {
+    let mut setup = Setup::embedded();
+    let server = setup.serve();
+
+    let plain = setup.ok(&["keys", "create", "--user", "u1", "--name", "prod"]);
+    let plain = plain.trim_end().to_owned();
+    let json = created_json(&setup, "u2", "ci");
+    let keys = [plain, json["key"].as_str().unwrap().to_owned()];
+
+    let log = server.log.clone();
+    let status = server.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "serve exits 0 on SIGTERM; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+
+    let bytes = std::fs::read(setup.store_file()).expect("the redb file exists");
+    assert!(!bytes.is_empty());
+    for key in &keys {
+        assert!(
+            !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+            "the store file holds a full key"
+        );
+    }
+}
+
+// ---- failures: non-zero, nothing on stdout, one line on stderr ------------
+
+#[test]
+fn unreachable_admin_api_fails_with_one_line() {
+    let setup = Setup::embedded_without_server();
+    std::fs::create_dir_all(setup.token_file().parent().unwrap()).unwrap();
+    std::fs::write(setup.token_file(), "a-token-for-a-server-that-is-not-there").unwrap();
+
+    for args in [
+        &["keys", "list", "--user", "u1"][..],
+        &["keys", "create", "--user", "u1"],
+        &["keys", "revoke", "key_x"],
+        &["workflows", "remove", "wf_1"],
+    ] {
+        let line = one_line_failure(&setup.run(args));
+        assert!(line.contains("cannot reach"), "{args:?}: {line}");
+        assert!(line.contains("admin API"), "{args:?}: {line}");
+        assert!(
+            line.contains(&setup.admin_port.to_string()),
+            "{args:?}: {line}"
+        );
+    }
+}
+
+#[test]
+fn missing_token_file_fails_pointing_at_keygate_serve() {
+    let setup = Setup::embedded_without_server();
+    assert!(!setup.token_file().exists());
+
+    let line = one_line_failure(&setup.run(&["keys", "create", "--user", "u1"]));
+    assert!(line.contains("token"), "{line}");
+    assert!(line.contains("keygate serve"), "{line}");
+    assert!(line.contains("admin.token"), "{line}");
+}
+
+#[test]
+fn missing_config_file_fails_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nonexistent.yaml");
+    for args in [&["keys", "list", "--user", "u1"][..], &["serve"]] {
+        let line = one_line_failure(&keygate(&missing, args));
+        assert!(
+            line.contains(&missing.display().to_string()),
+            "{args:?}: {line}"
+        );
+    }
+    let line = one_line_failure(&keygate(
+        Path::new("/nonexistent.yaml"),
+        &["keys", "list", "--user", "u1"],
+    ));
+    assert!(line.contains("/nonexistent.yaml"), "{line}");
+}
+
+#[test]
+fn unknown_config_key_fails_naming_the_key_and_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keygate.yaml");
+    std::fs::write(
+        &config,
+        "listen: \"127.0.0.1:8080\"\nupstream: \"http://127.0.0.1:3000\"\nadmn:\n  listen: \"127.0.0.1:9090\"\n",
+    )
+    .unwrap();
+    for args in [&["keys", "list", "--user", "u1"][..], &["serve"]] {
+        let line = one_line_failure(&keygate(&config, args));
+        assert!(line.contains("admn"), "{args:?}: {line}");
+        assert!(line.contains("line 3"), "{args:?}: {line}");
+        assert!(
+            line.contains(&config.display().to_string()),
+            "{args:?}: {line}"
+        );
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "a bad config creates nothing"
+    );
+}
+
+#[test]
+fn store_outage_makes_create_fail_with_one_line_about_the_store() {
+    let mut setup = Setup::redis_down();
+    let _server = setup.serve();
+
+    let line = one_line_failure(&setup.run(&["keys", "create", "--user", "u1"]));
+    assert!(line.contains("store unavailable"), "{line}");
+
+    // What the CLI turned into that line: a 503 from the admin API.
+    let token = std::fs::read_to_string(setup.token_file()).unwrap();
+    let body = r#"{"userId":"u1"}"#;
+    let response = http(
+        setup.admin_port,
+        &format!(
+            "POST /admin/v1/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            token.trim(),
+            body.len()
+        ),
+    )
+    .expect("the admin API answers");
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+
+    let line = one_line_failure(&setup.run(&["keys", "list", "--user", "u1", "--json"]));
+    assert!(line.contains("store unavailable"), "{line}");
+}
