@@ -49,11 +49,14 @@ pub async fn start(config: Config) -> Result<Running, String> {
             Arc::new(RedisStore::connect(redis).map_err(|e| e.to_string())?)
         }
     };
-    let invalidator = Arc::new(Invalidator::local());
     let token = admin::server_token(config.admin.token.as_deref(), &config.admin.token_file)?;
 
     let metrics = Arc::new(Metrics::new(config.routes.iter().map(|r| r.path.clone())));
     let auth = Arc::new(Auth::new(store.clone(), &config.cache, metrics.clone()));
+    let invalidator = Arc::new(match &config.store {
+        StoreConfig::Redis(redis) => Invalidator::redis(redis, auth.clone())?,
+        StoreConfig::Embedded { .. } => Invalidator::local(),
+    });
     let usage = Arc::new(Usage::new(config.usage.max_pending, metrics.clone()));
     let gateway = Arc::new(Gateway::new(
         &config,

@@ -64,6 +64,42 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+/// What the checks decided.
+enum Checked {
+    Forward {
+        route: usize,
+        principal: Arc<Principal>,
+    },
+    Preflight,
+}
+
+/// Reads and throws away the body of a refused request in the background,
+/// so the client can finish sending and read the answer (nginx's lingering
+/// close), and a small body leaves the connection reusable. Bounded in
+/// bytes and time.
+fn discard(body: Incoming) {
+    use http_body::Body as _;
+    if body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut left: u64 = 64 * 1024 * 1024;
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while left > 0 {
+            let frame =
+                tokio::time::timeout_at(until, http_body_util::BodyExt::frame(&mut body)).await;
+            match frame {
+                Ok(Some(Ok(frame))) => {
+                    let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    left = left.saturating_sub(n);
+                }
+                _ => return,
+            }
+        }
+    });
+}
+
 /// Per-request facts for the access log.
 struct Trace {
     route: usize,
@@ -155,12 +191,32 @@ impl Gateway {
             workflow: None,
             key_prefix: None,
         };
-        let mut response = match self
-            .process(forwarder, conn, request, request_id.clone(), &mut trace)
-            .await
-        {
-            Ok(response) => response,
+        let (parts, body) = request.into_parts();
+        let checked = self.check(&parts, conn, &mut trace).await;
+        let mut response = match checked {
+            Ok(Checked::Forward { route, principal }) => {
+                match self
+                    .forward(
+                        forwarder,
+                        conn,
+                        parts,
+                        body,
+                        route,
+                        &principal,
+                        request_id.clone(),
+                    )
+                    .await
+                {
+                    Ok(response) => response,
+                    Err(reject) => reject.into_response(),
+                }
+            }
+            Ok(Checked::Preflight) => {
+                discard(body);
+                self.preflight()
+            }
             Err(reject) => {
+                discard(body);
                 if matches!(
                     reject,
                     Reject::MissingAuthorization
@@ -201,24 +257,20 @@ impl Gateway {
         response
     }
 
-    async fn process(
+    /// Everything decided from the request head, in DESIGN.md's order.
+    async fn check(
         &self,
-        forwarder: &Forwarder,
+        parts: &http::request::Parts,
         conn: ConnInfo,
-        request: Request<Incoming>,
-        request_id: HeaderValue,
         trace: &mut Trace,
-    ) -> Result<Response<ProxyBody>, Reject> {
-        let (mut parts, body) = request.into_parts();
-        let (index, route, workflow) = match self.router.find(&parts.method, parts.uri.path()) {
+    ) -> Result<Checked, Reject> {
+        let (index, workflow) = match self.router.find(&parts.method, parts.uri.path()) {
             Matched::Route {
-                index,
-                route,
-                workflow,
-            } => (index, route, workflow.to_owned()),
+                index, workflow, ..
+            } => (index, workflow),
             Matched::Preflight { index } => {
                 trace.route = index;
-                return Ok(self.preflight());
+                return Ok(Checked::Preflight);
             }
             Matched::MethodNotAllowed { index, route } => {
                 trace.route = index;
@@ -234,14 +286,14 @@ impl Gateway {
             Matched::NotFound => return Err(Reject::NoRoute),
         };
         trace.route = index;
-        trace.workflow = Some(workflow.clone());
+        let workflow = trace.workflow.insert(workflow.to_owned());
 
         if let Some(retry_after) = self.limiter.blocked(conn.peer.ip(), Instant::now()) {
             return Err(Reject::TooManyFailures { retry_after });
         }
         let principal = self.authenticate(&parts.headers).await?;
         trace.key_prefix = Some(principal.prefix.clone());
-        match self.auth.owner(&workflow).await {
+        match self.auth.owner(workflow).await {
             Ok(Some(owner)) if *owner == *principal.user_id => {}
             Ok(Some(_)) => return Err(Reject::Forbidden),
             Ok(None) => return Err(Reject::WorkflowNotFound),
@@ -258,7 +310,25 @@ impl Gateway {
         if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
             return Err(Reject::PayloadTooLarge);
         }
+        Ok(Checked::Forward {
+            route: index,
+            principal,
+        })
+    }
 
+    /// Sends a permitted request upstream with the trusted headers.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        forwarder: &Forwarder,
+        conn: ConnInfo,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        index: usize,
+        principal: &Principal,
+        request_id: HeaderValue,
+    ) -> Result<Response<ProxyBody>, Reject> {
+        let route = &self.router.routes()[index];
         let (pool_index, upstream_host) = &self.route_upstreams[index];
         let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts

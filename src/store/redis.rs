@@ -45,8 +45,47 @@ pub struct RedisStore {
     timeout: Duration,
 }
 
-fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError::Unavailable(format!("redis: {e}"))
+/// Why one attempt at an operation failed.
+enum Failure {
+    Redis(redis::RedisError),
+    Store(StoreError),
+}
+
+impl From<redis::RedisError> for Failure {
+    fn from(e: redis::RedisError) -> Failure {
+        Failure::Redis(e)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        Failure::Store(e)
+    }
+}
+
+impl From<Failure> for StoreError {
+    fn from(f: Failure) -> StoreError {
+        match f {
+            Failure::Redis(e) => StoreError::Unavailable(format!("redis: {e}")),
+            Failure::Store(e) => e,
+        }
+    }
+}
+
+/// A connection that died while idle (Redis restarted, say) fails its next
+/// command before the manager reconnects; such a command never ran.
+fn stale_connection(f: &Failure) -> bool {
+    matches!(f, Failure::Redis(e)
+        if (e.is_connection_dropped() || e.is_io_error()) && !e.is_timeout() && !e.is_connection_refusal())
+}
+
+/// Whether an operation may run a second time after a stale connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Reads and idempotent writes.
+    Safe,
+    /// Writes whose second run would answer differently (`SET NX`, `HDEL`).
+    Never,
 }
 
 impl RedisStore {
@@ -60,8 +99,8 @@ impl RedisStore {
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(unavailable)?;
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| StoreError::Unavailable(format!("redis: {e}")))?;
         Ok(RedisStore {
             conn,
             prefix: config.prefix.clone(),
@@ -86,14 +125,24 @@ impl RedisStore {
     }
 
     /// Runs one store operation with a deadline, so a stalled Redis becomes
-    /// a 503 rather than a hung request.
-    async fn bounded<T>(
-        &self,
-        op: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout * 2, op)
-            .await
-            .unwrap_or_else(|_| Err(StoreError::Unavailable("redis: timed out".into())))
+    /// a 503 rather than a hung request; retries once on a stale connection
+    /// when that is safe.
+    async fn run<T, F, Fut>(&self, retry: Retry, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let attempt = || async {
+            tokio::time::timeout(self.timeout * 2, op(self.conn.clone()))
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("redis: timed out".into()).into()))
+        };
+        match attempt().await {
+            Err(f) if retry == Retry::Safe && stale_connection(&f) => {
+                attempt().await.map_err(StoreError::from)
+            }
+            other => other.map_err(StoreError::from),
+        }
     }
 }
 
@@ -128,77 +177,73 @@ impl Store for RedisStore {
     }
 
     fn create_key(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
-        Box::pin(self.bounded(async move {
-            let mut conn = self.conn.clone();
-            let key_key = self.key_key(&record.hash);
-            let exists: bool = redis::cmd("EXISTS")
-                .arg(&key_key)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if exists {
-                return Err(StoreError::Conflict(format!("key {}", record.id)));
+        Box::pin(self.run(Retry::Never, move |mut conn| {
+            let record = record.clone();
+            async move {
+                let key_key = self.key_key(&record.hash);
+                let exists: bool = redis::cmd("EXISTS")
+                    .arg(&key_key)
+                    .query_async(&mut conn)
+                    .await?;
+                if exists {
+                    return Err(StoreError::Conflict(format!("key {}", record.id)).into());
+                }
+                let claimed: Option<String> = redis::cmd("SET")
+                    .arg(self.id_key(&record.id))
+                    .arg(record.hash.to_hex())
+                    .arg("NX")
+                    .query_async(&mut conn)
+                    .await?;
+                if claimed.is_none() {
+                    return Err(StoreError::Conflict(format!("key {}", record.id)).into());
+                }
+                redis::pipe()
+                    .cmd("ZADD")
+                    .arg(self.user_key(&record.user_id))
+                    .arg(record.created_at)
+                    .arg(&record.id)
+                    .ignore()
+                    .cmd("HSET")
+                    .arg(&key_key)
+                    .arg("id")
+                    .arg(&record.id)
+                    .arg("userId")
+                    .arg(&record.user_id)
+                    .arg("name")
+                    .arg(&record.name)
+                    .arg("keyPrefix")
+                    .arg(&record.prefix)
+                    .arg("createdAt")
+                    .arg(record.created_at)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await?;
+                Ok(())
             }
-            let claimed: Option<String> = redis::cmd("SET")
-                .arg(self.id_key(&record.id))
-                .arg(record.hash.to_hex())
-                .arg("NX")
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if claimed.is_none() {
-                return Err(StoreError::Conflict(format!("key {}", record.id)));
-            }
-            redis::pipe()
-                .cmd("ZADD")
-                .arg(self.user_key(&record.user_id))
-                .arg(record.created_at)
-                .arg(&record.id)
-                .ignore()
-                .cmd("HSET")
-                .arg(&key_key)
-                .arg("id")
-                .arg(&record.id)
-                .arg("userId")
-                .arg(&record.user_id)
-                .arg("name")
-                .arg(&record.name)
-                .arg("keyPrefix")
-                .arg(&record.prefix)
-                .arg("createdAt")
-                .arg(record.created_at)
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable)
         }))
     }
 
     fn find_by_hash(&self, hash: KeyHash) -> StoreFuture<'_, Option<KeyRecord>> {
-        Box::pin(self.bounded(async move {
-            let mut conn = self.conn.clone();
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
             let fields: HashMap<String, String> = redis::cmd("HGETALL")
                 .arg(self.key_key(&hash))
                 .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .await?;
             if fields.is_empty() {
                 return Ok(None);
             }
-            parse_record(fields, hash).map(Some)
+            Ok(Some(parse_record(fields, hash)?))
         }))
     }
 
     fn list_keys<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<KeyRecord>> {
-        Box::pin(self.bounded(async move {
-            let mut conn = self.conn.clone();
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
             let ids: Vec<String> = redis::cmd("ZREVRANGE")
                 .arg(self.user_key(user_id))
                 .arg(0)
                 .arg(-1)
                 .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .await?;
             if ids.is_empty() {
                 return Ok(Vec::new());
             }
@@ -206,8 +251,7 @@ impl Store for RedisStore {
             for id in &ids {
                 pipe.cmd("GET").arg(self.id_key(id));
             }
-            let hashes: Vec<Option<String>> =
-                pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let hashes: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
             let hashes: Vec<KeyHash> = hashes
                 .iter()
                 .flatten()
@@ -217,8 +261,7 @@ impl Store for RedisStore {
             for hash in &hashes {
                 pipe.cmd("HGETALL").arg(self.key_key(hash));
             }
-            let records: Vec<HashMap<String, String>> =
-                pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let records: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
             let mut out = Vec::with_capacity(records.len());
             for (fields, hash) in records.into_iter().zip(hashes) {
                 // A record missing here was revoked between the two reads.
@@ -232,28 +275,24 @@ impl Store for RedisStore {
     }
 
     fn revoke_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, KeyRecord> {
-        Box::pin(self.bounded(async move {
-            let mut conn = self.conn.clone();
+        Box::pin(self.run(Retry::Never, move |mut conn| async move {
             let hash: Option<String> = redis::cmd("GET")
                 .arg(self.id_key(id))
                 .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .await?;
             let Some(hash) = hash.as_deref().and_then(KeyHash::from_hex) else {
-                return Err(StoreError::UnknownKey(id.to_owned()));
+                return Err(StoreError::UnknownKey(id.to_owned()).into());
             };
             let key_key = self.key_key(&hash);
             let fields: HashMap<String, String> = redis::cmd("HGETALL")
                 .arg(&key_key)
                 .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .await?;
             // Authentication stops with this DEL; the index clean-up follows.
             let deleted: i64 = redis::cmd("DEL")
                 .arg(&key_key)
                 .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .await?;
             let mut pipe = redis::pipe();
             pipe.cmd("DEL").arg(self.id_key(id)).ignore();
             let record = if fields.is_empty() {
@@ -266,22 +305,16 @@ impl Store for RedisStore {
                     .ignore();
                 Some(record)
             };
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            pipe.query_async::<()>(&mut conn).await?;
             match record {
                 Some(record) if deleted == 1 => Ok(record),
-                _ => Err(StoreError::UnknownKey(id.to_owned())),
+                _ => Err(StoreError::UnknownKey(id.to_owned()).into()),
             }
         }))
     }
 
     fn record_last_used(&self, batch: Vec<LastUsed>) -> StoreFuture<'_, ()> {
-        Box::pin(self.bounded(async move {
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let mut conn = self.conn.clone();
+        Box::pin(self.run(Retry::Safe, move |mut conn| {
             let mut pipe = redis::pipe();
             for used in &batch {
                 pipe.cmd("EVAL")
@@ -291,59 +324,58 @@ impl Store for RedisStore {
                     .arg(used.at)
                     .ignore();
             }
-            pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+            let empty = batch.is_empty();
+            async move {
+                if !empty {
+                    pipe.query_async::<()>(&mut conn).await?;
+                }
+                Ok(())
+            }
         }))
     }
 
     fn set_owner<'a>(&'a self, workflow_id: &'a str, user_id: &'a str) -> StoreFuture<'a, ()> {
-        Box::pin(self.bounded(async move {
-            let mut conn = self.conn.clone();
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
             redis::cmd("HSET")
                 .arg(self.owners_key())
                 .arg(workflow_id)
                 .arg(user_id)
                 .query_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable)
+                .await?;
+            Ok(())
         }))
     }
 
     fn remove_owner<'a>(&'a self, workflow_id: &'a str) -> StoreFuture<'a, ()> {
-        Box::pin(self.bounded(async move {
-            let mut conn = self.conn.clone();
+        Box::pin(self.run(Retry::Never, move |mut conn| async move {
             let removed: i64 = redis::cmd("HDEL")
                 .arg(self.owners_key())
                 .arg(workflow_id)
                 .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .await?;
             if removed == 0 {
-                return Err(StoreError::UnknownWorkflow(workflow_id.to_owned()));
+                return Err(StoreError::UnknownWorkflow(workflow_id.to_owned()).into());
             }
             Ok(())
         }))
     }
 
     fn get_owner<'a>(&'a self, workflow_id: &'a str) -> StoreFuture<'a, Option<String>> {
-        Box::pin(self.bounded(async move {
-            let mut conn = self.conn.clone();
-            redis::cmd("HGET")
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
+            Ok(redis::cmd("HGET")
                 .arg(self.owners_key())
                 .arg(workflow_id)
                 .query_async(&mut conn)
-                .await
-                .map_err(unavailable)
+                .await?)
         }))
     }
 
     fn list_workflows(&self) -> StoreFuture<'_, Vec<WorkflowOwner>> {
-        Box::pin(self.bounded(async move {
-            let mut conn = self.conn.clone();
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
             let all: HashMap<String, String> = redis::cmd("HGETALL")
                 .arg(self.owners_key())
                 .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .await?;
             let mut out: Vec<WorkflowOwner> = all
                 .into_iter()
                 .map(|(workflow_id, owner)| WorkflowOwner { workflow_id, owner })
@@ -354,13 +386,9 @@ impl Store for RedisStore {
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {
-        Box::pin(self.bounded(async move {
-            let mut conn = self.conn.clone();
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .map(drop)
-                .map_err(unavailable)
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
+            redis::cmd("PING").query_async::<String>(&mut conn).await?;
+            Ok(())
         }))
     }
 }

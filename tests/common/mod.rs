@@ -189,6 +189,7 @@ impl RedisServer {
         let value: redis::Value = cmd.query(&mut conn).ok()?;
         Some(match value {
             redis::Value::SimpleString(s) => s,
+            redis::Value::Okay => "OK".to_owned(),
             redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
             redis::Value::Int(i) => i.to_string(),
             other => format!("{other:?}"),
@@ -224,7 +225,19 @@ impl RedisServer {
         self.stop();
     }
 
+    /// Writes the data to disk, so that [`RedisServer::restart`] reloads it.
+    pub fn save(&self) {
+        assert_eq!(self.cli(&["SAVE"]).as_deref(), Some("OK"));
+    }
+
     /// Starts it again on the same port, empty.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(self.dir.path().join("dump.rdb"));
+        self.restart();
+    }
+
+    /// Starts it again on the same port, with what the last `save` wrote.
     pub fn restart(&mut self) {
         self.stop();
         let deadline = Instant::now() + Duration::from_secs(10);
