@@ -1,0 +1,265 @@
+//! Load generators: wrk when installed (closed loop, many connections), and
+//! a built-in hyper loop used when wrk is missing and for fixed-rate runs
+//! (wrk cannot hold a rate), each request timed from just before it is sent.
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const PATH: &str = "/api/workflows/wf_bench/webhook";
+pub const BODY: &str = "{\"event\":\"bench\",\"payload\":{\"id\":42}}";
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Sample {
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub requests: u64,
+    /// Responses outside 2xx (expected for the rejection variants).
+    pub non_2xx: u64,
+    pub errors: u64,
+}
+
+/// Which `Authorization` values a run sends, in turn.
+#[derive(Clone)]
+pub enum Auth {
+    None,
+    One(String),
+    RoundRobin(Arc<Vec<String>>),
+}
+
+impl Auth {
+    fn header(&self, n: usize) -> Option<&str> {
+        match self {
+            Auth::None => None,
+            Auth::One(v) => Some(v),
+            Auth::RoundRobin(all) => Some(&all[n % all.len()]),
+        }
+    }
+}
+
+fn lua_quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// One closed-loop run with wrk: `connections` over 2 threads.
+pub fn wrk(dir: &Path, port: u16, auth: &Auth, connections: u32, seconds: u32) -> Sample {
+    let mut script = String::new();
+    script.push_str(&format!("local body = {}\n", lua_quote(BODY)));
+    script.push_str("local keys = {\n");
+    match auth {
+        Auth::None => {}
+        Auth::One(v) => script.push_str(&format!("  {},\n", lua_quote(v))),
+        Auth::RoundRobin(all) => {
+            for v in all.iter() {
+                script.push_str(&format!("  {},\n", lua_quote(v)));
+            }
+        }
+    }
+    script.push_str("}\n");
+    script.push_str(&format!(
+        r#"local path = {path}
+local i = 0
+init = function(args)
+  math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))
+  if #keys > 0 then i = math.random(#keys) end
+end
+request = function()
+  local headers = {{ ["Content-Type"] = "application/json" }}
+  if #keys > 0 then
+    i = i % #keys + 1
+    headers["Authorization"] = keys[i]
+  end
+  return wrk.format("POST", path, headers, body)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("JSON %d %d %d %d %d %d\n", summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status, latency:percentile(50), latency:percentile(99)))
+end
+"#,
+        path = lua_quote(PATH)
+    ));
+    let script_path = dir.join(format!("wrk-{port}.lua"));
+    std::fs::write(&script_path, script).unwrap();
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "-s",
+        ])
+        .arg(&script_path)
+        .arg(format!("http://127.0.0.1:{port}{PATH}"))
+        .output()
+        .expect("wrk runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("JSON "))
+        .unwrap_or_else(|| {
+            panic!(
+                "wrk printed no summary:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    Sample {
+        rps: f[0] / (f[1] / 1e6),
+        p50_us: f[4],
+        p99_us: f[5],
+        requests: f[0] as u64,
+        non_2xx: f[3] as u64,
+        errors: f[2] as u64,
+    }
+}
+
+fn request(port: u16, auth: &Auth, n: usize) -> Request<Full<Bytes>> {
+    let mut r = Request::builder()
+        .method("POST")
+        .uri(PATH)
+        .header("host", format!("127.0.0.1:{port}"))
+        .header("content-type", "application/json");
+    if let Some(a) = auth.header(n) {
+        r = r.header("authorization", a);
+    }
+    r.body(Full::new(Bytes::from_static(BODY.as_bytes())))
+        .unwrap()
+}
+
+async fn connect(port: u16) -> SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn summarize(mut latencies: Vec<u32>, elapsed: Duration, non_2xx: u64, errors: u64) -> Sample {
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        if latencies.is_empty() {
+            0.0
+        } else {
+            f64::from(latencies[((latencies.len() - 1) as f64 * p).round() as usize])
+        }
+    };
+    Sample {
+        rps: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        requests: latencies.len() as u64,
+        non_2xx,
+        errors,
+    }
+}
+
+/// Closed loop with the built-in client (used when wrk is not installed).
+pub async fn closed_loop(port: u16, auth: &Auth, connections: u32, seconds: u32) -> Sample {
+    let start = Instant::now();
+    let until = start + Duration::from_secs(u64::from(seconds));
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let auth = auth.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect(port).await;
+            let (mut lat, mut non_2xx, mut errors) = (Vec::new(), 0u64, 0u64);
+            let mut n = c as usize * 7919;
+            while Instant::now() < until {
+                n += 1;
+                let t = Instant::now();
+                if sender.ready().await.is_err() {
+                    sender = connect(port).await;
+                }
+                match sender.send_request(request(port, &auth, n)).await {
+                    Ok(r) => {
+                        if !r.status().is_success() {
+                            non_2xx += 1;
+                        }
+                        let _ = r.into_body().collect().await;
+                        lat.push(t.elapsed().as_micros() as u32);
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        sender = connect(port).await;
+                    }
+                }
+            }
+            (lat, non_2xx, errors)
+        }));
+    }
+    let (mut all, mut non_2xx, mut errors) = (Vec::new(), 0, 0);
+    for t in tasks {
+        let (l, n, e) = t.await.unwrap();
+        all.extend(l);
+        non_2xx += n;
+        errors += e;
+    }
+    summarize(all, start.elapsed(), non_2xx, errors)
+}
+
+/// A fixed rate over a fixed set of keep-alive connections: request `n` is
+/// due at `start + n / rate`; each connection takes the next due request,
+/// waits for its time and sends it. Latency is from send to the end of the
+/// response.
+pub async fn fixed_rate(port: u16, auth: &Auth, rate: u32, seconds: u32) -> Sample {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let total = u64::from(rate) * u64::from(seconds);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = tokio::time::Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (next, auth) = (next.clone(), auth.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect(port).await;
+            let (mut lat, mut non_2xx, mut errors) = (Vec::new(), 0u64, 0u64);
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    break;
+                }
+                tokio::time::sleep_until(start + interval.mul_f64(n as f64)).await;
+                if sender.ready().await.is_err() {
+                    sender = connect(port).await;
+                }
+                let t = Instant::now();
+                match sender.send_request(request(port, &auth, n as usize)).await {
+                    Ok(r) => {
+                        if !r.status().is_success() {
+                            non_2xx += 1;
+                        }
+                        let _ = r.into_body().collect().await;
+                        lat.push(t.elapsed().as_micros() as u32);
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        sender = connect(port).await;
+                    }
+                }
+            }
+            (lat, non_2xx, errors)
+        }));
+    }
+    let (mut all, mut non_2xx, mut errors) = (Vec::new(), 0, 0);
+    for t in tasks {
+        let (l, n, e) = t.await.unwrap();
+        all.extend(l);
+        non_2xx += n;
+        errors += e;
+    }
+    summarize(all, start.elapsed(), non_2xx, errors)
+}

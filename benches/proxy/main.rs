@@ -1,0 +1,591 @@
+//! `cargo bench --bench proxy`: keygate against a direct upstream and against
+//! nginx as a plain reverse proxy, side by side in alternating rounds on one
+//! machine, with one load generator. Prints a table and ratios and writes
+//! `target/bench/proxy.json`. See README "Performance".
+
+mod load;
+mod procs;
+
+use keygate::key::{KeyHash, NewKey};
+use load::{Auth, Sample};
+use procs::{Keygate, free_port, have, keygate, nginx, redis};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Rounds of each variant; `KEYGATE_BENCH_ROUNDS` overrides.
+const ROUNDS: usize = 3;
+const SECONDS: u32 = 4;
+const CONNECTIONS: u32 = 64;
+const ROUND_ROBIN_KEYS: usize = 10_000;
+const MEMORY_KEYS: usize = 1_000_000;
+
+struct Variant {
+    id: &'static str,
+    what: &'static str,
+    port: u16,
+    auth: Auth,
+}
+
+fn admin(
+    kg: &Keygate,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        kg.token,
+        body.len()
+    );
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", kg.admin_port)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+fn create_key(kg: &Keygate, user: &str) -> String {
+    let v = admin(kg, "POST", "/admin/v1/keys", Some(json!({"userId": user})));
+    format!("Bearer {}", v["key"].as_str().expect("key created"))
+}
+
+fn metric(kg: &Keygate, name: &str) -> f64 {
+    let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", kg.admin_port)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Total commands Redis has run (INFO commandstats), less the INFO calls.
+fn redis_calls(port: u16) -> u64 {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn)
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn summarize(samples: &[Sample]) -> Sample {
+    let pick = |f: fn(&Sample) -> f64| median(&mut samples.iter().map(f).collect::<Vec<_>>());
+    Sample {
+        rps: pick(|s| s.rps),
+        p50_us: pick(|s| s.p50_us),
+        p99_us: pick(|s| s.p99_us),
+        requests: samples.iter().map(|s| s.requests).sum(),
+        non_2xx: samples.iter().map(|s| s.non_2xx).sum(),
+        errors: samples.iter().map(|s| s.errors).sum(),
+    }
+}
+
+fn main() {
+    let started = Instant::now();
+    // For iterating on one number: `KEYGATE_BENCH_ONLY=a,b,d` measures just
+    // those variants' throughput and skips the fixed-rate and memory phases.
+    let only: Option<Vec<String>> = std::env::var("KEYGATE_BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(str::to_owned).collect());
+    let rounds: usize = std::env::var("KEYGATE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ROUNDS);
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let use_wrk = have("wrk");
+    let use_nginx = have("nginx");
+    let use_redis = have("redis-server");
+    println!(
+        "load generator: {}; upstream: {}; redis: {}",
+        if use_wrk {
+            "wrk"
+        } else {
+            "built-in hyper loop"
+        },
+        if use_nginx {
+            "nginx return 200"
+        } else {
+            "built-in hyper server"
+        },
+        if use_redis {
+            "yes"
+        } else {
+            "not installed: Redis variants skipped"
+        },
+    );
+
+    // The fixed upstream, the same for every variant.
+    let upstream_port = free_port();
+    let _upstream = if use_nginx {
+        let body = format!(
+            " server {{ listen 127.0.0.1:{upstream_port} reuseport backlog=4096; keepalive_timeout 120s; location / {{ return 200 '{{\"ok\":true}}'; }} }}"
+        );
+        Some(nginx(dir.path(), "upstream", "1", &body, upstream_port))
+    } else {
+        std::thread::spawn(move || builtin_upstream(upstream_port));
+        procs::wait_port(upstream_port, "built-in upstream");
+        None
+    };
+
+    let embedded = format!(
+        "store:\n  embedded:\n    path: \"{}\"\n",
+        dir.path().join("kg.redb").display()
+    );
+    // The rejection variants fail thousands of times from 127.0.0.1: keep the
+    // failed-auth limiter from answering 429 to the next variant.
+    let no_limit = "rate_limit:\n  max_failures: 0\n";
+    let kg_embedded = keygate(
+        dir.path(),
+        "keygate-embedded",
+        upstream_port,
+        &embedded,
+        no_limit,
+    );
+    let idle_rss = kg_embedded.proc.rss();
+    let user = "bench_user";
+    let key_b = create_key(&kg_embedded, user);
+    admin(
+        &kg_embedded,
+        "PUT",
+        "/admin/v1/workflows/wf_bench",
+        Some(json!({"userId": user})),
+    );
+
+    let mut variants = vec![
+        Variant {
+            id: "a",
+            what: "direct to the upstream",
+            port: upstream_port,
+            auth: Auth::One(key_b.clone()),
+        },
+        Variant {
+            id: "b",
+            what: "keygate, embedded store, one cached key",
+            port: kg_embedded.port,
+            auth: Auth::One(key_b.clone()),
+        },
+    ];
+
+    let redis_port = free_port();
+    let _redis = use_redis.then(|| redis(dir.path(), redis_port));
+    let redis_yaml = format!("store:\n  redis:\n    url: \"redis://127.0.0.1:{redis_port}\"\n");
+    let mut redis_instances = Vec::new();
+    if use_redis {
+        let kg_redis = keygate(
+            dir.path(),
+            "keygate-redis",
+            upstream_port,
+            &redis_yaml,
+            no_limit,
+        );
+        let key_c = create_key(&kg_redis, user);
+        admin(
+            &kg_redis,
+            "PUT",
+            "/admin/v1/workflows/wf_bench",
+            Some(json!({"userId": user})),
+        );
+        variants.push(Variant {
+            id: "c",
+            what: "keygate, Redis store, one cached key",
+            port: kg_redis.port,
+            auth: Auth::One(key_c),
+        });
+        redis_instances.push(kg_redis);
+    }
+
+    let _nginx_proxy = use_nginx.then(|| {
+        let port = free_port();
+        let body = format!(
+            " upstream engine {{ server 127.0.0.1:{upstream_port}; keepalive 256; }}\n server {{ listen 127.0.0.1:{port} reuseport backlog=4096; keepalive_timeout 120s; location / {{ proxy_pass http://engine; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+        );
+        let p = nginx(dir.path(), "nginx-proxy", "auto", &body, port);
+        variants.push(Variant { id: "d", what: "nginx proxy_pass, no auth (worker_processes auto, keepalive)", port, auth: Auth::None });
+        p
+    });
+
+    let unknown = format!("Bearer wfb_{}", "Q".repeat(38));
+    variants.push(Variant {
+        id: "e1",
+        what: "keygate rejecting a well-formed unknown key (negative cache)",
+        port: kg_embedded.port,
+        auth: Auth::One(unknown),
+    });
+    variants.push(Variant {
+        id: "e2",
+        what: "keygate rejecting a malformed key",
+        port: kg_embedded.port,
+        auth: Auth::One("Bearer not-a-key".into()),
+    });
+
+    // f: 10,000 keys in turn through a cache of 1,000: every request a miss.
+    let mut round_robin = None;
+    if use_redis {
+        let kg_f = keygate(
+            dir.path(),
+            "keygate-redis-small-cache",
+            upstream_port,
+            &redis_yaml,
+            &format!("{no_limit}cache:\n  keys: {{ capacity: 1000, ttl: 60s }}\n"),
+        );
+        let t = Instant::now();
+        let keys: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..ROUND_ROBIN_KEYS / 8)
+                            .map(|_| create_key(&kg_f, user))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        println!("created {} keys in {:.1?}", keys.len(), t.elapsed());
+        let keys = std::sync::Arc::new(keys);
+        variants.push(Variant {
+            id: "f",
+            what: "keygate, Redis store, 10,000 keys round robin, cache of 1,000",
+            port: kg_f.port,
+            auth: Auth::RoundRobin(keys.clone()),
+        });
+        round_robin = Some(keys);
+        redis_instances.push(kg_f);
+    }
+    // Cache rejections count from here; e2 must make no store call.
+    let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+    let mut redis_per_request: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut malformed_store_calls = 0.0;
+
+    if let Some(only) = &only {
+        variants.retain(|v| only.iter().any(|o| o == v.id));
+    }
+    for round in 0..rounds {
+        for v in &variants {
+            let calls_before = use_redis.then(|| redis_calls(redis_port));
+            let misses_before =
+                (v.id == "e2").then(|| metric(&kg_embedded, "keygate_key_cache_misses_total"));
+            let s = if use_wrk {
+                load::wrk(dir.path(), v.port, &v.auth, CONNECTIONS, SECONDS)
+            } else {
+                rt.block_on(load::closed_loop(v.port, &v.auth, CONNECTIONS, SECONDS))
+            };
+            if let Some(before) = misses_before {
+                malformed_store_calls +=
+                    metric(&kg_embedded, "keygate_key_cache_misses_total") - before;
+            }
+            if let (Some(before), "c" | "f") = (calls_before, v.id) {
+                let calls = redis_calls(redis_port) - before;
+                redis_per_request
+                    .entry(v.id)
+                    .or_default()
+                    .push(calls as f64 / s.requests.max(1) as f64);
+            }
+            println!(
+                "round {} {:>2}: {:>9.0} req/s  p50 {:>6.0} µs  p99 {:>6.0} µs  non-2xx {:>7}  errors {}",
+                round + 1,
+                v.id,
+                s.rps,
+                s.p50_us,
+                s.p99_us,
+                s.non_2xx,
+                s.errors
+            );
+            samples.entry(v.id).or_default().push(s);
+        }
+    }
+    let loaded_rss = kg_embedded.proc.rss();
+    let result: BTreeMap<&str, Sample> = samples.iter().map(|(k, v)| (*k, summarize(v))).collect();
+    if only.is_some() {
+        for v in &variants {
+            let s = &result[v.id];
+            println!(
+                "{:<3} {:<62} {:>10.0} {:>9.0} {:>9.0}",
+                v.id, v.what, s.rps, s.p50_us, s.p99_us
+            );
+        }
+        let ratio = |x: &str, y: &str| result.get(x).zip(result.get(y)).map(|(a, b)| a.rps / b.rps);
+        println!("b/d = {:?}  b/a = {:?}", ratio("b", "d"), ratio("b", "a"));
+        return;
+    }
+
+    // Latency at half of keygate's peak, and f at 1,000 req/s: fixed rate,
+    // built-in generator (wrk cannot hold a rate), alternating a and b.
+    let half = (result["b"].rps / 2.0).round() as u32;
+    let mut at_half: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+    for _ in 0..rounds {
+        for v in variants.iter().filter(|v| v.id == "a" || v.id == "b") {
+            let s = rt.block_on(load::fixed_rate(v.port, &v.auth, half, SECONDS));
+            println!(
+                "half load {:>2} at {half} req/s: p50 {:.0} µs  p99 {:.0} µs  errors {}",
+                v.id, s.p50_us, s.p99_us, s.errors
+            );
+            at_half.entry(v.id).or_default().push(s);
+        }
+    }
+    let at_half: BTreeMap<&str, Sample> = at_half.iter().map(|(k, v)| (*k, summarize(v))).collect();
+    let f_at_1000 = round_robin.as_ref().map(|keys| {
+        let v = variants.iter().find(|v| v.id == "f").unwrap();
+        let runs: Vec<Sample> = (0..rounds)
+            .map(|_| {
+                let s = rt.block_on(load::fixed_rate(
+                    v.port,
+                    &Auth::RoundRobin(keys.clone()),
+                    1000,
+                    SECONDS,
+                ));
+                println!(
+                    "f at 1000 req/s: p50 {:.0} µs  p99 {:.0} µs  non-2xx {}",
+                    s.p50_us, s.p99_us, s.non_2xx
+                );
+                s
+            })
+            .collect();
+        summarize(&runs)
+    });
+
+    let memory = use_redis.then(|| rt.block_on(cache_memory(redis_port)));
+
+    // Report.
+    let ratio = |x: &str, y: &str| match (result.get(x), result.get(y)) {
+        (Some(a), Some(b)) => Some(a.rps / b.rps),
+        _ => None,
+    };
+    println!(
+        "\n{:<3} {:<62} {:>10} {:>9} {:>9}",
+        "", "variant (median of rounds)", "req/s", "p50 µs", "p99 µs"
+    );
+    for v in &variants {
+        let s = &result[v.id];
+        println!(
+            "{:<3} {:<62} {:>10.0} {:>9.0} {:>9.0}",
+            v.id, v.what, s.rps, s.p50_us, s.p99_us
+        );
+    }
+    let fmt = |r: Option<f64>| r.map_or("n/a".to_owned(), |r| format!("{r:.2}"));
+    let cmds = |id: &str| redis_per_request.get(id).map(|v| median(&mut v.clone()));
+    println!("\nb/d = {}   (target ≥ 1.0)", fmt(ratio("b", "d")));
+    println!("b/a = {}", fmt(ratio("b", "a")));
+    println!(
+        "e1/b = {}  e2/b = {}   (target ≥ 1.5)",
+        fmt(ratio("e1", "b")),
+        fmt(ratio("e2", "b"))
+    );
+    println!("store calls during the malformed-key rounds: {malformed_store_calls}");
+    println!(
+        "Redis commands per request: c {:.5}  f {:.3}   (target c ≤ 0.01)",
+        cmds("c").unwrap_or(f64::NAN),
+        cmds("f").unwrap_or(f64::NAN)
+    );
+    let p99_gap_ms = (at_half["b"].p99_us - at_half["a"].p99_us) / 1000.0;
+    println!(
+        "at half of peak ({half} req/s): p99 a {:.0} µs, b {:.0} µs, gap {p99_gap_ms:.3} ms   (target ≤ 1 ms)",
+        at_half["a"].p99_us, at_half["b"].p99_us
+    );
+    if let Some(f) = &f_at_1000 {
+        println!(
+            "f at 1,000 req/s: p99 {:.0} µs   (target ≤ 1000 µs)",
+            f.p99_us
+        );
+    }
+    println!(
+        "keygate RSS: idle {:.1} MB, after load {:.1} MB   (target idle ≤ 30 MB)",
+        idle_rss as f64 / 1e6,
+        loaded_rss as f64 / 1e6
+    );
+    if let Some((keys, per_key)) = memory {
+        println!(
+            "cache memory: {per_key:.0} bytes per cached key with {keys} keys cached   (target ≤ 300)"
+        );
+    }
+    println!("bench took {:.0?}", started.elapsed());
+
+    let report = json!({
+        "machine": machine(),
+        "load_generator": if use_wrk { "wrk -t2 -c64" } else { "built-in hyper loop, 64 connections" },
+        "upstream": if use_nginx { "nginx return 200 (1 worker)" } else { "built-in hyper server" },
+        "rounds": rounds,
+        "seconds_per_round": SECONDS,
+        "variants": variants.iter().map(|v| json!({"id": v.id, "what": v.what, "median": result[v.id], "rounds": samples[v.id]})).collect::<Vec<_>>(),
+        "ratios": {"b_over_d": ratio("b", "d"), "b_over_a": ratio("b", "a"), "e1_over_b": ratio("e1", "b"), "e2_over_b": ratio("e2", "b")},
+        "malformed_key_store_calls": malformed_store_calls,
+        "redis_commands_per_request": {"c": cmds("c"), "f": cmds("f")},
+        "half_load": {"rate": half, "a": at_half["a"], "b": at_half["b"], "p99_gap_ms": p99_gap_ms},
+        "f_at_1000_rps": f_at_1000,
+        "keygate_rss_bytes": {"idle": idle_rss, "after_load": loaded_rss},
+        "cache_memory": memory.map(|(keys, per_key)| json!({"keys": keys, "bytes_per_key": per_key})),
+        "duration_seconds": started.elapsed().as_secs_f64(),
+    });
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("proxy.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
+    println!("wrote target/bench/proxy.json");
+    drop(redis_instances);
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+    });
+    json!({
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu": cpu,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned()),
+    })
+}
+
+/// RSS growth per cached key: 1,000,000 keys written straight into Redis
+/// (the documented schema), then verified once each through keygate's own
+/// cache and store in this process.
+async fn cache_memory(redis_port: u16) -> (u64, f64) {
+    use keygate::auth::Auth as KeyCache;
+    use keygate::config::{CacheConfig, CacheSize, RedisConfig};
+    use keygate::store::redis::RedisStore;
+    let prefix = "mem:";
+    let client = redis::Client::open(format!("redis://127.0.0.1:{redis_port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let t = Instant::now();
+    let mut hashes = Vec::with_capacity(MEMORY_KEYS);
+    for chunk in 0..MEMORY_KEYS / 10_000 {
+        let mut pipe = redis::pipe();
+        for i in 0..10_000 {
+            let key = NewKey::generate().unwrap();
+            let hash = key.hash();
+            let n = chunk * 10_000 + i;
+            pipe.cmd("HSET")
+                .arg(format!("{prefix}key:{}", hash.to_hex()))
+                .arg(&[
+                    ("id", format!("key_{n:016}")),
+                    ("userId", format!("user_{:06}", n % 100_000)),
+                    ("name", String::new()),
+                    ("keyPrefix", key.prefix()),
+                    ("createdAt", "1767225600000".to_owned()),
+                ])
+                .ignore();
+            hashes.push(hash);
+        }
+        pipe.query_async::<()>(&mut conn).await.unwrap();
+    }
+    println!(
+        "wrote {MEMORY_KEYS} key records to Redis in {:.1?}",
+        t.elapsed()
+    );
+
+    let store = RedisStore::connect(&RedisConfig {
+        url: format!("redis://127.0.0.1:{redis_port}"),
+        prefix: prefix.into(),
+        timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    let size = CacheSize {
+        capacity: MEMORY_KEYS as u64 * 2,
+        ttl: Duration::from_secs(3600),
+    };
+    let metrics = std::sync::Arc::new(keygate::metrics::Metrics::new([]));
+    let cache = std::sync::Arc::new(KeyCache::new(
+        std::sync::Arc::new(store),
+        &CacheConfig {
+            keys: size,
+            negative: size,
+            owners: size,
+        },
+        metrics,
+    ));
+    let hashes: std::sync::Arc<Vec<KeyHash>> = std::sync::Arc::new(hashes);
+    let before = procs::rss_of("/proc/self/status");
+    let t = Instant::now();
+    let workers = 64;
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let (cache, hashes) = (cache.clone(), hashes.clone());
+            tokio::spawn(async move {
+                for i in (w..hashes.len()).step_by(workers) {
+                    cache.authenticate(hashes[i]).await.expect("key found");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let cached = cache.cached_keys().await;
+    let after = procs::rss_of("/proc/self/status");
+    println!(
+        "verified {} keys in {:.1?}; RSS {:.0} MB -> {:.0} MB",
+        hashes.len(),
+        t.elapsed(),
+        before as f64 / 1e6,
+        after as f64 / 1e6
+    );
+    (
+        cached,
+        (after.saturating_sub(before)) as f64 / cached.max(1) as f64,
+    )
+}
+
+/// Minimal hyper upstream for machines without nginx.
+fn builtin_upstream(port: u16) {
+    use hyper::service::service_fn;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"{\"ok\":true}")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}

@@ -1,0 +1,157 @@
+//! The processes a benchmark run starts: nginx (upstream and peer proxy),
+//! redis-server and keygate itself, each on free loopback ports and stopped
+//! on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in bytes, from /proc.
+    pub fn rss(&self) -> u64 {
+        rss_of(&format!("/proc/{}/status", self.pid()))
+    }
+}
+
+pub fn rss_of(status_path: &str) -> u64 {
+    std::fs::read_to_string(status_path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} did not start listening on port {port}");
+}
+
+/// nginx with the given `http { ... }` body, in a prefix of its own.
+pub fn nginx(dir: &Path, name: &'static str, workers: &str, http_body: &str, port: u16) -> Proc {
+    let prefix = dir.join(name);
+    std::fs::create_dir_all(prefix.join("logs")).unwrap();
+    let conf = format!(
+        "worker_processes {workers};\nerror_log {p}/logs/error.log warn;\npid {p}/nginx.pid;\nevents {{ worker_connections 4096; }}\nhttp {{\n access_log off;\n client_body_temp_path {p}/body;\n proxy_temp_path {p}/proxy;\n fastcgi_temp_path {p}/fastcgi;\n uwsgi_temp_path {p}/uwsgi;\n scgi_temp_path {p}/scgi;\n keepalive_requests 1000000;\n{http_body}\n}}\n",
+        p = prefix.display()
+    );
+    let conf_path = prefix.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let child = Command::new("nginx")
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&conf_path)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx starts");
+    wait_port(port, name);
+    Proc { child }
+}
+
+pub fn redis(dir: &Path, port: u16) -> Proc {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    wait_port(port, "redis-server");
+    Proc { child }
+}
+
+/// A keygate instance started from its release binary.
+pub struct Keygate {
+    pub proc: Proc,
+    pub port: u16,
+    pub admin_port: u16,
+    pub token: String,
+}
+
+pub fn keygate(
+    dir: &Path,
+    name: &'static str,
+    upstream_port: u16,
+    store_yaml: &str,
+    extra: &str,
+) -> Keygate {
+    let home: PathBuf = dir.join(name);
+    std::fs::create_dir_all(&home).unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "listen: \"127.0.0.1:{port}\"\nupstream: \"http://127.0.0.1:{upstream_port}\"\n{store_yaml}admin:\n  listen: \"127.0.0.1:{admin_port}\"\n  token_file: \"admin.token\"\nlog:\n  access: false\n  level: warn\n{extra}"
+    );
+    let config_path = home.join("keygate.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("--config")
+        .arg(&config_path)
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(home.join("keygate.log")).unwrap())
+        .spawn()
+        .expect("keygate starts");
+    wait_port(admin_port, name);
+    wait_port(port, name);
+    let token = std::fs::read_to_string(home.join("admin.token")).unwrap();
+    Keygate {
+        proc: Proc { child },
+        port,
+        admin_port,
+        token,
+    }
+}
