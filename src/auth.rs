@@ -29,6 +29,9 @@ pub struct Principal {
     /// For logs; never the key.
     pub prefix: Arc<str>,
     pub hash: KeyHash,
+    /// Last time (Unix ms) noted for the usage batcher, so a busy key
+    /// touches the shared pending map at most once per millisecond.
+    pub last_noted: std::sync::atomic::AtomicI64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,19 +139,26 @@ impl Auth {
     pub async fn authenticate(&self, hash: KeyHash) -> Result<Arc<Principal>, AuthError> {
         if let Some(hit) = self.keys.get(&hash).await {
             if self.fresh(hit.epoch) && !self.key_fences.is_stale(&hash, hit.epoch) {
-                self.metrics.key_cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .local()
+                    .key_cache_hits
+                    .fetch_add(1, Ordering::Relaxed);
                 return Ok(hit.value);
             }
             self.keys.invalidate(&hash).await;
         }
         if let Some(epoch) = self.unknown.get(&hash).await {
             if self.fresh(epoch) && !self.key_fences.is_stale(&hash, epoch) {
-                self.metrics.key_cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .local()
+                    .key_cache_hits
+                    .fetch_add(1, Ordering::Relaxed);
                 return Err(AuthError::InvalidKey);
             }
             self.unknown.invalidate(&hash).await;
         }
         self.metrics
+            .local()
             .key_cache_misses
             .fetch_add(1, Ordering::Relaxed);
         let result = self
@@ -175,7 +185,10 @@ impl Auth {
                     Err(AuthError::InvalidKey)
                 }
                 Miss::Store(e) => {
-                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .local()
+                        .store_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "key lookup failed");
                     Err(AuthError::Unavailable)
                 }
@@ -188,6 +201,7 @@ impl Auth {
         if let Some(hit) = self.owners.get(workflow).await {
             if self.fresh(hit.epoch) && !self.owner_fences.is_stale(workflow, hit.epoch) {
                 self.metrics
+                    .local()
                     .owner_cache_hits
                     .fetch_add(1, Ordering::Relaxed);
                 return Ok(hit.value);
@@ -195,6 +209,7 @@ impl Auth {
             self.owners.invalidate(workflow).await;
         }
         self.metrics
+            .local()
             .owner_cache_misses
             .fetch_add(1, Ordering::Relaxed);
         let result = self
@@ -209,7 +224,10 @@ impl Auth {
             })
             .await;
         result.map(|f| f.value).map_err(|e| {
-            self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .local()
+                .store_errors
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "owner lookup failed");
             AuthError::Unavailable
         })
@@ -226,7 +244,10 @@ impl Auth {
         self.key_fences.raise(hash, epoch);
         self.keys.invalidate(&hash).await;
         self.unknown.invalidate(&hash).await;
-        self.metrics.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .local()
+            .invalidations
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Drops a workflow's owner (after it changed or was removed).
@@ -234,7 +255,10 @@ impl Auth {
         let epoch = self.next_epoch();
         self.owner_fences.raise(workflow.to_owned(), epoch);
         self.owners.invalidate(workflow).await;
-        self.metrics.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .local()
+            .invalidations
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Voids every cached answer, for when invalidations may have been missed.
@@ -244,7 +268,10 @@ impl Auth {
         self.keys.invalidate_all();
         self.unknown.invalidate_all();
         self.owners.invalidate_all();
-        self.metrics.cache_flushes.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .local()
+            .cache_flushes
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Number of cached valid keys (for the memory benchmark).
@@ -260,5 +287,6 @@ fn principal(record: KeyRecord) -> Principal {
         user_id: record.user_id.into(),
         prefix: record.prefix.into(),
         hash: record.hash,
+        last_noted: std::sync::atomic::AtomicI64::new(0),
     }
 }

@@ -37,9 +37,11 @@ struct Histogram {
     sum_micros: AtomicU64,
 }
 
-pub struct Metrics {
-    /// Route labels; the last one stands for requests that matched no route.
-    routes: Vec<String>,
+/// One thread's counters. Each data-plane worker writes its own shard, so
+/// the request path never contends on a cache line; `/metrics` sums them.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct Counters {
     requests: Vec<[AtomicU64; OUTCOMES.len()]>,
     latency: Histogram,
     pub key_cache_hits: AtomicU64,
@@ -57,28 +59,43 @@ pub struct Metrics {
     pub spoofed_headers: AtomicU64,
 }
 
+thread_local! {
+    /// Which shard this thread writes; data-plane workers set their own.
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes the calling thread write to shard `index` (wrapped to the shard count).
+pub fn set_thread_shard(index: usize) {
+    SHARD.with(|s| s.set(index));
+}
+
+pub struct Metrics {
+    /// Route labels; the last one stands for requests that matched no route.
+    routes: Vec<String>,
+    shards: Vec<Counters>,
+}
+
 impl Metrics {
     pub fn new(route_labels: impl IntoIterator<Item = String>) -> Metrics {
+        Metrics::with_shards(route_labels, 1)
+    }
+
+    /// `shards` is usually the number of data-plane workers plus one.
+    pub fn with_shards(route_labels: impl IntoIterator<Item = String>, shards: usize) -> Metrics {
         let mut routes: Vec<String> = route_labels.into_iter().collect();
         routes.push("unmatched".to_owned());
-        Metrics {
-            requests: routes.iter().map(|_| Default::default()).collect(),
-            routes,
-            latency: Histogram::default(),
-            key_cache_hits: AtomicU64::new(0),
-            key_cache_misses: AtomicU64::new(0),
-            owner_cache_hits: AtomicU64::new(0),
-            owner_cache_misses: AtomicU64::new(0),
-            store_errors: AtomicU64::new(0),
-            usage_flushes_ok: AtomicU64::new(0),
-            usage_flushes_failed: AtomicU64::new(0),
-            usage_writes: AtomicU64::new(0),
-            usage_dropped: AtomicU64::new(0),
-            usage_pending: AtomicU64::new(0),
-            invalidations: AtomicU64::new(0),
-            cache_flushes: AtomicU64::new(0),
-            spoofed_headers: AtomicU64::new(0),
-        }
+        let shards = (0..shards.max(1))
+            .map(|_| Counters {
+                requests: routes.iter().map(|_| Default::default()).collect(),
+                ..Counters::default()
+            })
+            .collect();
+        Metrics { routes, shards }
+    }
+
+    /// The calling thread's counters.
+    pub fn local(&self) -> &Counters {
+        &self.shards[SHARD.with(std::cell::Cell::get) % self.shards.len()]
     }
 
     /// Index used for requests that matched no route.
@@ -87,17 +104,22 @@ impl Metrics {
     }
 
     pub fn observe(&self, route: usize, status: u16, elapsed: Duration) {
+        let c = self.local();
         let route = route.min(self.routes.len() - 1);
-        self.requests[route][outcome_index(status)].fetch_add(1, Relaxed);
+        c.requests[route][outcome_index(status)].fetch_add(1, Relaxed);
         let secs = elapsed.as_secs_f64();
         if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.latency.buckets[i].fetch_add(1, Relaxed);
+            c.latency.buckets[i].fetch_add(1, Relaxed);
         }
-        self.latency.count.fetch_add(1, Relaxed);
-        self.latency.sum_micros.fetch_add(
+        c.latency.count.fetch_add(1, Relaxed);
+        c.latency.sum_micros.fetch_add(
             u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             Relaxed,
         );
+    }
+
+    fn sum(&self, f: impl Fn(&Counters) -> &AtomicU64) -> u64 {
+        self.shards.iter().map(|c| f(c).load(Relaxed)).sum()
     }
 
     /// Requests counted for one route label and outcome (for tests and the bench).
@@ -108,34 +130,34 @@ impl Metrics {
         ) else {
             return 0;
         };
-        self.requests[r][o].load(Relaxed)
+        self.sum(|c| &c.requests[r][o])
     }
 
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP keygate_requests_total Requests by route and outcome.\n");
         out.push_str("# TYPE keygate_requests_total counter\n");
-        for (route, counts) in self.routes.iter().zip(&self.requests) {
-            for (outcome, n) in OUTCOMES.iter().zip(counts) {
+        for (r, route) in self.routes.iter().enumerate() {
+            for (o, outcome) in OUTCOMES.iter().enumerate() {
                 let _ = writeln!(
                     out,
                     "keygate_requests_total{{route=\"{}\",outcome=\"{outcome}\"}} {}",
                     escape(route),
-                    n.load(Relaxed)
+                    self.sum(|c| &c.requests[r][o])
                 );
             }
         }
         out.push_str("# HELP keygate_request_duration_seconds Time to the response head.\n");
         out.push_str("# TYPE keygate_request_duration_seconds histogram\n");
         let mut cumulative = 0;
-        for (bound, n) in BUCKETS.iter().zip(&self.latency.buckets) {
-            cumulative += n.load(Relaxed);
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.sum(|c| &c.latency.buckets[i]);
             let _ = writeln!(
                 out,
                 "keygate_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
             );
         }
-        let count = self.latency.count.load(Relaxed);
+        let count = self.sum(|c| &c.latency.count);
         let _ = writeln!(
             out,
             "keygate_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
@@ -143,77 +165,78 @@ impl Metrics {
         let _ = writeln!(
             out,
             "keygate_request_duration_seconds_sum {}",
-            self.latency.sum_micros.load(Relaxed) as f64 / 1e6
+            self.sum(|c| &c.latency.sum_micros) as f64 / 1e6
         );
         let _ = writeln!(out, "keygate_request_duration_seconds_count {count}");
-        let counters: [(&str, &str, &AtomicU64); 13] = [
+        type Field = fn(&Counters) -> &AtomicU64;
+        let counters: [(&str, &str, Field); 13] = [
             (
                 "keygate_key_cache_hits_total",
                 "Key lookups answered by the cache.",
-                &self.key_cache_hits,
+                |c| &c.key_cache_hits,
             ),
             (
                 "keygate_key_cache_misses_total",
                 "Key lookups that went to the store.",
-                &self.key_cache_misses,
+                |c| &c.key_cache_misses,
             ),
             (
                 "keygate_owner_cache_hits_total",
                 "Owner lookups answered by the cache.",
-                &self.owner_cache_hits,
+                |c| &c.owner_cache_hits,
             ),
             (
                 "keygate_owner_cache_misses_total",
                 "Owner lookups that went to the store.",
-                &self.owner_cache_misses,
+                |c| &c.owner_cache_misses,
             ),
             (
                 "keygate_store_errors_total",
                 "Store calls that failed.",
-                &self.store_errors,
+                |c| &c.store_errors,
             ),
             (
                 "keygate_last_used_flushes_total",
                 "lastUsedAt batches written.",
-                &self.usage_flushes_ok,
+                |c| &c.usage_flushes_ok,
             ),
             (
                 "keygate_last_used_flush_failures_total",
                 "lastUsedAt batches that failed and will be retried.",
-                &self.usage_flushes_failed,
+                |c| &c.usage_flushes_failed,
             ),
             (
                 "keygate_last_used_writes_total",
                 "Keys whose lastUsedAt was written.",
-                &self.usage_writes,
+                |c| &c.usage_writes,
             ),
             (
                 "keygate_last_used_dropped_total",
                 "lastUsedAt updates dropped because the pending set was full.",
-                &self.usage_dropped,
+                |c| &c.usage_dropped,
             ),
             (
                 "keygate_invalidations_total",
                 "Cache invalidations applied.",
-                &self.invalidations,
+                |c| &c.invalidations,
             ),
             (
                 "keygate_cache_flushes_total",
                 "Whole-cache flushes (after an invalidation gap).",
-                &self.cache_flushes,
+                |c| &c.cache_flushes,
             ),
             (
                 "keygate_spoofed_headers_total",
                 "Client-sent copies of injected headers removed.",
-                &self.spoofed_headers,
+                |c| &c.spoofed_headers,
             ),
             (
                 "keygate_last_used_pending",
                 "Keys with a lastUsedAt not yet written.",
-                &self.usage_pending,
+                |c| &c.usage_pending,
             ),
         ];
-        for (name, help, value) in counters {
+        for (name, help, field) in counters {
             let kind = if name.ends_with("_total") {
                 "counter"
             } else {
@@ -222,7 +245,7 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-                value.load(Relaxed)
+                self.sum(field)
             );
         }
         out
@@ -248,6 +271,23 @@ mod tests {
         ] {
             assert_eq!(OUTCOMES[outcome_index(status)], outcome);
         }
+    }
+
+    #[test]
+    fn shards_add_up() {
+        let m = Metrics::with_shards(["/w".to_owned()], 3);
+        std::thread::scope(|s| {
+            for shard in 0..3 {
+                let m = &m;
+                s.spawn(move || {
+                    set_thread_shard(shard);
+                    m.observe(0, 200, Duration::from_millis(1));
+                    m.local().key_cache_hits.fetch_add(1, Relaxed);
+                });
+            }
+        });
+        assert_eq!(m.requests("/w", "2xx"), 3);
+        assert!(m.render().contains("keygate_key_cache_hits_total 3"));
     }
 
     #[test]

@@ -51,7 +51,10 @@ pub async fn start(config: Config) -> Result<Running, String> {
     };
     let token = admin::server_token(config.admin.token.as_deref(), &config.admin.token_file)?;
 
-    let metrics = Arc::new(Metrics::new(config.routes.iter().map(|r| r.path.clone())));
+    let metrics = Arc::new(Metrics::with_shards(
+        config.routes.iter().map(|r| r.path.clone()),
+        config.workers + 1,
+    ));
     let auth = Arc::new(Auth::new(store.clone(), &config.cache, metrics.clone()));
     let invalidator = Arc::new(match &config.store {
         StoreConfig::Redis(redis) => Invalidator::redis(redis, auth.clone())?,
@@ -101,6 +104,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         std::thread::Builder::new()
             .name(format!("keygate-worker-{i}"))
             .spawn(move || {
+                crate::metrics::set_thread_shard(i + 1);
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -273,6 +277,8 @@ async fn worker(
             _ = stopped.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        let peer_ip = http::HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
         let gateway = gateway.clone();
         let forwarder = forwarder.clone();
         let builder = builder.clone();
@@ -281,12 +287,14 @@ async fn worker(
         tokio::spawn(async move {
             let info = ConnInfo {
                 peer,
+                peer_ip,
                 tls: tls.is_some(),
             };
             let service = service_fn(move |request| {
                 let gateway = gateway.clone();
                 let forwarder = forwarder.clone();
-                async move { Ok::<_, Infallible>(gateway.handle(&forwarder, info, request).await) }
+                let info = info.clone();
+                async move { Ok::<_, Infallible>(gateway.handle(&forwarder, &info, request).await) }
             });
             let result = match tls {
                 None => {

@@ -31,7 +31,15 @@ impl Usage {
         }
     }
 
-    /// Notes a successful authentication at `at` (Unix ms).
+    /// Notes a successful authentication at `at` (Unix ms). Within one
+    /// millisecond only the first use of a key reaches the pending map.
+    pub fn note(&self, principal: &Principal, at: i64) {
+        if principal.last_noted.fetch_max(at, Ordering::Relaxed) < at {
+            self.record(principal, at);
+        }
+    }
+
+    /// Adds `at` to the pending batch (newest time wins).
     pub fn record(&self, principal: &Principal, at: i64) {
         if let Some(mut entry) = self.pending.get_mut(&principal.key_id) {
             if entry.at < at {
@@ -40,7 +48,10 @@ impl Usage {
             return;
         }
         if self.pending.len() >= self.max_pending {
-            self.metrics.usage_dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .local()
+                .usage_dropped
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.pending.insert(
@@ -62,6 +73,7 @@ impl Usage {
     pub async fn flush(&self, store: &dyn Store) -> Result<usize, crate::store::StoreError> {
         let batch: Vec<LastUsed> = self.pending.iter().map(|e| e.value().clone()).collect();
         self.metrics
+            .local()
             .usage_pending
             .store(batch.len() as u64, Ordering::Relaxed);
         if batch.is_empty() {
@@ -75,21 +87,28 @@ impl Usage {
                         .remove_if(used.id.as_str(), |_, pending| pending.at <= used.at);
                 }
                 self.metrics
+                    .local()
                     .usage_flushes_ok
                     .fetch_add(1, Ordering::Relaxed);
                 self.metrics
+                    .local()
                     .usage_writes
                     .fetch_add(written as u64, Ordering::Relaxed);
                 self.metrics
+                    .local()
                     .usage_pending
                     .store(self.pending.len() as u64, Ordering::Relaxed);
                 Ok(written)
             }
             Err(e) => {
                 self.metrics
+                    .local()
                     .usage_flushes_failed
                     .fetch_add(1, Ordering::Relaxed);
-                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .local()
+                    .store_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 Err(e)
             }
         }

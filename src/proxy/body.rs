@@ -6,8 +6,6 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 /// What keygate answers with: its own small JSON, or the upstream's body.
@@ -114,7 +112,6 @@ impl Body for UpstreamResponseBody {
 pub struct LimitedBody {
     inner: Incoming,
     remaining: u64,
-    exceeded: Arc<AtomicBool>,
 }
 
 /// Raised (as the body error) when a body grows past the limit.
@@ -132,18 +129,25 @@ impl std::error::Error for BodyTooLarge {}
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl LimitedBody {
-    /// Also returns a flag that tells, after a failed forward, whether the
-    /// limit was the cause.
-    pub fn new(inner: Incoming, limit: u64) -> (LimitedBody, Arc<AtomicBool>) {
-        let exceeded = Arc::new(AtomicBool::new(false));
-        (
-            LimitedBody {
-                inner,
-                remaining: limit,
-                exceeded: exceeded.clone(),
-            },
-            exceeded,
-        )
+    pub fn new(inner: Incoming, limit: u64) -> LimitedBody {
+        LimitedBody {
+            inner,
+            remaining: limit,
+        }
+    }
+}
+
+impl BodyTooLarge {
+    /// Whether `error` (or anything that caused it) is this limit.
+    pub fn caused(error: &(dyn std::error::Error + 'static)) -> bool {
+        let mut cause = Some(error);
+        while let Some(e) = cause {
+            if e.is::<BodyTooLarge>() {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
     }
 }
 
@@ -161,7 +165,6 @@ impl Body for LimitedBody {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > this.remaining {
-                        this.exceeded.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
                     this.remaining -= len;

@@ -3,7 +3,6 @@
 //! trusted values replace them), and `X-Forwarded-*` are set.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use std::net::IpAddr;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -49,7 +48,8 @@ pub struct Injected<'a> {
     pub key_header: &'a HeaderName,
     pub key_id: &'a str,
     pub forward_authorization: bool,
-    pub client_ip: IpAddr,
+    /// The client's address, already rendered as a header value.
+    pub client_ip: &'a HeaderValue,
     pub tls: bool,
     /// The client's `Host` (or HTTP/2 `:authority`).
     pub original_host: Option<HeaderValue>,
@@ -82,14 +82,17 @@ pub fn prepare_request(headers: &mut HeaderMap, inject: Injected<'_>) -> usize {
         inject.key_header.clone(),
         HeaderValue::from_str(inject.key_id).unwrap_or_else(|_| HeaderValue::from_static("")),
     );
-    let ip = inject.client_ip.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip,
+    let appended = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => {
+            let ip = inject.client_ip.to_str().unwrap_or_default();
+            HeaderValue::from_str(&format!("{prior}, {ip}")).ok()
+        }
+        _ => None,
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
+    headers.insert(
+        X_FORWARDED_FOR.clone(),
+        appended.unwrap_or_else(|| inject.client_ip.clone()),
+    );
     headers.insert(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if inject.tls { "https" } else { "http" }),
@@ -117,6 +120,8 @@ pub fn sane_request_id(value: &HeaderValue) -> bool {
 mod tests {
     use super::*;
 
+    static CLIENT: HeaderValue = HeaderValue::from_static("10.0.0.9");
+
     fn inject<'a>(user: &'a HeaderName, key: &'a HeaderName, fwd_auth: bool) -> Injected<'a> {
         Injected {
             user_header: user,
@@ -124,7 +129,7 @@ mod tests {
             key_header: key,
             key_id: "key_1",
             forward_authorization: fwd_auth,
-            client_ip: "10.0.0.9".parse().unwrap(),
+            client_ip: &CLIENT,
             tls: false,
             original_host: Some(HeaderValue::from_static("gw.example")),
             upstream_host: HeaderValue::from_static("127.0.0.1:3000"),

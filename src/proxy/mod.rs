@@ -58,9 +58,11 @@ pub struct Forwarder {
 }
 
 /// What the listener knows about a connection.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's address as a header value, rendered once per connection.
+    pub peer_ip: HeaderValue,
     pub tls: bool,
 }
 
@@ -177,7 +179,7 @@ impl Gateway {
     pub async fn handle(
         &self,
         forwarder: &Forwarder,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         request: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
@@ -261,7 +263,7 @@ impl Gateway {
     async fn check(
         &self,
         parts: &http::request::Parts,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         trace: &mut Trace,
     ) -> Result<Checked, Reject> {
         let (index, workflow) = match self.router.find(&parts.method, parts.uri.path()) {
@@ -286,7 +288,9 @@ impl Gateway {
             Matched::NotFound => return Err(Reject::NoRoute),
         };
         trace.route = index;
-        let workflow = trace.workflow.insert(workflow.to_owned());
+        if self.access_log {
+            trace.workflow = Some(workflow.to_owned());
+        }
 
         if let Some(retry_after) = self.limiter.blocked(conn.peer.ip(), Instant::now()) {
             return Err(Reject::TooManyFailures { retry_after });
@@ -300,7 +304,7 @@ impl Gateway {
             Err(AuthError::Unavailable) => return Err(Reject::StoreUnavailable),
             Err(AuthError::InvalidKey) => return Err(Reject::InvalidKey),
         }
-        self.usage.record(&principal, crate::clock::now_ms());
+        self.usage.note(&principal, crate::clock::now_ms());
 
         let declared = parts
             .headers
@@ -321,7 +325,7 @@ impl Gateway {
     async fn forward(
         &self,
         forwarder: &Forwarder,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         mut parts: http::request::Parts,
         body: Incoming,
         index: usize,
@@ -348,7 +352,7 @@ impl Gateway {
                 key_header: &self.headers.key_id,
                 key_id: &principal.key_id,
                 forward_authorization: route.config.forward_authorization,
-                client_ip: conn.peer.ip(),
+                client_ip: &conn.peer_ip,
                 tls: conn.tls,
                 original_host,
                 upstream_host: host,
@@ -357,6 +361,7 @@ impl Gateway {
         );
         if spoofed > 0 {
             self.metrics
+                .local()
                 .spoofed_headers
                 .fetch_add(spoofed as u64, Ordering::Relaxed);
             tracing::warn!(
@@ -372,7 +377,7 @@ impl Gateway {
         };
         parts.version = Version::HTTP_11;
 
-        let (body, exceeded) = LimitedBody::new(body, self.limits.max_body_bytes);
+        let body = LimitedBody::new(body, self.limits.max_body_bytes);
         let upstream_request = Request::from_parts(parts, body);
         let pool = &forwarder.pools[*pool_index];
         let result = tokio::time::timeout(
@@ -382,7 +387,9 @@ impl Gateway {
         .await;
         let response = match result {
             Err(_) => return Err(Reject::GatewayTimeout),
-            Ok(Err(_)) if exceeded.load(Ordering::Relaxed) => return Err(Reject::PayloadTooLarge),
+            Ok(Err(ForwardError::Exchange(e))) if body::BodyTooLarge::caused(&e) => {
+                return Err(Reject::PayloadTooLarge);
+            }
             Ok(Err(ForwardError::ConnectTimeout)) => {
                 tracing::warn!(route = %route.label, "upstream connect timed out");
                 return Err(Reject::GatewayTimeout);
@@ -471,9 +478,18 @@ impl RequestIds {
     }
 
     fn next(&self) -> HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{:016x}{:08x}", self.base, n as u32);
-        HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        let mut id = [0u8; 24];
+        for (i, byte) in id.iter_mut().enumerate() {
+            let nibble = if i < 16 {
+                self.base >> (60 - 4 * i)
+            } else {
+                n >> (28 - 4 * (i - 16))
+            };
+            *byte = HEX[(nibble & 0xf) as usize];
+        }
+        HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 }
 
