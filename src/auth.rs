@@ -21,17 +21,54 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// Who a valid key belongs to: what the proxy injects upstream.
+/// Who a valid key belongs to: what the proxy injects upstream. One of
+/// these sits in the cache per valid key, so it is kept small: both ids
+/// share one allocation and the prefix is stored inline.
 #[derive(Debug)]
 pub struct Principal {
-    pub key_id: Arc<str>,
-    pub user_id: Arc<str>,
-    /// For logs; never the key.
-    pub prefix: Arc<str>,
-    pub hash: KeyHash,
+    /// The key id followed by the user id.
+    ids: Box<str>,
+    split: usize,
+    prefix: [u8; crate::key::PREFIX_LEN],
+    prefix_len: u8,
     /// Last time (Unix ms) noted for the usage batcher, so a busy key
     /// touches the shared pending map at most once per millisecond.
     pub last_noted: std::sync::atomic::AtomicI64,
+}
+
+impl Principal {
+    pub fn new(key_id: &str, user_id: &str, prefix: &str) -> Principal {
+        let mut inline = [0u8; crate::key::PREFIX_LEN];
+        let mut len = 0;
+        for (slot, c) in inline.iter_mut().zip(prefix.bytes()) {
+            *slot = c;
+            len += 1;
+        }
+        // A stored prefix is ASCII; anything else is cut at a char boundary.
+        while len > 0 && std::str::from_utf8(&inline[..len]).is_err() {
+            len -= 1;
+        }
+        Principal {
+            ids: format!("{key_id}{user_id}").into_boxed_str(),
+            split: key_id.len(),
+            prefix: inline,
+            prefix_len: len as u8,
+            last_noted: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.ids[..self.split]
+    }
+
+    pub fn user_id(&self) -> &str {
+        &self.ids[self.split..]
+    }
+
+    /// The key's first characters, for logs; never the key.
+    pub fn prefix(&self) -> &str {
+        std::str::from_utf8(&self.prefix[..usize::from(self.prefix_len)]).unwrap_or("")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,11 +319,24 @@ impl Auth {
 }
 
 fn principal(record: KeyRecord) -> Principal {
-    Principal {
-        key_id: record.id.into(),
-        user_id: record.user_id.into(),
-        prefix: record.prefix.into(),
-        hash: record.hash,
-        last_noted: std::sync::atomic::AtomicI64::new(0),
+    Principal::new(&record.id, &record.user_id, &record.prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principal_keeps_both_ids_and_the_prefix() {
+        let p = Principal::new("key_abc", "user_1", "wfb_1234567");
+        assert_eq!(
+            (p.key_id(), p.user_id(), p.prefix()),
+            ("key_abc", "user_1", "wfb_1234567")
+        );
+        let short = Principal::new("k", "", "wfb_");
+        assert_eq!(
+            (short.key_id(), short.user_id(), short.prefix()),
+            ("k", "", "wfb_")
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! flush.
 
 use crate::auth::Principal;
+use crate::key::KeyHash;
 use crate::metrics::Metrics;
 use crate::store::{LastUsed, Store};
 use dashmap::DashMap;
@@ -17,7 +18,7 @@ use tokio::task::JoinHandle;
 
 /// The in-memory side, shared with every request.
 pub struct Usage {
-    pending: DashMap<Arc<str>, LastUsed>,
+    pending: DashMap<Box<str>, LastUsed>,
     max_pending: usize,
     metrics: Arc<Metrics>,
 }
@@ -33,15 +34,15 @@ impl Usage {
 
     /// Notes a successful authentication at `at` (Unix ms). Within one
     /// millisecond only the first use of a key reaches the pending map.
-    pub fn note(&self, principal: &Principal, at: i64) {
+    pub fn note(&self, principal: &Principal, hash: KeyHash, at: i64) {
         if principal.last_noted.fetch_max(at, Ordering::Relaxed) < at {
-            self.record(principal, at);
+            self.record(principal.key_id(), hash, at);
         }
     }
 
     /// Adds `at` to the pending batch (newest time wins).
-    pub fn record(&self, principal: &Principal, at: i64) {
-        if let Some(mut entry) = self.pending.get_mut(&principal.key_id) {
+    pub fn record(&self, key_id: &str, hash: KeyHash, at: i64) {
+        if let Some(mut entry) = self.pending.get_mut(key_id) {
             if entry.at < at {
                 entry.at = at;
             }
@@ -55,10 +56,10 @@ impl Usage {
             return;
         }
         self.pending.insert(
-            principal.key_id.clone(),
+            key_id.into(),
             LastUsed {
-                id: principal.key_id.to_string(),
-                hash: principal.hash,
+                id: key_id.to_owned(),
+                hash,
                 at,
             },
         );

@@ -106,7 +106,7 @@ fn discard(body: Incoming) {
 struct Trace {
     route: usize,
     workflow: Option<String>,
-    key_prefix: Option<Arc<str>>,
+    principal: Option<Arc<Principal>>,
 }
 
 impl Gateway {
@@ -191,7 +191,7 @@ impl Gateway {
         let mut trace = Trace {
             route: self.metrics.unmatched(),
             workflow: None,
-            key_prefix: None,
+            principal: None,
         };
         let (parts, body) = request.into_parts();
         let checked = self.check(&parts, conn, &mut trace).await;
@@ -253,7 +253,7 @@ impl Gateway {
                 status,
                 latency_ms = elapsed.as_secs_f64() * 1000.0,
                 request_id = request_id.to_str().unwrap_or("-"),
-                key = trace.key_prefix.as_deref().unwrap_or("-"),
+                key = trace.principal.as_ref().map_or("-", |p| p.prefix()),
             );
         }
         response
@@ -295,16 +295,18 @@ impl Gateway {
         if let Some(retry_after) = self.limiter.blocked(conn.peer.ip(), Instant::now()) {
             return Err(Reject::TooManyFailures { retry_after });
         }
-        let principal = self.authenticate(&parts.headers).await?;
-        trace.key_prefix = Some(principal.prefix.clone());
+        let (principal, hash) = self.authenticate(&parts.headers).await?;
+        if self.access_log {
+            trace.principal = Some(principal.clone());
+        }
         match self.auth.owner(workflow).await {
-            Ok(Some(owner)) if *owner == *principal.user_id => {}
+            Ok(Some(owner)) if *owner == *principal.user_id() => {}
             Ok(Some(_)) => return Err(Reject::Forbidden),
             Ok(None) => return Err(Reject::WorkflowNotFound),
             Err(AuthError::Unavailable) => return Err(Reject::StoreUnavailable),
             Err(AuthError::InvalidKey) => return Err(Reject::InvalidKey),
         }
-        self.usage.note(&principal, crate::clock::now_ms());
+        self.usage.note(&principal, hash, crate::clock::now_ms());
 
         let declared = parts
             .headers
@@ -348,9 +350,9 @@ impl Gateway {
             &mut parts.headers,
             Injected {
                 user_header: &self.headers.user_id,
-                user_id: &principal.user_id,
+                user_id: principal.user_id(),
                 key_header: &self.headers.key_id,
-                key_id: &principal.key_id,
+                key_id: principal.key_id(),
                 forward_authorization: route.config.forward_authorization,
                 client_ip: &conn.peer_ip,
                 tls: conn.tls,
@@ -366,7 +368,7 @@ impl Gateway {
                 .fetch_add(spoofed as u64, Ordering::Relaxed);
             tracing::warn!(
                 peer = %conn.peer.ip(),
-                key = &*principal.prefix,
+                key = principal.prefix(),
                 removed = spoofed,
                 "removed client-sent identity headers"
             );
@@ -406,7 +408,7 @@ impl Gateway {
     }
 
     /// Checks 1 to 3 of the table: header present, right shape, known key.
-    async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Principal>, Reject> {
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<(Arc<Principal>, KeyHash), Reject> {
         let mut values = headers.get_all(header::AUTHORIZATION).iter();
         let value = values.next().ok_or(Reject::MissingAuthorization)?;
         if values.next().is_some() {
@@ -418,8 +420,9 @@ impl Gateway {
             Presented::IntegrationKey => return Err(Reject::IntegrationKey),
             Presented::Malformed => return Err(Reject::InvalidFormat),
         };
-        match self.auth.authenticate(KeyHash::of(key)).await {
-            Ok(principal) => Ok(principal),
+        let hash = KeyHash::of(key);
+        match self.auth.authenticate(hash).await {
+            Ok(principal) => Ok((principal, hash)),
             Err(AuthError::InvalidKey) => Err(Reject::InvalidKey),
             Err(AuthError::Unavailable) => Err(Reject::StoreUnavailable),
         }
