@@ -138,6 +138,16 @@ pub fn valid_workflow_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
 }
 
+/// The 400 for an unusable user id, if it is one.
+fn refuse_user_id(user_id: &str) -> Option<AdminResponse> {
+    (!valid_user_id(user_id)).then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "userId must be 1 to 256 visible ASCII characters",
+        )
+    })
+}
+
 fn valid_name(s: &str) -> bool {
     s.chars().count() <= 128 && !s.chars().any(char::is_control)
 }
@@ -252,11 +262,8 @@ impl Admin {
             Ok(b) => b,
             Err(r) => return r,
         };
-        if !valid_user_id(&body.user_id) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "userId must be 1 to 256 visible ASCII characters",
-            );
+        if let Some(refused) = refuse_user_id(&body.user_id) {
+            return refused;
         }
         let name = body.name.unwrap_or_default();
         if !valid_name(&name) {
@@ -343,11 +350,8 @@ impl Admin {
             Ok(b) => b,
             Err(r) => return r,
         };
-        if !valid_user_id(&body.user_id) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "userId must be 1 to 256 visible ASCII characters",
-            );
+        if let Some(refused) = refuse_user_id(&body.user_id) {
+            return refused;
         }
         if let Err(e) = self.store.set_owner(workflow, &body.user_id).await {
             return store_error(e);

@@ -148,6 +148,30 @@ async fn connect(port: u16) -> SendRequest<Full<Bytes>> {
     sender
 }
 
+/// Sends one request on a keep-alive connection (reconnecting when it is
+/// gone): `(microseconds to the end of the response, whether 2xx)`.
+async fn send(
+    sender: &mut SendRequest<Full<Bytes>>,
+    port: u16,
+    request: Request<Full<Bytes>>,
+) -> Option<(u32, bool)> {
+    if sender.ready().await.is_err() {
+        *sender = connect(port).await;
+    }
+    let t = Instant::now();
+    match sender.send_request(request).await {
+        Ok(r) => {
+            let ok = r.status().is_success();
+            let _ = r.into_body().collect().await;
+            Some((t.elapsed().as_micros() as u32, ok))
+        }
+        Err(_) => {
+            *sender = connect(port).await;
+            None
+        }
+    }
+}
+
 fn summarize(mut latencies: Vec<u32>, elapsed: Duration, non_2xx: u64, errors: u64) -> Sample {
     latencies.sort_unstable();
     let pct = |p: f64| {
@@ -180,22 +204,12 @@ pub async fn closed_loop(port: u16, auth: &Auth, connections: u32, seconds: u32)
             let mut n = c as usize * 7919;
             while Instant::now() < until {
                 n += 1;
-                let t = Instant::now();
-                if sender.ready().await.is_err() {
-                    sender = connect(port).await;
-                }
-                match sender.send_request(request(port, &auth, n)).await {
-                    Ok(r) => {
-                        if !r.status().is_success() {
-                            non_2xx += 1;
-                        }
-                        let _ = r.into_body().collect().await;
-                        lat.push(t.elapsed().as_micros() as u32);
+                match send(&mut sender, port, request(port, &auth, n)).await {
+                    Some((took, ok)) => {
+                        lat.push(took);
+                        non_2xx += u64::from(!ok);
                     }
-                    Err(_) => {
-                        errors += 1;
-                        sender = connect(port).await;
-                    }
+                    None => errors += 1,
                 }
             }
             (lat, non_2xx, errors)
@@ -233,22 +247,12 @@ pub async fn fixed_rate(port: u16, auth: &Auth, rate: u32, seconds: u32) -> Samp
                     break;
                 }
                 tokio::time::sleep_until(start + interval.mul_f64(n as f64)).await;
-                if sender.ready().await.is_err() {
-                    sender = connect(port).await;
-                }
-                let t = Instant::now();
-                match sender.send_request(request(port, &auth, n as usize)).await {
-                    Ok(r) => {
-                        if !r.status().is_success() {
-                            non_2xx += 1;
-                        }
-                        let _ = r.into_body().collect().await;
-                        lat.push(t.elapsed().as_micros() as u32);
+                match send(&mut sender, port, request(port, &auth, n as usize)).await {
+                    Some((took, ok)) => {
+                        lat.push(took);
+                        non_2xx += u64::from(!ok);
                     }
-                    Err(_) => {
-                        errors += 1;
-                        sender = connect(port).await;
-                    }
+                    None => errors += 1,
                 }
             }
             (lat, non_2xx, errors)
