@@ -245,7 +245,13 @@ impl Admin {
     }
 
     async fn ready(&self) -> AdminResponse {
-        match self.store.ping().await {
+        let ping = match self.store.ping().await {
+            Ok(()) if !self.invalidator.ready() => Err(StoreError::Unavailable(
+                "the invalidation stream is not subscribed".into(),
+            )),
+            other => other,
+        };
+        match ping {
             Ok(()) => json(
                 StatusCode::OK,
                 &serde_json::json!({"status": "ready", "store": self.store.kind()}),

@@ -193,7 +193,9 @@ async fn subscribe(
                     }
                 }
                 _ = ping.tick() => {
-                    let alive = tokio::time::timeout(timeout, sink.ping::<String>()).await;
+                    // On a subscribed RESP2 connection PING answers
+                    // ["pong", ""], so take any value as a sign of life.
+                    let alive = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
                     if !matches!(alive, Ok(Ok(_))) {
                         break;
                     }

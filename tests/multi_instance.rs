@@ -114,6 +114,31 @@ async fn revocation_through_one_instance_reaches_the_other_at_once() {
 }
 
 #[tokio::test]
+async fn a_healthy_subscription_is_kept_and_caches_are_not_flushed() {
+    let redis = RedisServer::start();
+    let (a, _b, _upstream, _da, _db) = pair(&redis, "").await;
+    let flushes = || async {
+        a.metrics()
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("keygate_cache_flushes_total ")
+                    .map(str::to_owned)
+            })
+            .unwrap()
+    };
+    // The subscriber checks its connection every 500 ms: several checks pass
+    // here, and none may count as a lost subscription.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(
+        flushes().await,
+        "1",
+        "the subscription was dropped and re-made"
+    );
+    assert_eq!(a.admin_call("GET", "/readyz", None).await.0, 200);
+}
+
+#[tokio::test]
 async fn owner_change_through_one_instance_reaches_the_other() {
     let redis = RedisServer::start();
     let (a, b, _upstream, _da, _db) = pair(&redis, "").await;
