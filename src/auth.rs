@@ -136,9 +136,14 @@ pub struct Auth {
 }
 
 enum Miss {
-    NotFound,
+    /// Not in the store, as read at this epoch.
+    NotFound(u64),
     Store(StoreError),
 }
+
+/// Reads that lose a race with an invalidation are retried this many times
+/// through the cache before going to the store directly.
+const RACE_RETRIES: usize = 3;
 
 impl Auth {
     pub fn new(store: Arc<dyn Store>, config: &CacheConfig, metrics: Arc<Metrics>) -> Auth {
@@ -172,102 +177,112 @@ impl Auth {
         epoch >= self.floor.load(Ordering::Acquire)
     }
 
-    /// Looks a key up by hash: cache, then store.
+    fn count(&self, counter: impl Fn(&crate::metrics::Counters) -> &AtomicU64) {
+        counter(self.metrics.local()).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether a key answer read at `epoch` may still be served.
+    fn key_valid(&self, hash: &KeyHash, epoch: u64) -> bool {
+        self.fresh(epoch) && !self.key_fences.is_stale(hash, epoch)
+    }
+
+    fn owner_valid(&self, workflow: &str, epoch: u64) -> bool {
+        self.fresh(epoch) && !self.owner_fences.is_stale(workflow, epoch)
+    }
+
+    /// Looks a key up by hash: cache, then store. A request that joins a
+    /// store read begun before an invalidation of the same key does not take
+    /// its answer: it reads again.
     pub async fn authenticate(&self, hash: KeyHash) -> Result<Arc<Principal>, AuthError> {
-        if let Some(hit) = self.keys.get(&hash).await {
-            if self.fresh(hit.epoch) && !self.key_fences.is_stale(&hash, hit.epoch) {
-                self.metrics
-                    .local()
-                    .key_cache_hits
-                    .fetch_add(1, Ordering::Relaxed);
-                return Ok(hit.value);
+        for _ in 0..RACE_RETRIES {
+            if let Some(hit) = self.keys.get(&hash).await {
+                if self.key_valid(&hash, hit.epoch) {
+                    self.count(|c| &c.key_cache_hits);
+                    return Ok(hit.value);
+                }
+                self.keys.invalidate(&hash).await;
             }
-            self.keys.invalidate(&hash).await;
-        }
-        if let Some(epoch) = self.unknown.get(&hash).await {
-            if self.fresh(epoch) && !self.key_fences.is_stale(&hash, epoch) {
-                self.metrics
-                    .local()
-                    .key_cache_hits
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(AuthError::InvalidKey);
+            if let Some(epoch) = self.unknown.get(&hash).await {
+                if self.key_valid(&hash, epoch) {
+                    self.count(|c| &c.key_cache_hits);
+                    return Err(AuthError::InvalidKey);
+                }
+                self.unknown.invalidate(&hash).await;
             }
-            self.unknown.invalidate(&hash).await;
+            self.count(|c| &c.key_cache_misses);
+            let result = self
+                .keys
+                .try_get_with(hash, async {
+                    let epoch = self.epoch.load(Ordering::Acquire);
+                    match self.store.find_by_hash(hash).await {
+                        Ok(Some(record)) => Ok(Fenced {
+                            value: Arc::new(principal(record)),
+                            epoch,
+                        }),
+                        Ok(None) => Err(Miss::NotFound(epoch)),
+                        Err(e) => Err(Miss::Store(e)),
+                    }
+                })
+                .await;
+            match result {
+                Ok(found) if self.key_valid(&hash, found.epoch) => return Ok(found.value),
+                Ok(_) => self.keys.invalidate(&hash).await,
+                Err(miss) => match &*miss {
+                    Miss::NotFound(epoch) if self.key_valid(&hash, *epoch) => {
+                        self.unknown.insert(hash, *epoch).await;
+                        return Err(AuthError::InvalidKey);
+                    }
+                    Miss::NotFound(_) => {}
+                    Miss::Store(e) => return Err(self.store_failed(e)),
+                },
+            }
         }
-        self.metrics
-            .local()
-            .key_cache_misses
-            .fetch_add(1, Ordering::Relaxed);
-        let result = self
-            .keys
-            .try_get_with(hash, async {
-                let epoch = self.epoch.load(Ordering::Acquire);
-                match self.store.find_by_hash(hash).await {
-                    Ok(Some(record)) if record.hash.ct_eq(&hash) => Ok(Fenced {
-                        value: Arc::new(principal(record)),
-                        epoch,
-                    }),
-                    Ok(_) => Err(Miss::NotFound),
-                    Err(e) => Err(Miss::Store(e)),
-                }
-            })
-            .await;
-        match result {
-            Ok(found) => Ok(found.value),
-            Err(miss) => match &*miss {
-                Miss::NotFound => {
-                    self.unknown
-                        .insert(hash, self.epoch.load(Ordering::Acquire))
-                        .await;
-                    Err(AuthError::InvalidKey)
-                }
-                Miss::Store(e) => {
-                    self.metrics
-                        .local()
-                        .store_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "key lookup failed");
-                    Err(AuthError::Unavailable)
-                }
-            },
+        // Invalidations kept racing the reads: ask the store, cache nothing.
+        match self.store.find_by_hash(hash).await {
+            Ok(Some(record)) => Ok(Arc::new(principal(record))),
+            Ok(None) => Err(AuthError::InvalidKey),
+            Err(e) => Err(self.store_failed(&e)),
         }
     }
 
     /// The owner of a workflow, `None` if it has none.
     pub async fn owner(&self, workflow: &str) -> Result<Option<Arc<str>>, AuthError> {
-        if let Some(hit) = self.owners.get(workflow).await {
-            if self.fresh(hit.epoch) && !self.owner_fences.is_stale(workflow, hit.epoch) {
-                self.metrics
-                    .local()
-                    .owner_cache_hits
-                    .fetch_add(1, Ordering::Relaxed);
-                return Ok(hit.value);
+        for _ in 0..RACE_RETRIES {
+            if let Some(hit) = self.owners.get(workflow).await {
+                if self.owner_valid(workflow, hit.epoch) {
+                    self.count(|c| &c.owner_cache_hits);
+                    return Ok(hit.value);
+                }
+                self.owners.invalidate(workflow).await;
             }
-            self.owners.invalidate(workflow).await;
-        }
-        self.metrics
-            .local()
-            .owner_cache_misses
-            .fetch_add(1, Ordering::Relaxed);
-        let result = self
-            .owners
-            .try_get_with(workflow.to_owned(), async {
-                let epoch = self.epoch.load(Ordering::Acquire);
-                let owner = self.store.get_owner(workflow).await?;
-                Ok::<_, StoreError>(Fenced {
-                    value: owner.map(Arc::from),
-                    epoch,
+            self.count(|c| &c.owner_cache_misses);
+            let result = self
+                .owners
+                .try_get_with(workflow.to_owned(), async {
+                    let epoch = self.epoch.load(Ordering::Acquire);
+                    let owner = self.store.get_owner(workflow).await?;
+                    Ok::<_, StoreError>(Fenced {
+                        value: owner.map(Arc::from),
+                        epoch,
+                    })
                 })
-            })
-            .await;
-        result.map(|f| f.value).map_err(|e| {
-            self.metrics
-                .local()
-                .store_errors
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %e, "owner lookup failed");
-            AuthError::Unavailable
-        })
+                .await;
+            match result {
+                Ok(found) if self.owner_valid(workflow, found.epoch) => return Ok(found.value),
+                Ok(_) => self.owners.invalidate(workflow).await,
+                Err(e) => return Err(self.store_failed(&e)),
+            }
+        }
+        match self.store.get_owner(workflow).await {
+            Ok(owner) => Ok(owner.map(Arc::from)),
+            Err(e) => Err(self.store_failed(&e)),
+        }
+    }
+
+    fn store_failed(&self, e: &StoreError) -> AuthError {
+        self.count(|c| &c.store_errors);
+        tracing::warn!(error = %e, "store lookup failed");
+        AuthError::Unavailable
     }
 
     fn next_epoch(&self) -> u64 {
@@ -281,10 +296,7 @@ impl Auth {
         self.key_fences.raise(hash, epoch);
         self.keys.invalidate(&hash).await;
         self.unknown.invalidate(&hash).await;
-        self.metrics
-            .local()
-            .invalidations
-            .fetch_add(1, Ordering::Relaxed);
+        self.count(|c| &c.invalidations);
     }
 
     /// Drops a workflow's owner (after it changed or was removed).
@@ -292,10 +304,7 @@ impl Auth {
         let epoch = self.next_epoch();
         self.owner_fences.raise(workflow.to_owned(), epoch);
         self.owners.invalidate(workflow).await;
-        self.metrics
-            .local()
-            .invalidations
-            .fetch_add(1, Ordering::Relaxed);
+        self.count(|c| &c.invalidations);
     }
 
     /// Voids every cached answer, for when invalidations may have been missed.
@@ -305,10 +314,7 @@ impl Auth {
         self.keys.invalidate_all();
         self.unknown.invalidate_all();
         self.owners.invalidate_all();
-        self.metrics
-            .local()
-            .cache_flushes
-            .fetch_add(1, Ordering::Relaxed);
+        self.count(|c| &c.cache_flushes);
     }
 
     /// Number of cached valid keys (for the memory benchmark).
@@ -325,6 +331,122 @@ fn principal(record: KeyRecord) -> Principal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::CacheSize;
+    use crate::store::{LastUsed, StoreFuture, WorkflowOwner};
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use tokio::sync::Semaphore;
+
+    /// A store whose key reads take their answer at once but return only
+    /// when the test opens the gate: a read "in flight" across a revoke.
+    struct GatedStore {
+        keys: Mutex<Vec<KeyRecord>>,
+        gate: Semaphore,
+        reads: AtomicUsize,
+    }
+
+    impl Store for GatedStore {
+        fn kind(&self) -> &'static str {
+            "gated"
+        }
+        fn create_key(&self, _: KeyRecord) -> StoreFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn find_by_hash(&self, hash: KeyHash) -> StoreFuture<'_, Option<KeyRecord>> {
+            let answer = self
+                .keys
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|k| k.hash == hash)
+                .cloned();
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                self.gate.acquire().await.unwrap().forget();
+                Ok(answer)
+            })
+        }
+        fn list_keys<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Vec<KeyRecord>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn revoke_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, KeyRecord> {
+            Box::pin(async move { Err(StoreError::UnknownKey(id.to_owned())) })
+        }
+        fn record_last_used(&self, _: Vec<LastUsed>) -> StoreFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn set_owner<'a>(&'a self, _: &'a str, _: &'a str) -> StoreFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn remove_owner<'a>(&'a self, _: &'a str) -> StoreFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn get_owner<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Option<String>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn list_workflows(&self) -> StoreFuture<'_, Vec<WorkflowOwner>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn ping(&self) -> StoreFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_begun_before_a_revoke_never_answers_after_it() {
+        let hash = KeyHash::of("wfb_race");
+        let store = Arc::new(GatedStore {
+            keys: Mutex::new(vec![KeyRecord {
+                id: "key_1".into(),
+                user_id: "u".into(),
+                name: String::new(),
+                prefix: "wfb_race".into(),
+                hash,
+                created_at: 0,
+                last_used_at: None,
+            }]),
+            gate: Semaphore::new(0),
+            reads: AtomicUsize::new(0),
+        });
+        let size = CacheSize {
+            capacity: 100,
+            ttl: Duration::from_secs(60),
+        };
+        let auth = Arc::new(Auth::new(
+            store.clone(),
+            &CacheConfig {
+                keys: size,
+                negative: size,
+                owners: size,
+            },
+            Arc::new(Metrics::new([])),
+        ));
+        // A's read takes the old answer and waits at the gate.
+        let a = tokio::spawn({
+            let auth = auth.clone();
+            async move { auth.authenticate(hash).await }
+        });
+        while store.reads.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The key is revoked in the store and on this instance.
+        store.keys.lock().unwrap().clear();
+        auth.invalidate_key(hash).await;
+        // B arrives after the revoke and joins A's read.
+        let b = tokio::spawn({
+            let auth = auth.clone();
+            async move { auth.authenticate(hash).await }
+        });
+        tokio::task::yield_now().await;
+        store.gate.add_permits(100);
+        assert_eq!(b.await.unwrap().err(), Some(AuthError::InvalidKey));
+        // A began before the revoke: either answer is acceptable for it.
+        let _ = a.await.unwrap();
+        assert_eq!(
+            auth.authenticate(hash).await.err(),
+            Some(AuthError::InvalidKey)
+        );
+    }
 
     #[test]
     fn principal_keeps_both_ids_and_the_prefix() {

@@ -122,11 +122,6 @@ impl KeyHash {
         }
         Some(KeyHash(out))
     }
-
-    /// Constant-time comparison, for checking a hash read back from a store.
-    pub fn ct_eq(&self, other: &KeyHash) -> bool {
-        subtle::ConstantTimeEq::ct_eq(&self.0[..], &other.0[..]).into()
-    }
 }
 
 /// Hashes are secrets' fingerprints: never print one.
