@@ -334,14 +334,40 @@ impl Admin {
         match self.store.revoke_key(id).await {
             Ok(record) => {
                 self.auth.invalidate_key(record.hash).await;
-                self.invalidator.key_revoked(record.hash).await;
-                tracing::info!(id = %record.id, user = %record.user_id, key = %record.prefix, "key revoked");
-                json(
-                    StatusCode::OK,
-                    &serde_json::json!({"id": record.id, "revoked": true}),
-                )
+                let propagated = self.invalidator.key_revoked(record.hash).await;
+                tracing::info!(id = %record.id, user = %record.user_id, key = %record.prefix, propagated, "key revoked");
+                let mut body =
+                    serde_json::json!({"id": record.id, "revoked": true, "propagated": propagated});
+                if !propagated {
+                    body["warning"] = serde_json::Value::String(
+                        "revoked in the store, but other instances could not be told; they refuse the key when their cache entry expires or they resubscribe".into(),
+                    );
+                }
+                json(StatusCode::OK, &body)
             }
-            Err(e) => store_error(e),
+            Err(e) => {
+                self.after_failed_write(&e, None).await;
+                store_error(e)
+            }
+        }
+    }
+
+    /// A write that failed on an unavailable store may still have happened:
+    /// drop what it could have changed, here and (if Redis still listens)
+    /// on every instance.
+    async fn after_failed_write(&self, e: &StoreError, workflow: Option<&str>) {
+        if !matches!(e, StoreError::Unavailable(_)) {
+            return;
+        }
+        match workflow {
+            Some(w) => {
+                self.auth.invalidate_workflow(w).await;
+                self.invalidator.workflow_changed(w).await;
+            }
+            None => {
+                self.auth.invalidate_all();
+                self.invalidator.flush_all().await;
+            }
         }
     }
 
@@ -360,6 +386,7 @@ impl Admin {
             return refused;
         }
         if let Err(e) = self.store.set_owner(workflow, &body.user_id).await {
+            self.after_failed_write(&e, Some(workflow)).await;
             return store_error(e);
         }
         self.auth.invalidate_workflow(workflow).await;
@@ -385,7 +412,10 @@ impl Admin {
                     &serde_json::json!({"workflowId": workflow, "removed": true}),
                 )
             }
-            Err(e) => store_error(e),
+            Err(e) => {
+                self.after_failed_write(&e, Some(workflow)).await;
+                store_error(e)
+            }
         }
     }
 }

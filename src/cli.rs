@@ -227,7 +227,10 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
         }
         Command::Keys(KeysCommand::Revoke { key_id }) => {
             let path = format!("/admin/v1/keys/{}", percent_encode(&key_id));
-            client.call(Method::DELETE, &path, None).await?;
+            let (_, answer) = client.call(Method::DELETE, &path, None).await?;
+            if let Some(warning) = answer.get("warning").and_then(Value::as_str) {
+                eprintln!("keygate: warning: {warning}");
+            }
             Ok(format!("revoked {key_id}"))
         }
         Command::Workflows(WorkflowsCommand::SetOwner { workflow_id, user }) => {

@@ -363,7 +363,12 @@ impl Config {
                 redis: Some(r),
             }) => {
                 let url = from_env("store.redis.url", &r.url, env)?;
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                if url.starts_with("rediss://") {
+                    return err(
+                        "store.redis.url: TLS to Redis (rediss://) is not supported by this build",
+                    );
+                }
+                if !url.starts_with("redis://") {
                     return err("store.redis.url: expected redis://host:port");
                 }
                 StoreConfig::Redis(RedisConfig {
@@ -494,6 +499,9 @@ impl Config {
         };
         if usage.max_pending == 0 {
             return err("usage.max_pending: must be at least 1");
+        }
+        if usage.flush_interval.is_zero() {
+            return err("usage.flush_interval: must be more than 0");
         }
 
         let rl = raw.rate_limit.unwrap_or(RawRateLimit {
@@ -806,6 +814,11 @@ mod tests {
             ("log:\n  format: xml\n", "log.format"),
             ("headers:\n  user_id: \"bad header\"\n", "headers.user_id"),
             ("listen: [1, 2]\n", "line 1"),
+            ("usage:\n  flush_interval: 0s\n", "usage.flush_interval"),
+            (
+                "store:\n  redis: {url: \"rediss://x:1\"}\n",
+                "not supported",
+            ),
         ] {
             let e = parse(yaml).unwrap_err().0;
             assert!(e.contains(needle), "{yaml:?} gave {e}");

@@ -79,16 +79,24 @@ impl Invalidator {
             .is_none_or(|b| b.subscribed.load(Ordering::Acquire))
     }
 
-    pub async fn key_revoked(&self, hash: KeyHash) {
-        self.publish(format!("key:{}", hash.to_hex())).await;
+    /// Each of these returns false when other instances may not have been
+    /// told (the publish failed).
+    pub async fn key_revoked(&self, hash: KeyHash) -> bool {
+        self.publish(format!("key:{}", hash.to_hex())).await
     }
 
-    pub async fn workflow_changed(&self, workflow: &str) {
-        self.publish(format!("workflow:{workflow}")).await;
+    pub async fn workflow_changed(&self, workflow: &str) -> bool {
+        self.publish(format!("workflow:{workflow}")).await
     }
 
-    async fn publish(&self, message: String) {
-        let Some(bus) = &self.bus else { return };
+    /// Asks every instance to drop all cached answers, for when a change may
+    /// have happened but which one is unknown (a write that timed out).
+    pub async fn flush_all(&self) -> bool {
+        self.publish("flush".to_owned()).await
+    }
+
+    async fn publish(&self, message: String) -> bool {
+        let Some(bus) = &self.bus else { return true };
         for attempt in 0..3 {
             let mut conn = bus.publisher.clone();
             let sent: Result<i64, _> = redis::cmd("PUBLISH")
@@ -97,7 +105,7 @@ impl Invalidator {
                 .query_async(&mut conn)
                 .await;
             match sent {
-                Ok(_) => return,
+                Ok(_) => return true,
                 Err(e) if attempt == 2 => {
                     // Other instances hold the entry until its TTL, or until
                     // they resubscribe and flush.
@@ -106,6 +114,7 @@ impl Invalidator {
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
+        false
     }
 }
 
@@ -117,26 +126,35 @@ impl Drop for Invalidator {
     }
 }
 
-/// Applies one message; anything unreadable flushes everything.
-fn apply(auth: &Auth, payload: &[u8]) -> Option<Applied> {
-    let text = std::str::from_utf8(payload).ok();
-    if let Some(hash) = text
-        .and_then(|t| t.strip_prefix("key:"))
-        .and_then(KeyHash::from_hex)
-    {
-        return Some(Applied::Key(hash));
-    }
-    if let Some(workflow) = text.and_then(|t| t.strip_prefix("workflow:")) {
-        return Some(Applied::Workflow(workflow.to_owned()));
-    }
-    tracing::warn!("unreadable invalidation message; flushing caches");
-    auth.invalidate_all();
-    None
-}
-
-enum Applied {
+/// What one invalidation message asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Message {
     Key(KeyHash),
     Workflow(String),
+    /// `flush`, or anything unreadable: drop everything.
+    Flush,
+}
+
+fn parse(payload: &[u8]) -> Message {
+    let text = std::str::from_utf8(payload).unwrap_or("");
+    if let Some(hash) = text.strip_prefix("key:").and_then(KeyHash::from_hex) {
+        return Message::Key(hash);
+    }
+    if let Some(workflow) = text.strip_prefix("workflow:") {
+        return Message::Workflow(workflow.to_owned());
+    }
+    if text != "flush" {
+        tracing::warn!("unreadable invalidation message; flushing caches");
+    }
+    Message::Flush
+}
+
+async fn apply(auth: &Auth, message: Message) {
+    match message {
+        Message::Key(hash) => auth.invalidate_key(hash).await,
+        Message::Workflow(w) => auth.invalidate_workflow(&w).await,
+        Message::Flush => auth.invalidate_all(),
+    }
 }
 
 async fn subscribe(
@@ -186,11 +204,7 @@ async fn subscribe(
             tokio::select! {
                 message = std::future::poll_fn(|cx| stream.as_mut().poll_next(cx)) => {
                     let Some(message) = message else { break };
-                    match apply(&auth, message.get_payload_bytes()) {
-                        Some(Applied::Key(hash)) => auth.invalidate_key(hash).await,
-                        Some(Applied::Workflow(w)) => auth.invalidate_workflow(&w).await,
-                        None => {}
-                    }
+                    apply(&auth, parse(message.get_payload_bytes())).await;
                 }
                 _ = ping.tick() => {
                     // On a subscribed RESP2 connection PING answers
@@ -204,5 +218,23 @@ async fn subscribe(
         }
         subscribed.store(false, Ordering::Release);
         tracing::warn!("invalidation stream lost; resubscribing");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_parse_and_anything_else_flushes() {
+        let hash = KeyHash::of("wfb_x");
+        assert_eq!(
+            parse(format!("key:{}", hash.to_hex()).as_bytes()),
+            Message::Key(hash)
+        );
+        assert_eq!(parse(b"workflow:wf_1"), Message::Workflow("wf_1".into()));
+        assert_eq!(parse(b"flush"), Message::Flush);
+        assert_eq!(parse(b"key:zz"), Message::Flush);
+        assert_eq!(parse(&[0xff, 0xfe]), Message::Flush);
     }
 }

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
             init_logging(&config);
             match runtime.block_on(keygate::server::run(
                 config,
-                keygate::server::shutdown_signal(),
+                keygate::server::shutdown_signal,
             )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -172,16 +172,22 @@ impl Running {
     }
 }
 
-/// Runs until `signal` resolves, then stops gracefully.
-pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(), String> {
+/// Runs until `signal()` resolves, then stops gracefully; a second signal
+/// during the graceful stop ends it at once.
+pub async fn run<F>(config: Config, signal: impl Fn() -> F) -> Result<(), String>
+where
+    F: Future<Output = ()>,
+{
     let running = start(config).await?;
-    signal.await;
+    signal().await;
     tracing::info!("shutting down");
-    let left = running.shutdown().await;
-    if left > 0 {
-        return Err(format!("{left} lastUsedAt updates could not be written"));
+    tokio::select! {
+        left = running.shutdown() => match left {
+            0 => Ok(()),
+            left => Err(format!("{left} lastUsedAt updates could not be written")),
+        },
+        () = signal() => Err("second signal: stopped without waiting for in-flight requests".into()),
     }
-    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

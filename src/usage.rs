@@ -10,8 +10,9 @@ use crate::key::KeyHash;
 use crate::metrics::Metrics;
 use crate::store::{LastUsed, Store};
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -19,14 +20,21 @@ use tokio::task::JoinHandle;
 /// The in-memory side, shared with every request.
 pub struct Usage {
     pending: DashMap<Box<str>, LastUsed>,
+    /// Entries in `pending`, counted beside it: `DashMap::len` would take
+    /// every shard's lock, and cannot be called while holding an entry.
+    count: AtomicUsize,
     max_pending: usize,
     metrics: Arc<Metrics>,
 }
+
+/// Keys written per store call; a backlog after an outage goes in several.
+const BATCH: usize = 1000;
 
 impl Usage {
     pub fn new(max_pending: usize, metrics: Arc<Metrics>) -> Usage {
         Usage {
             pending: DashMap::new(),
+            count: AtomicUsize::new(0),
             max_pending,
             metrics,
         }
@@ -40,79 +48,82 @@ impl Usage {
         }
     }
 
-    /// Adds `at` to the pending batch (newest time wins).
+    /// Adds `at` to the pending batch: the newest time wins; a key not yet
+    /// pending is dropped (and counted) when `max_pending` keys are.
     pub fn record(&self, key_id: &str, hash: KeyHash, at: i64) {
         if let Some(mut entry) = self.pending.get_mut(key_id) {
-            if entry.at < at {
-                entry.at = at;
-            }
+            entry.at = entry.at.max(at);
             return;
         }
-        if self.pending.len() >= self.max_pending {
+        if self.count.load(Ordering::Relaxed) >= self.max_pending {
             self.metrics
                 .local()
                 .usage_dropped
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.pending.insert(
-            key_id.into(),
-            LastUsed {
-                id: key_id.to_owned(),
-                hash,
-                at,
-            },
-        );
+        match self.pending.entry(key_id.into()) {
+            Entry::Occupied(mut e) => e.get_mut().at = e.get().at.max(at),
+            Entry::Vacant(e) => {
+                e.insert(LastUsed {
+                    id: key_id.to_owned(),
+                    hash,
+                    at,
+                });
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        self.count.load(Ordering::Relaxed)
     }
 
-    /// Writes everything pending in one store call. Entries noted while the
-    /// write was in flight, with a newer time, stay for the next flush.
+    /// Writes what is pending, `BATCH` keys per store call. Entries noted
+    /// while a write was in flight, with a newer time, stay for the next
+    /// flush; on a failure the rest stays too and the error is returned.
     pub async fn flush(&self, store: &dyn Store) -> Result<usize, crate::store::StoreError> {
-        let batch: Vec<LastUsed> = self.pending.iter().map(|e| e.value().clone()).collect();
-        self.metrics
-            .local()
-            .usage_pending
-            .store(batch.len() as u64, Ordering::Relaxed);
-        if batch.is_empty() {
-            return Ok(0);
-        }
-        let written = batch.len();
-        match store.record_last_used(batch.clone()).await {
-            Ok(()) => {
-                for used in batch {
-                    self.pending
-                        .remove_if(used.id.as_str(), |_, pending| pending.at <= used.at);
-                }
-                self.metrics
-                    .local()
-                    .usage_flushes_ok
-                    .fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .local()
-                    .usage_writes
-                    .fetch_add(written as u64, Ordering::Relaxed);
-                self.metrics
-                    .local()
-                    .usage_pending
-                    .store(self.pending.len() as u64, Ordering::Relaxed);
-                Ok(written)
+        let counters = self.metrics.local();
+        let rounds = self.pending().div_ceil(BATCH);
+        let mut written = 0;
+        for _ in 0..rounds {
+            let batch: Vec<LastUsed> = self
+                .pending
+                .iter()
+                .take(BATCH)
+                .map(|e| e.value().clone())
+                .collect();
+            if batch.is_empty() {
+                break;
             }
-            Err(e) => {
-                self.metrics
-                    .local()
+            if let Err(e) = store.record_last_used(batch.clone()).await {
+                counters
                     .usage_flushes_failed
                     .fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .local()
-                    .store_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                Err(e)
+                counters.store_errors.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .usage_pending
+                    .store(self.pending() as u64, Ordering::Relaxed);
+                return Err(e);
             }
+            for used in &batch {
+                let removed = self
+                    .pending
+                    .remove_if(used.id.as_str(), |_, pending| pending.at <= used.at);
+                if removed.is_some() {
+                    self.count.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            written += batch.len();
+            counters.usage_flushes_ok.fetch_add(1, Ordering::Relaxed);
+            counters
+                .usage_writes
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
+        counters
+            .usage_pending
+            .store(self.pending() as u64, Ordering::Relaxed);
+        Ok(written)
     }
 }
 
@@ -175,5 +186,25 @@ impl Drop for UsageHandle {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newest_time_wins_and_the_bound_holds() {
+        let usage = Usage::new(2, Arc::new(Metrics::new([])));
+        let h = KeyHash::of("wfb_a");
+        usage.record("a", h, 5);
+        usage.record("a", h, 3);
+        usage.record("b", h, 1);
+        usage.record("c", h, 1);
+        assert_eq!(usage.pending(), 2);
+        assert_eq!(usage.pending.get("a").unwrap().at, 5);
+        assert!(usage.pending.get("c").is_none());
+        usage.record("a", h, 9);
+        assert_eq!(usage.pending.get("a").unwrap().at, 9);
     }
 }

@@ -66,6 +66,17 @@ impl Client {
     }
 }
 
+async fn cache_flushes(gw: &Gw) -> String {
+    gw.metrics()
+        .await
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("keygate_cache_flushes_total ")
+                .map(str::to_owned)
+        })
+        .unwrap()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -117,25 +128,39 @@ async fn revocation_through_one_instance_reaches_the_other_at_once() {
 async fn a_healthy_subscription_is_kept_and_caches_are_not_flushed() {
     let redis = RedisServer::start();
     let (a, _b, _upstream, _da, _db) = pair(&redis, "").await;
-    let flushes = || async {
-        a.metrics()
-            .await
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("keygate_cache_flushes_total ")
-                    .map(str::to_owned)
-            })
-            .unwrap()
-    };
     // The subscriber checks its connection every 500 ms: several checks pass
     // here, and none may count as a lost subscription.
     tokio::time::sleep(Duration::from_millis(1600)).await;
     assert_eq!(
-        flushes().await,
+        cache_flushes(&a).await,
         "1",
         "the subscription was dropped and re-made"
     );
     assert_eq!(a.admin_call("GET", "/readyz", None).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_flush_message_empties_every_instance_cache() {
+    let redis = RedisServer::start();
+    let (a, b, _upstream, _da, _db) = pair(&redis, "").await;
+    let (_, key) = a.create_key("alice").await;
+    a.set_owner("wf", "alice").await;
+    assert_eq!(Client::connect(b.listen).await.post("wf", &key).await, 200);
+    // What an instance publishes after a write that may or may not have
+    // reached Redis: every instance drops everything.
+    redis
+        .cli(&["PUBLISH", "keygate:invalidate", "flush"])
+        .unwrap();
+    for gw in [&a, &b] {
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                cache_flushes(gw).await == "2"
+            })
+            .await
+        );
+    }
+    // The key is still valid: it is read again from Redis.
+    assert_eq!(Client::connect(b.listen).await.post("wf", &key).await, 200);
 }
 
 #[tokio::test]

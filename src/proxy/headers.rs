@@ -44,9 +44,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// What the gateway injects into a forwarded request.
 pub struct Injected<'a> {
     pub user_header: &'a HeaderName,
-    pub user_id: &'a str,
+    pub user_id: HeaderValue,
     pub key_header: &'a HeaderName,
-    pub key_id: &'a str,
+    pub key_id: HeaderValue,
     pub forward_authorization: bool,
     /// The client's address, already rendered as a header value.
     pub client_ip: &'a HeaderValue,
@@ -69,19 +69,27 @@ pub fn prepare_request(headers: &mut HeaderMap, inject: Injected<'_>) -> usize {
             spoofed += e.remove_entry_mult().1.count();
         }
     }
+    // CGI-style engines read `X_User_Id` as `X-User-Id`: drop look-alikes too.
+    let lookalikes: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            n.as_str().contains('_')
+                && [inject.user_header, inject.key_header]
+                    .iter()
+                    .any(|h| same_but_underscores(n.as_str(), h.as_str()))
+        })
+        .cloned()
+        .collect();
+    for name in lookalikes {
+        if let header::Entry::Occupied(e) = headers.entry(name) {
+            spoofed += e.remove_entry_mult().1.count();
+        }
+    }
     if !inject.forward_authorization {
         headers.remove(header::AUTHORIZATION);
     }
-    // Identity values come from the store and were checked to be visible
-    // ASCII when set; an unexpected one fails closed upstream as empty.
-    headers.insert(
-        inject.user_header.clone(),
-        HeaderValue::from_str(inject.user_id).unwrap_or_else(|_| HeaderValue::from_static("")),
-    );
-    headers.insert(
-        inject.key_header.clone(),
-        HeaderValue::from_str(inject.key_id).unwrap_or_else(|_| HeaderValue::from_static("")),
-    );
+    headers.insert(inject.user_header.clone(), inject.user_id);
+    headers.insert(inject.key_header.clone(), inject.key_id);
     let appended = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => {
             let ip = inject.client_ip.to_str().unwrap_or_default();
@@ -106,6 +114,14 @@ pub fn prepare_request(headers: &mut HeaderMap, inject: Injected<'_>) -> usize {
     spoofed
 }
 
+/// Equal once `_` is read as `-` (header names are already lower case).
+fn same_but_underscores(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .all(|(x, y)| x == y || (x == b'_' && y == b'-') || (x == b'-' && y == b'_'))
+}
+
 /// A client's `X-Request-Id` is kept if it is short and plain.
 pub fn sane_request_id(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
@@ -125,9 +141,9 @@ mod tests {
     fn inject<'a>(user: &'a HeaderName, key: &'a HeaderName, fwd_auth: bool) -> Injected<'a> {
         Injected {
             user_header: user,
-            user_id: "user_1",
+            user_id: HeaderValue::from_static("user_1"),
             key_header: key,
-            key_id: "key_1",
+            key_id: HeaderValue::from_static("key_1"),
             forward_authorization: fwd_auth,
             client_ip: &CLIENT,
             tls: false,
@@ -145,8 +161,13 @@ mod tests {
         h.append("x-user-id", HeaderValue::from_static("admin"));
         h.append("x-user-id", HeaderValue::from_static("root"));
         h.insert("x-api-key-id", HeaderValue::from_static("forged"));
+        h.insert("x_user_id", HeaderValue::from_static("cgi-admin"));
+        h.insert("x-api_key-id", HeaderValue::from_static("forged"));
+        h.insert("x_other", HeaderValue::from_static("kept"));
         let removed = prepare_request(&mut h, inject(&user, &key, false));
-        assert_eq!(removed, 3);
+        assert_eq!(removed, 5);
+        assert!(!h.contains_key("x_user_id") && !h.contains_key("x-api_key-id"));
+        assert_eq!(h["x_other"], "kept");
         assert_eq!(h.get_all("x-user-id").iter().count(), 1);
         assert_eq!(h["x-user-id"], "user_1");
         assert_eq!(h["x-api-key-id"], "key_1");

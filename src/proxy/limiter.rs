@@ -15,6 +15,23 @@ pub struct Limiter {
 
 /// Above this many tracked clients, expired windows are swept.
 const SWEEP_AT: usize = 65_536;
+/// Hard bound: while this many clients are inside their window, new ones
+/// are not tracked (authentication itself is unaffected).
+const MAX_TRACKED: usize = 262_144;
+
+/// Whom a failure counts against: the address, or for IPv6 its /64, since
+/// one host can use a whole /64.
+fn client(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
+    }
+}
 
 impl Limiter {
     pub fn new(config: &RateLimitConfig) -> Limiter {
@@ -30,7 +47,7 @@ impl Limiter {
         if self.max_failures == 0 || self.windows.is_empty() {
             return None;
         }
-        let entry = self.windows.get(&ip)?;
+        let entry = self.windows.get(&client(ip))?;
         let (start, count) = *entry;
         let elapsed = now.saturating_duration_since(start);
         (count >= self.max_failures && elapsed < self.window).then(|| self.window - elapsed)
@@ -40,9 +57,13 @@ impl Limiter {
         if self.max_failures == 0 {
             return;
         }
-        if self.windows.len() >= SWEEP_AT {
+        let ip = client(ip);
+        if self.windows.len() >= SWEEP_AT && !self.windows.contains_key(&ip) {
             self.windows
                 .retain(|_, (start, _)| now.saturating_duration_since(*start) < self.window);
+            if self.windows.len() >= MAX_TRACKED {
+                return;
+            }
         }
         let mut entry = self.windows.entry(ip).or_insert((now, 0));
         if now.saturating_duration_since(entry.0) >= self.window {
@@ -77,6 +98,19 @@ mod tests {
         assert_eq!(l.blocked(ip, t0 + Duration::from_secs(10)), None);
         l.failed(ip, t0 + Duration::from_secs(10));
         assert_eq!(l.blocked(ip, t0 + Duration::from_secs(10)), None);
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64() {
+        let l = Limiter::new(&RateLimitConfig {
+            max_failures: 2,
+            window: Duration::from_secs(10),
+        });
+        let t0 = Instant::now();
+        l.failed("2001:db8::1".parse().unwrap(), t0);
+        l.failed("2001:db8::2".parse().unwrap(), t0);
+        assert!(l.blocked("2001:db8::ffff".parse().unwrap(), t0).is_some());
+        assert!(l.blocked("2001:db8:0:1::1".parse().unwrap(), t0).is_none());
     }
 
     #[test]

@@ -78,15 +78,16 @@ enum Checked {
 /// Reads and throws away the body of a refused request in the background,
 /// so the client can finish sending and read the answer (nginx's lingering
 /// close), and a small body leaves the connection reusable. Bounded in
-/// bytes and time.
-fn discard(body: Incoming) {
+/// time (10 s) and bytes (twice the body limit, so a client just over the
+/// limit still reads its 413); past either the connection is closed.
+fn discard(body: Incoming, limit: u64) {
     use http_body::Body as _;
     if body.is_end_stream() {
         return;
     }
     tokio::spawn(async move {
         let mut body = body;
-        let mut left: u64 = 64 * 1024 * 1024;
+        let mut left: u64 = limit.saturating_mul(2).max(64 * 1024);
         let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         while left > 0 {
             let frame =
@@ -214,11 +215,11 @@ impl Gateway {
                 }
             }
             Ok(Checked::Preflight) => {
-                discard(body);
+                discard(body, self.limits.max_body_bytes);
                 self.preflight()
             }
             Err(reject) => {
-                discard(body);
+                discard(body, self.limits.max_body_bytes);
                 if matches!(
                     reject,
                     Reject::MissingAuthorization
@@ -306,8 +307,6 @@ impl Gateway {
             Err(AuthError::Unavailable) => return Err(Reject::StoreUnavailable),
             Err(AuthError::InvalidKey) => return Err(Reject::InvalidKey),
         }
-        self.usage.note(&principal, hash, crate::clock::now_ms());
-
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -316,6 +315,7 @@ impl Gateway {
         if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
             return Err(Reject::PayloadTooLarge);
         }
+        self.usage.note(&principal, hash, crate::clock::now_ms());
         Ok(Checked::Forward {
             route: index,
             principal,
@@ -346,13 +346,25 @@ impl Gateway {
             (Some(h), true) => h.clone(),
             _ => upstream_host.clone(),
         };
+        // Ids are checked when set through the admin API; a record that
+        // reached the store some other way and cannot be sent fails closed.
+        let (Ok(user_id), Ok(key_id)) = (
+            HeaderValue::from_str(principal.user_id()),
+            HeaderValue::from_str(principal.key_id()),
+        ) else {
+            tracing::error!(
+                key = principal.prefix(),
+                "stored key has an id that cannot be sent in a header"
+            );
+            return Err(Reject::Internal);
+        };
         let spoofed = headers::prepare_request(
             &mut parts.headers,
             Injected {
                 user_header: &self.headers.user_id,
-                user_id: principal.user_id(),
+                user_id,
                 key_header: &self.headers.key_id,
-                key_id: principal.key_id(),
+                key_id,
                 forward_authorization: route.config.forward_authorization,
                 client_ip: &conn.peer_ip,
                 tls: conn.tls,

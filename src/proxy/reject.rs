@@ -26,6 +26,8 @@ pub enum Reject {
     PayloadTooLarge,
     BadGateway,
     GatewayTimeout,
+    /// Something keygate itself cannot do (bad stored data); never a pass.
+    Internal,
 }
 
 impl Reject {
@@ -43,6 +45,7 @@ impl Reject {
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::BadGateway => StatusCode::BAD_GATEWAY,
             Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reject::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -66,6 +69,7 @@ impl Reject {
             Reject::PayloadTooLarge => r#"{"error":"Request body too large"}"#,
             Reject::BadGateway => r#"{"error":"Upstream unavailable"}"#,
             Reject::GatewayTimeout => r#"{"error":"Upstream timed out"}"#,
+            Reject::Internal => r#"{"error":"Internal error"}"#,
         }
     }
 
@@ -145,6 +149,7 @@ mod tests {
             (Reject::BadGateway, 502, "Upstream unavailable"),
             (Reject::GatewayTimeout, 504, "Upstream timed out"),
             (Reject::NoRoute, 404, "Not found"),
+            (Reject::Internal, 500, "Internal error"),
         ];
         for (reject, status, message) in table {
             assert_eq!(reject.status().as_u16(), status, "{reject:?}");

@@ -170,7 +170,14 @@ impl Store for EmbeddedStore {
                 let mut keys = txn.open_table(KEYS).map_err(fail)?;
                 for used in &batch {
                     let current = match keys.get(used.id.as_str()).map_err(fail)? {
-                        Some(bytes) => decode(bytes.value())?,
+                        Some(bytes) => match decode(bytes.value()) {
+                            Ok(record) => record,
+                            // One unreadable record must not block every other key's write.
+                            Err(e) => {
+                                tracing::warn!(id = %used.id, error = %e, "skipping lastUsedAt for an unreadable key record");
+                                continue;
+                            }
+                        },
                         None => continue,
                     };
                     if current.last_used_at.is_some_and(|t| t >= used.at) {

@@ -14,9 +14,10 @@
 //! touch several keys are ordered so that a crash between them never leaves
 //! an authenticating key that cannot be listed or revoked: create writes the
 //! indexes first and `key:<hash>` last; revoke deletes `key:<hash>` first.
-//! No command spans two keys, so the schema also runs on Redis Cluster,
-//! where each key hashes on its own; a deployment that wants a user's keys
-//! together can tag the prefix (`{keygate}:`).
+//! No command spans two keys, so the schema is ready for Redis Cluster,
+//! where each key hashes on its own (a deployment that wants every key in
+//! one slot can tag the prefix, `{keygate}:`). This store connects to a
+//! single node; a cluster connection is not implemented yet.
 
 use super::{
     KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner, sort_newest_first,
