@@ -169,10 +169,6 @@ impl Auth {
         }
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
     fn fresh(&self, epoch: u64) -> bool {
         epoch >= self.floor.load(Ordering::Acquire)
     }

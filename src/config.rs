@@ -128,6 +128,8 @@ pub struct Limits {
     pub upstream_response_timeout: Duration,
     /// Idle upstream connections kept per worker.
     pub upstream_idle_per_worker: usize,
+    /// Open upstream connections per worker, idle or busy.
+    pub upstream_max_per_worker: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -266,6 +268,7 @@ struct RawLimits {
     upstream_connect_timeout: Option<String>,
     upstream_response_timeout: Option<String>,
     upstream_idle_per_worker: Option<usize>,
+    upstream_max_per_worker: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -468,6 +471,7 @@ impl Config {
             upstream_connect_timeout: None,
             upstream_response_timeout: None,
             upstream_idle_per_worker: None,
+            upstream_max_per_worker: None,
         });
         let limits = Limits {
             max_body_bytes: l.max_body_bytes.unwrap_or(1024 * 1024),
@@ -487,7 +491,11 @@ impl Config {
                 "60s",
             )?,
             upstream_idle_per_worker: l.upstream_idle_per_worker.unwrap_or(256),
+            upstream_max_per_worker: l.upstream_max_per_worker.unwrap_or(1024),
         };
+        if limits.upstream_max_per_worker == 0 {
+            return err("limits.upstream_max_per_worker: must be at least 1");
+        }
 
         let u = raw.usage.unwrap_or(RawUsage {
             flush_interval: None,

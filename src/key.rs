@@ -131,7 +131,8 @@ impl fmt::Debug for KeyHash {
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Lower-case hexadecimal digits.
+pub(crate) const HEX: &[u8; 16] = b"0123456789abcdef";
 
 fn hex_val(c: u8) -> Option<u8> {
     match c {

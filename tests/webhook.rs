@@ -665,3 +665,32 @@ async fn metrics_count_outcomes_per_route() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn upstream_connections_are_bounded_and_requests_wait_for_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = Upstream::start_with_delay(Duration::from_millis(100)).await;
+    let extra = "limits:\n  upstream_max_per_worker: 1\n";
+    let gw = Gw::start(config(dir.path(), &embedded(&dir), &slow.url(), extra)).await;
+    let (_, key) = gw.create_key("alice").await;
+    gw.set_owner("wf", "alice").await;
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let (listen, auth) = (gw.listen, bearer(&key));
+            tokio::spawn(async move {
+                let req = Request::builder()
+                    .method("POST")
+                    .uri("/api/workflows/wf/webhook")
+                    .header("authorization", auth)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                send_h1(listen, req).await.unwrap().0
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+    assert_eq!(slow.requests().len(), 3);
+    assert_eq!(slow.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

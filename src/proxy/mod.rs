@@ -169,6 +169,7 @@ impl Gateway {
                     Pool::new(
                         a.clone(),
                         self.limits.upstream_idle_per_worker,
+                        self.limits.upstream_max_per_worker,
                         self.limits.upstream_connect_timeout,
                     )
                 })
@@ -493,7 +494,7 @@ impl RequestIds {
     }
 
     fn next(&self) -> HeaderValue {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
+        use crate::key::HEX;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut id = [0u8; 24];
         for (i, byte) in id.iter_mut().enumerate() {

@@ -2,7 +2,9 @@
 //! stack of idle HTTP/1.1 connections (`hyper::client::conn::http1`).
 //!
 //! A connection goes back on the stack only when its response body has been
-//! read to the end, and is dropped when the upstream has closed it. A request
+//! read to the end, and is dropped when the upstream has closed it. Open
+//! connections per pool are bounded; at the bound a request waits for one
+//! to come back (within the response timeout). A request
 //! is retried on a fresh connection only when hyper hands it back unsent, so
 //! a POST that may have reached the upstream is never sent twice.
 
@@ -10,9 +12,11 @@ use super::body::{LimitedBody, UpstreamResponseBody};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 #[derive(Debug)]
 pub enum ForwardError {
@@ -37,6 +41,11 @@ struct PoolInner {
     authority: String,
     idle: Mutex<Vec<SendRequest<LimitedBody>>>,
     max_idle: usize,
+    /// Connections open (idle or busy), at most `max_open`.
+    open: AtomicUsize,
+    max_open: usize,
+    /// Signalled when a connection goes idle or closes.
+    freed: Notify,
     connect_timeout: Duration,
 }
 
@@ -60,24 +69,30 @@ impl Checkin {
         let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.pool.max_idle {
             idle.push(self.sender);
+            drop(idle);
+            self.pool.freed.notify_one();
         }
     }
 }
 
 impl Pool {
-    pub fn new(authority: String, max_idle: usize, connect_timeout: Duration) -> Pool {
+    pub fn new(
+        authority: String,
+        max_idle: usize,
+        max_open: usize,
+        connect_timeout: Duration,
+    ) -> Pool {
         Pool {
             inner: Arc::new(PoolInner {
                 authority,
                 idle: Mutex::new(Vec::new()),
-                max_idle,
+                max_idle: max_idle.min(max_open),
+                open: AtomicUsize::new(0),
+                max_open: max_open.max(1),
+                freed: Notify::new(),
                 connect_timeout,
             }),
         }
-    }
-
-    pub fn idle(&self) -> usize {
-        self.inner.idle.lock().map_or(0, |i| i.len())
     }
 
     /// Sends one request and returns the response head; the body streams.
@@ -88,7 +103,11 @@ impl Pool {
         loop {
             let (mut sender, reused) = match self.checkout().await {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                None if self.reserve() => (self.connect().await?, false),
+                None => {
+                    self.inner.freed.notified().await;
+                    continue;
+                }
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -129,7 +148,32 @@ impl Pool {
         }
     }
 
+    /// Claims room for one more connection, if the pool has any.
+    fn reserve(&self) -> bool {
+        self.inner
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.inner.max_open).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back a reserved place when its connection ends (or never began).
+    fn closed(inner: &PoolInner) {
+        inner.open.fetch_sub(1, Ordering::AcqRel);
+        inner.freed.notify_one();
+    }
+
+    /// Opens a connection in a place already reserved.
     async fn connect(&self) -> Result<SendRequest<LimitedBody>, ForwardError> {
+        let opened = self.open_connection().await;
+        if opened.is_err() {
+            Pool::closed(&self.inner);
+        }
+        opened
+    }
+
+    async fn open_connection(&self) -> Result<SendRequest<LimitedBody>, ForwardError> {
         let stream = tokio::time::timeout(
             self.inner.connect_timeout,
             TcpStream::connect(self.inner.authority.as_str()),
@@ -142,10 +186,12 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(ForwardError::Exchange)?;
+        let inner = self.inner.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection closed with an error");
             }
+            Pool::closed(&inner);
         });
         Ok(sender)
     }
