@@ -34,6 +34,8 @@ pub struct Admin {
 
 /// Largest admin request body.
 const MAX_BODY: usize = 64 * 1024;
+/// How long an admin request body may take to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -211,7 +213,17 @@ impl Admin {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return r;
         }
-        let segments: Vec<&str> = rest.split('/').collect();
+        let Some(decoded) = rest
+            .split('/')
+            .map(percent_decode)
+            .collect::<Option<Vec<String>>>()
+        else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "malformed percent-encoding in the path",
+            );
+        };
+        let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
         match (method, segments.as_slice()) {
             (Method::POST, ["keys"]) => self.create_key(request).await,
             (Method::GET, ["keys"]) => {
@@ -315,12 +327,15 @@ impl Admin {
     }
 
     async fn list_keys(&self, user: Option<String>) -> AdminResponse {
-        let Some(user) = user.filter(|u| valid_user_id(u)) else {
+        let Some(user) = user else {
             return error(
                 StatusCode::BAD_REQUEST,
                 "query parameter userId is required",
             );
         };
+        if let Some(refused) = refuse_user_id(&user) {
+            return refused;
+        }
         match self.store.list_keys(&user).await {
             Ok(keys) => json(
                 StatusCode::OK,
@@ -423,9 +438,18 @@ impl Admin {
 async fn read_json<T: for<'de> Deserialize<'de>>(
     request: Request<Incoming>,
 ) -> Result<T, AdminResponse> {
-    let bytes = Limited::new(request.into_body(), MAX_BODY)
-        .collect()
-        .await
+    let collected = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(request.into_body(), MAX_BODY).collect(),
+    )
+    .await
+    .map_err(|_| {
+        error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
+        )
+    })?;
+    let bytes = collected
         .map_err(|_| {
             error(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -491,7 +515,10 @@ pub fn server_token(configured: Option<&str>, file: &Path) -> Result<String, Str
         return Ok(token.to_owned());
     }
     match read_token_file(file) {
-        Ok(token) => return Ok(token),
+        Ok(token) => {
+            warn_if_shared(file);
+            return Ok(token);
+        }
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(format!(
                 "cannot read admin token file {}: {e}",
@@ -525,6 +552,17 @@ pub fn server_token(configured: Option<&str>, file: &Path) -> Result<String, Str
             "cannot create admin token file {}: {e}",
             file.display()
         )),
+    }
+}
+
+/// The token file should be readable by its owner alone.
+fn warn_if_shared(file: &Path) {
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(file) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(file = %file.display(), "admin token file is readable by other users; chmod 600 it");
+        }
     }
 }
 

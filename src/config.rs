@@ -65,7 +65,7 @@ pub enum StoreConfig {
     Redis(RedisConfig),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisConfig {
     pub url: String,
     /// Prepended to every Redis key, so several deployments can share a server.
@@ -74,13 +74,38 @@ pub struct RedisConfig {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
     /// A token set in config (usually `${ENV_VAR}`); when absent the server
     /// creates `token_file` and the CLI reads it.
     pub token: Option<String>,
     pub token_file: PathBuf,
+}
+
+/// Secrets stay out of `Debug` output, so a logged config leaks nothing.
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = match self.url.split_once('@') {
+            Some((_, host)) => format!("redis://…@{host}"),
+            None => self.url.clone(),
+        };
+        f.debug_struct("RedisConfig")
+            .field("url", &shown)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -831,6 +856,22 @@ mod tests {
             let e = parse(yaml).unwrap_err().0;
             assert!(e.contains(needle), "{yaml:?} gave {e}");
         }
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let env = |_: &str| Some("s3cret-admin-token-0123".to_owned());
+        let c = Config::from_yaml_with_env(
+            "store:\n  redis:\n    url: \"redis://:hunter2@db:6379\"\nadmin:\n  token: ${T}\n",
+            Path::new("/"),
+            &env,
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
     }
 
     #[test]
