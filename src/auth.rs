@@ -38,16 +38,16 @@ pub struct Principal {
 
 impl Principal {
     pub fn new(key_id: &str, user_id: &str, prefix: &str) -> Principal {
+        // Stored prefixes are ASCII (`wfb_` + base64url); anything else is
+        // shown as nothing rather than cut inside a character.
+        let prefix = if prefix.is_ascii() {
+            prefix.as_bytes()
+        } else {
+            b""
+        };
+        let len = prefix.len().min(crate::key::PREFIX_LEN);
         let mut inline = [0u8; crate::key::PREFIX_LEN];
-        let mut len = 0;
-        for (slot, c) in inline.iter_mut().zip(prefix.bytes()) {
-            *slot = c;
-            len += 1;
-        }
-        // A stored prefix is ASCII; anything else is cut at a char boundary.
-        while len > 0 && std::str::from_utf8(&inline[..len]).is_err() {
-            len -= 1;
-        }
+        inline[..len].copy_from_slice(&prefix[..len]);
         Principal {
             ids: format!("{key_id}{user_id}").into_boxed_str(),
             split: key_id.len(),

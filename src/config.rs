@@ -235,7 +235,7 @@ struct RawRedis {
     timeout: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<String>,
@@ -253,7 +253,7 @@ struct RawRoute {
     preserve_host: Option<bool>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawCors {
     enabled: Option<bool>,
@@ -285,7 +285,7 @@ struct RawCacheSize {
     ttl: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_body_bytes: Option<u64>,
@@ -296,21 +296,21 @@ struct RawLimits {
     upstream_max_per_worker: Option<usize>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawUsage {
     flush_interval: Option<String>,
     max_pending: Option<usize>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawRateLimit {
     max_failures: Option<u32>,
     window: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLog {
     format: Option<String>,
@@ -411,11 +411,7 @@ impl Config {
             }) => return err("store: set `embedded` or `redis`"),
         };
 
-        let admin_raw = raw.admin.unwrap_or(RawAdmin {
-            listen: None,
-            token: None,
-            token_file: None,
-        });
+        let admin_raw = raw.admin.unwrap_or_default();
         let token_file = match (&admin_raw.token_file, &store) {
             (Some(p), _) => base.join(p),
             (None, StoreConfig::Embedded { path }) => {
@@ -490,14 +486,7 @@ impl Config {
             owners: cache_size("cache.owners", c.owners, 100_000, "60s")?,
         };
 
-        let l = raw.limits.unwrap_or(RawLimits {
-            max_body_bytes: None,
-            header_read_timeout: None,
-            upstream_connect_timeout: None,
-            upstream_response_timeout: None,
-            upstream_idle_per_worker: None,
-            upstream_max_per_worker: None,
-        });
+        let l = raw.limits.unwrap_or_default();
         let limits = Limits {
             max_body_bytes: l.max_body_bytes.unwrap_or(1024 * 1024),
             header_read_timeout: duration(
@@ -522,10 +511,7 @@ impl Config {
             return err("limits.upstream_max_per_worker: must be at least 1");
         }
 
-        let u = raw.usage.unwrap_or(RawUsage {
-            flush_interval: None,
-            max_pending: None,
-        });
+        let u = raw.usage.unwrap_or_default();
         let usage = UsageConfig {
             flush_interval: duration("usage.flush_interval", u.flush_interval.as_deref(), "1s")?,
             max_pending: u.max_pending.unwrap_or(1_000_000),
@@ -537,20 +523,13 @@ impl Config {
             return err("usage.flush_interval: must be more than 0");
         }
 
-        let rl = raw.rate_limit.unwrap_or(RawRateLimit {
-            max_failures: None,
-            window: None,
-        });
+        let rl = raw.rate_limit.unwrap_or_default();
         let rate_limit = RateLimitConfig {
             max_failures: rl.max_failures.unwrap_or(20),
             window: duration("rate_limit.window", rl.window.as_deref(), "60s")?,
         };
 
-        let lg = raw.log.unwrap_or(RawLog {
-            format: None,
-            level: None,
-            access: None,
-        });
+        let lg = raw.log.unwrap_or_default();
         let log = LogConfig {
             format: match lg.format.as_deref().unwrap_or("text") {
                 "text" => LogFormat::Text,
@@ -692,13 +671,7 @@ fn route(i: usize, r: RawRoute, default: &Upstream) -> Result<RouteConfig, Confi
 }
 
 fn cors(raw: Option<RawCors>) -> Result<Option<CorsConfig>, ConfigError> {
-    let raw = raw.unwrap_or(RawCors {
-        enabled: None,
-        allow_origin: None,
-        allow_methods: None,
-        allow_headers: None,
-        max_age: None,
-    });
+    let raw = raw.unwrap_or_default();
     if raw.enabled == Some(false) {
         return Ok(None);
     }

@@ -185,3 +185,30 @@ impl Body for LimitedBody {
         self.inner.size_hint()
     }
 }
+
+/// Reads and throws away the body of a refused request in the background,
+/// so the client can finish sending and read the answer (nginx's lingering
+/// close), and a small body leaves the connection reusable. Bounded in
+/// time (10 s) and bytes (twice the body limit, so a client just over the
+/// limit still reads its 413); past either the connection is closed.
+pub fn discard(body: Incoming, limit: u64) {
+    if body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut left: u64 = limit.saturating_mul(2).max(64 * 1024);
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while left > 0 {
+            let frame =
+                tokio::time::timeout_at(until, http_body_util::BodyExt::frame(&mut body)).await;
+            match frame {
+                Ok(Some(Ok(frame))) => {
+                    let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    left = left.saturating_sub(n);
+                }
+                _ => return,
+            }
+        }
+    });
+}

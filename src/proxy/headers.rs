@@ -3,6 +3,7 @@
 //! trusted values replace them), and `X-Forwarded-*` are set.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -132,6 +133,39 @@ pub fn sane_request_id(value: &HeaderValue) -> bool {
         })
 }
 
+/// Request ids for requests that bring none: a random per-process part and
+/// a counter, unique without a syscall per request.
+pub struct RequestIds {
+    base: u64,
+    counter: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> RequestIds {
+        RequestIds {
+            base: getrandom::u64().unwrap_or(0),
+            counter: AtomicU64::new(0),
+        }
+    }
+}
+
+impl RequestIds {
+    pub fn next(&self) -> HeaderValue {
+        use crate::key::HEX;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut id = [0u8; 24];
+        for (i, byte) in id.iter_mut().enumerate() {
+            let nibble = if i < 16 {
+                self.base >> (60 - 4 * i)
+            } else {
+                n >> (28 - 4 * (i - 16))
+            };
+            *byte = HEX[(nibble & 0xf) as usize];
+        }
+        HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +269,11 @@ mod tests {
         assert!(!sane_request_id(&HeaderValue::from_static("")));
         let long = "a".repeat(129);
         assert!(!sane_request_id(&HeaderValue::from_str(&long).unwrap()));
+    }
+
+    #[test]
+    fn request_ids_differ() {
+        let ids = RequestIds::default();
+        assert_ne!(ids.next(), ids.next());
     }
 }

@@ -23,7 +23,7 @@ use reject::Reject;
 use route::{Matched, Router};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 use upstream::{ForwardError, Pool};
 
@@ -42,7 +42,7 @@ pub struct Gateway {
     route_upstreams: Vec<(usize, HeaderValue)>,
     /// Distinct upstream authorities; each worker keeps a pool per entry.
     upstreams: Vec<String>,
-    request_ids: RequestIds,
+    request_ids: headers::RequestIds,
 }
 
 struct Cors {
@@ -73,34 +73,6 @@ enum Checked {
         principal: Arc<Principal>,
     },
     Preflight,
-}
-
-/// Reads and throws away the body of a refused request in the background,
-/// so the client can finish sending and read the answer (nginx's lingering
-/// close), and a small body leaves the connection reusable. Bounded in
-/// time (10 s) and bytes (twice the body limit, so a client just over the
-/// limit still reads its 413); past either the connection is closed.
-fn discard(body: Incoming, limit: u64) {
-    use http_body::Body as _;
-    if body.is_end_stream() {
-        return;
-    }
-    tokio::spawn(async move {
-        let mut body = body;
-        let mut left: u64 = limit.saturating_mul(2).max(64 * 1024);
-        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while left > 0 {
-            let frame =
-                tokio::time::timeout_at(until, http_body_util::BodyExt::frame(&mut body)).await;
-            match frame {
-                Ok(Some(Ok(frame))) => {
-                    let n = frame.data_ref().map_or(0, |d| d.len() as u64);
-                    left = left.saturating_sub(n);
-                }
-                _ => return,
-            }
-        }
-    });
 }
 
 /// Per-request facts for the access log.
@@ -155,7 +127,7 @@ impl Gateway {
             access_log: config.log.access,
             route_upstreams,
             upstreams,
-            request_ids: RequestIds::new(),
+            request_ids: headers::RequestIds::default(),
         })
     }
 
@@ -216,11 +188,11 @@ impl Gateway {
                 }
             }
             Ok(Checked::Preflight) => {
-                discard(body, self.limits.max_body_bytes);
+                body::discard(body, self.limits.max_body_bytes);
                 self.preflight()
             }
             Err(reject) => {
-                discard(body, self.limits.max_body_bytes);
+                body::discard(body, self.limits.max_body_bytes);
                 if matches!(
                     reject,
                     Reject::MissingAuthorization
@@ -478,37 +450,6 @@ fn bearer_token(value: &HeaderValue) -> Result<&str, Reject> {
     Ok(token)
 }
 
-/// Request ids for requests that bring none: a random per-process part and
-/// a counter, unique without a syscall per request.
-struct RequestIds {
-    base: u64,
-    counter: AtomicU64,
-}
-
-impl RequestIds {
-    fn new() -> RequestIds {
-        RequestIds {
-            base: getrandom::u64().unwrap_or(0),
-            counter: AtomicU64::new(0),
-        }
-    }
-
-    fn next(&self) -> HeaderValue {
-        use crate::key::HEX;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut id = [0u8; 24];
-        for (i, byte) in id.iter_mut().enumerate() {
-            let nibble = if i < 16 {
-                self.base >> (60 - 4 * i)
-            } else {
-                n >> (28 - 4 * (i - 16))
-            };
-            *byte = HEX[(nibble & 0xf) as usize];
-        }
-        HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,11 +476,5 @@ mod tests {
         }
         let non_utf8 = HeaderValue::from_bytes(b"Bearer \xff").unwrap();
         assert_eq!(bearer_token(&non_utf8), Err(Reject::InvalidFormat));
-    }
-
-    #[test]
-    fn request_ids_differ() {
-        let ids = RequestIds::new();
-        assert_ne!(ids.next(), ids.next());
     }
 }
