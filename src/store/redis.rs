@@ -5,12 +5,17 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `key:<sha256 hex>` | hash | `id`, `userId`, `name`, `keyPrefix`, `createdAt`, `lastUsedAt` |
+//! | `key:<sha256 hex>` | hash | `id`, `userId`, `name`, `keyPrefix`, `createdAt` |
 //! | `id:<key id>` | string | the key's SHA-256 hex (revoke by id) |
 //! | `user:<user id>` | sorted set | the user's key ids, scored by `createdAt` |
+//! | `lastused` | sorted set | key SHA-256 hex, scored by `lastUsedAt` (Unix ms) |
 //! | `owners` | hash | workflow id → owner user id |
 //!
-//! The hot path (`find_by_hash`) is one `HGETALL` on one key. Writes that
+//! The hot path (`find_by_hash`) is one round trip: `HGETALL` of the key and
+//! `ZSCORE` of its last use. A whole batch of last-used times is one
+//! `ZADD GT`, so a time never moves backwards and Redis spends a fraction of
+//! a millisecond per flush whatever the batch size (a member left by a key
+//! revoked mid-flush is ignored: it has no record). Writes that
 //! touch several keys are ordered so that a crash between them never leaves
 //! an authenticating key that cannot be listed or revoked: create writes the
 //! indexes first and `key:<hash>` last; revoke deletes `key:<hash>` first.
@@ -28,17 +33,6 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
-
-/// Raises `lastUsedAt` only forwards, and only on a key that still exists.
-const TOUCH_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local cur = tonumber(redis.call('HGET', KEYS[1], 'lastUsedAt') or '0')
-if cur < tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'lastUsedAt', ARGV[1])
-  return 1
-end
-return 0
-";
 
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -121,6 +115,10 @@ impl RedisStore {
         format!("{}user:{user}", self.prefix)
     }
 
+    fn last_used_key(&self) -> String {
+        format!("{}lastused", self.prefix)
+    }
+
     fn owners_key(&self) -> String {
         format!("{}owners", self.prefix)
     }
@@ -147,28 +145,29 @@ impl RedisStore {
     }
 }
 
-fn parse_record(fields: HashMap<String, String>, hash: KeyHash) -> Result<KeyRecord, StoreError> {
+fn parse_record(
+    fields: HashMap<String, String>,
+    hash: KeyHash,
+    last_used: Option<f64>,
+) -> Result<KeyRecord, StoreError> {
     let get = |name: &str| {
         fields
             .get(name)
             .cloned()
             .ok_or_else(|| StoreError::Corrupt(format!("key record without {name}")))
     };
-    let number = |name: &str, v: &str| {
-        v.parse::<i64>()
-            .map_err(|_| StoreError::Corrupt(format!("key record with a non-numeric {name}")))
-    };
+    let created_at = get("createdAt")?
+        .parse::<i64>()
+        .map_err(|_| StoreError::Corrupt("key record with a non-numeric createdAt".into()))?;
     Ok(KeyRecord {
         id: get("id")?,
         user_id: get("userId")?,
         name: get("name")?,
         prefix: get("keyPrefix")?,
         hash,
-        created_at: number("createdAt", &get("createdAt")?)?,
-        last_used_at: match fields.get("lastUsedAt") {
-            Some(v) => Some(number("lastUsedAt", v)?),
-            None => None,
-        },
+        created_at,
+        // Unix ms fit a double's 53-bit mantissa exactly.
+        last_used_at: last_used.map(|t| t as i64),
     })
 }
 
@@ -226,14 +225,18 @@ impl Store for RedisStore {
 
     fn find_by_hash(&self, hash: KeyHash) -> StoreFuture<'_, Option<KeyRecord>> {
         Box::pin(self.run(Retry::Safe, move |mut conn| async move {
-            let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            let (fields, last_used): (HashMap<String, String>, Option<f64>) = redis::pipe()
+                .cmd("HGETALL")
                 .arg(self.key_key(&hash))
+                .cmd("ZSCORE")
+                .arg(self.last_used_key())
+                .arg(hash.to_hex())
                 .query_async(&mut conn)
                 .await?;
             if fields.is_empty() {
                 return Ok(None);
             }
-            Ok(Some(parse_record(fields, hash)?))
+            Ok(Some(parse_record(fields, hash, last_used)?))
         }))
     }
 
@@ -258,16 +261,25 @@ impl Store for RedisStore {
                 .flatten()
                 .filter_map(|h| KeyHash::from_hex(h))
                 .collect();
+            if hashes.is_empty() {
+                return Ok(Vec::new());
+            }
             let mut pipe = redis::pipe();
             for hash in &hashes {
                 pipe.cmd("HGETALL").arg(self.key_key(hash));
             }
             let records: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+            let mut scores = redis::cmd("ZMSCORE");
+            scores.arg(self.last_used_key());
+            for hash in &hashes {
+                scores.arg(hash.to_hex());
+            }
+            let last_used: Vec<Option<f64>> = scores.query_async(&mut conn).await?;
             let mut out = Vec::with_capacity(records.len());
-            for (fields, hash) in records.into_iter().zip(hashes) {
+            for ((fields, hash), last_used) in records.into_iter().zip(hashes).zip(last_used) {
                 // A record missing here was revoked between the two reads.
                 if !fields.is_empty() {
-                    out.push(parse_record(fields, hash)?);
+                    out.push(parse_record(fields, hash, last_used)?);
                 }
             }
             sort_newest_first(&mut out);
@@ -296,10 +308,14 @@ impl Store for RedisStore {
                 .await?;
             let mut pipe = redis::pipe();
             pipe.cmd("DEL").arg(self.id_key(id)).ignore();
+            pipe.cmd("ZREM")
+                .arg(self.last_used_key())
+                .arg(hash.to_hex())
+                .ignore();
             let record = if fields.is_empty() {
                 None
             } else {
-                let record = parse_record(fields, hash)?;
+                let record = parse_record(fields, hash, None)?;
                 pipe.cmd("ZREM")
                     .arg(self.user_key(&record.user_id))
                     .arg(id)
@@ -316,19 +332,15 @@ impl Store for RedisStore {
 
     fn record_last_used(&self, batch: Vec<LastUsed>) -> StoreFuture<'_, ()> {
         Box::pin(self.run(Retry::Safe, move |mut conn| {
-            let mut pipe = redis::pipe();
+            let mut add = redis::cmd("ZADD");
+            add.arg(self.last_used_key()).arg("GT");
             for used in &batch {
-                pipe.cmd("EVAL")
-                    .arg(TOUCH_SCRIPT)
-                    .arg(1)
-                    .arg(self.key_key(&used.hash))
-                    .arg(used.at)
-                    .ignore();
+                add.arg(used.at).arg(used.hash.to_hex());
             }
             let empty = batch.is_empty();
             async move {
                 if !empty {
-                    pipe.query_async::<()>(&mut conn).await?;
+                    add.query_async::<()>(&mut conn).await?;
                 }
                 Ok(())
             }
