@@ -575,3 +575,58 @@ fn store_outage_makes_create_fail_with_one_line_about_the_store() {
     let line = one_line_failure(&setup.run(&["keys", "list", "--user", "u1", "--json"]));
     assert!(line.contains("store unavailable"), "{line}");
 }
+
+#[test]
+fn logs_show_a_key_by_its_prefix_only() {
+    let mut setup = Setup::embedded();
+    let yaml = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "log:\n  access: false\n",
+        "log:\n  access: true\n  format: json\n",
+    );
+    std::fs::write(&setup.config, &yaml).unwrap();
+    let listen: u16 = yaml
+        .lines()
+        .find_map(|l| l.strip_prefix("listen: \"127.0.0.1:"))
+        .and_then(|p| p.trim_end_matches('"').parse().ok())
+        .unwrap();
+    let server = setup.serve();
+    let key = setup
+        .ok(&["keys", "create", "--user", "u1"])
+        .trim()
+        .to_owned();
+    setup.ok(&["workflows", "set-owner", "wf_logged", "u1"]);
+    let request = format!(
+        "POST /api/workflows/wf_logged/webhook HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nX-User-Id: spoof\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    // Nothing listens on the upstream port: the call ends in a logged 502.
+    let response = http(listen, &request).unwrap();
+    assert!(response.starts_with("HTTP/1.1 502"), "{response}");
+    let token = std::fs::read_to_string(setup.token_file()).unwrap();
+    let log = server.log();
+    let access = log
+        .lines()
+        .find(|l| l.contains("keygate::access"))
+        .unwrap_or_else(|| panic!("no access log line:\n{log}"));
+    for field in [
+        "\"method\":\"POST\"",
+        "\"workflow\":\"wf_logged\"",
+        "\"status\":502",
+        "\"request_id\"",
+        "\"latency_ms\"",
+    ] {
+        assert!(access.contains(field), "{field} missing from {access}");
+    }
+    assert!(
+        access.contains(&key[..11]),
+        "the prefix identifies the key: {access}"
+    );
+    assert!(!log.contains(&key), "a full key reached the log");
+    assert!(
+        !log.contains(&keygate::key::KeyHash::of(&key).to_hex()),
+        "a key hash reached the log"
+    );
+    assert!(
+        !log.contains(token.trim()),
+        "the admin token reached the log"
+    );
+}
