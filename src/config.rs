@@ -169,6 +169,10 @@ pub struct RateLimitConfig {
     /// Failed authentications one client may make per window before 429.
     pub max_failures: u32,
     pub window: Duration,
+    /// Requests one key may make per `key_window` on one instance; 0 means
+    /// no limit.
+    pub key_requests: u32,
+    pub key_window: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,6 +312,8 @@ struct RawUsage {
 struct RawRateLimit {
     max_failures: Option<u32>,
     window: Option<String>,
+    key_requests: Option<u32>,
+    key_window: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -527,7 +533,14 @@ impl Config {
         let rate_limit = RateLimitConfig {
             max_failures: rl.max_failures.unwrap_or(20),
             window: duration("rate_limit.window", rl.window.as_deref(), "60s")?,
+            key_requests: rl.key_requests.unwrap_or(0),
+            key_window: duration("rate_limit.key_window", rl.key_window.as_deref(), "1s")?,
         };
+        if rate_limit.key_window.as_millis() == 0
+            || rate_limit.key_window.as_millis() > u128::from(u32::MAX)
+        {
+            return err("rate_limit.key_window: must be between 1ms and about 49 days");
+        }
 
         let lg = raw.log.unwrap_or_default();
         let log = LogConfig {

@@ -738,3 +738,24 @@ async fn admin_paths_are_percent_decoded_and_bad_input_is_explained() {
     assert_eq!(status, 401);
     assert_eq!(headers["www-authenticate"], "Bearer");
 }
+
+#[tokio::test]
+async fn a_key_over_its_rate_gets_429_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let extra = "rate_limit:\n  key_requests: 2\n  key_window: 60s\n";
+    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), extra)).await;
+    let (_, busy) = gw.create_key("alice").await;
+    let (_, other) = gw.create_key("alice").await;
+    gw.set_owner("wf", "alice").await;
+    assert_eq!(gw.webhook("wf", Some(&bearer(&busy))).await.0, 200);
+    assert_eq!(gw.webhook("wf", Some(&bearer(&busy))).await.0, 200);
+    let (status, headers, body) = gw.webhook("wf", Some(&bearer(&busy))).await;
+    assert_eq!(status, 429);
+    assert_eq!(json(&body)["error"], "Rate limit exceeded for this API key");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry));
+    // The limit is the key's, not the user's or the client's.
+    assert_eq!(gw.webhook("wf", Some(&bearer(&other))).await.0, 200);
+    assert_eq!(upstream.requests().len(), 3);
+}

@@ -82,6 +82,8 @@ mod tests {
         let l = Limiter::new(&RateLimitConfig {
             max_failures: 3,
             window: Duration::from_secs(10),
+            key_requests: 0,
+            key_window: Duration::from_secs(1),
         });
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
@@ -105,6 +107,8 @@ mod tests {
         let l = Limiter::new(&RateLimitConfig {
             max_failures: 2,
             window: Duration::from_secs(10),
+            key_requests: 0,
+            key_window: Duration::from_secs(1),
         });
         let t0 = Instant::now();
         l.failed("2001:db8::1".parse().unwrap(), t0);
@@ -118,6 +122,8 @@ mod tests {
         let l = Limiter::new(&RateLimitConfig {
             max_failures: 0,
             window: Duration::from_secs(10),
+            key_requests: 0,
+            key_window: Duration::from_secs(1),
         });
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         l.failed(ip, Instant::now());

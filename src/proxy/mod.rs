@@ -33,6 +33,7 @@ pub struct Gateway {
     pub auth: Arc<Auth>,
     pub usage: Arc<Usage>,
     limiter: Limiter,
+    key_rate: KeyRate,
     pub metrics: Arc<Metrics>,
     headers: HeaderNames,
     cors: Option<Cors>,
@@ -64,6 +65,12 @@ pub struct ConnInfo {
     /// The peer's address as a header value, rendered once per connection.
     pub peer_ip: HeaderValue,
     pub tls: bool,
+}
+
+/// `rate_limit.key_requests` per `key_window`, per key on this instance.
+struct KeyRate {
+    requests: u32,
+    window_ms: u64,
 }
 
 /// What the checks decided.
@@ -120,6 +127,10 @@ impl Gateway {
             auth,
             usage,
             limiter: Limiter::new(&config.rate_limit),
+            key_rate: KeyRate {
+                requests: config.rate_limit.key_requests,
+                window_ms: config.rate_limit.key_window.as_millis().max(1) as u64,
+            },
             metrics,
             headers: config.headers.clone(),
             cors,
@@ -288,7 +299,15 @@ impl Gateway {
         if declared.is_some_and(|n| n > self.limits.max_body_bytes) {
             return Err(Reject::PayloadTooLarge);
         }
-        self.usage.note(&principal, hash, crate::clock::now_ms());
+        let now = crate::clock::now_ms();
+        if self.key_rate.requests > 0 {
+            principal
+                .admit(now, self.key_rate.window_ms, self.key_rate.requests)
+                .map_err(|ms| Reject::KeyRateExceeded {
+                    retry_after: std::time::Duration::from_millis(ms),
+                })?;
+        }
+        self.usage.note(&principal, hash, now);
         Ok(Checked::Forward {
             route: index,
             principal,

@@ -22,6 +22,10 @@ pub enum Reject {
     TooManyFailures {
         retry_after: Duration,
     },
+    /// The key made more requests than `rate_limit.key_requests` allows.
+    KeyRateExceeded {
+        retry_after: Duration,
+    },
     StoreUnavailable,
     PayloadTooLarge,
     BadGateway,
@@ -40,7 +44,9 @@ impl Reject {
             | Reject::IntegrationKey
             | Reject::InvalidKey => StatusCode::UNAUTHORIZED,
             Reject::Forbidden => StatusCode::FORBIDDEN,
-            Reject::TooManyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Reject::TooManyFailures { .. } | Reject::KeyRateExceeded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Reject::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::BadGateway => StatusCode::BAD_GATEWAY,
@@ -65,6 +71,7 @@ impl Reject {
             Reject::TooManyFailures { .. } => {
                 r#"{"error":"Too many failed authentication attempts"}"#
             }
+            Reject::KeyRateExceeded { .. } => r#"{"error":"Rate limit exceeded for this API key"}"#,
             Reject::StoreUnavailable => r#"{"error":"Service temporarily unavailable"}"#,
             Reject::PayloadTooLarge => r#"{"error":"Request body too large"}"#,
             Reject::BadGateway => r#"{"error":"Upstream unavailable"}"#,
@@ -95,7 +102,7 @@ impl Reject {
                     h.insert(header::ALLOW, v);
                 }
             }
-            Reject::TooManyFailures { retry_after } => {
+            Reject::TooManyFailures { retry_after } | Reject::KeyRateExceeded { retry_after } => {
                 h.insert(header::RETRY_AFTER, retry_after_value(*retry_after));
             }
             Reject::StoreUnavailable => {
@@ -139,6 +146,13 @@ mod tests {
                 },
                 429,
                 "Too many failed authentication attempts",
+            ),
+            (
+                Reject::KeyRateExceeded {
+                    retry_after: Duration::from_millis(200),
+                },
+                429,
+                "Rate limit exceeded for this API key",
             ),
             (
                 Reject::StoreUnavailable,
