@@ -266,7 +266,14 @@ async fn worker(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    // HTTP/2 peers that vanish are found by PING; one connection may not
+    // hold more than a bounded number of requests at once.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(256);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     loop {
