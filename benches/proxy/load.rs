@@ -172,6 +172,20 @@ async fn send(
     }
 }
 
+type Worker = tokio::task::JoinHandle<(Vec<u32>, u64, u64)>;
+
+/// Waits for every connection's `(latencies, non-2xx, errors)` and sums them.
+async fn gather(tasks: Vec<Worker>, start: Instant) -> Sample {
+    let (mut all, mut non_2xx, mut errors) = (Vec::new(), 0, 0);
+    for t in tasks {
+        let (l, n, e) = t.await.unwrap();
+        all.extend(l);
+        non_2xx += n;
+        errors += e;
+    }
+    summarize(all, start.elapsed(), non_2xx, errors)
+}
+
 fn summarize(mut latencies: Vec<u32>, elapsed: Duration, non_2xx: u64, errors: u64) -> Sample {
     latencies.sort_unstable();
     let pct = |p: f64| {
@@ -215,14 +229,7 @@ pub async fn closed_loop(port: u16, auth: &Auth, connections: u32, seconds: u32)
             (lat, non_2xx, errors)
         }));
     }
-    let (mut all, mut non_2xx, mut errors) = (Vec::new(), 0, 0);
-    for t in tasks {
-        let (l, n, e) = t.await.unwrap();
-        all.extend(l);
-        non_2xx += n;
-        errors += e;
-    }
-    summarize(all, start.elapsed(), non_2xx, errors)
+    gather(tasks, start).await
 }
 
 /// A fixed rate over a fixed set of keep-alive connections: request `n` is
@@ -258,12 +265,5 @@ pub async fn fixed_rate(port: u16, auth: &Auth, rate: u32, seconds: u32) -> Samp
             (lat, non_2xx, errors)
         }));
     }
-    let (mut all, mut non_2xx, mut errors) = (Vec::new(), 0, 0);
-    for t in tasks {
-        let (l, n, e) = t.await.unwrap();
-        all.extend(l);
-        non_2xx += n;
-        errors += e;
-    }
-    summarize(all, start.elapsed(), non_2xx, errors)
+    gather(tasks, start.into_std()).await
 }
