@@ -29,13 +29,19 @@ use super::{
 };
 use crate::config::RedisConfig;
 use crate::key::KeyHash;
+use dashmap::DashMap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
 pub struct RedisStore {
-    conn: ConnectionManager,
+    client: redis::Client,
+    manager_config: ConnectionManagerConfig,
+    /// One multiplexed connection per thread that uses the store, created
+    /// on first use there, so its driver runs on that thread's runtime and a
+    /// cache miss on a data-plane worker never waits for another thread.
+    conns: DashMap<std::thread::ThreadId, ConnectionManager>,
     prefix: String,
     timeout: Duration,
 }
@@ -94,13 +100,27 @@ impl RedisStore {
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| StoreError::Unavailable(format!("redis: {e}")))?;
         Ok(RedisStore {
-            conn,
+            client,
+            manager_config,
+            conns: DashMap::new(),
             prefix: config.prefix.clone(),
             timeout: config.timeout,
         })
+    }
+
+    /// This thread's connection.
+    fn conn(&self) -> Result<ConnectionManager, Failure> {
+        let thread = std::thread::current().id();
+        if let Some(conn) = self.conns.get(&thread) {
+            return Ok(conn.clone());
+        }
+        let conn = ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.manager_config.clone(),
+        )?;
+        self.conns.insert(thread, conn.clone());
+        Ok(conn)
     }
 
     fn key_key(&self, hash: &KeyHash) -> String {
@@ -132,7 +152,8 @@ impl RedisStore {
         Fut: Future<Output = Result<T, Failure>>,
     {
         let attempt = || async {
-            tokio::time::timeout(self.timeout * 2, op(self.conn.clone()))
+            let conn = self.conn()?;
+            tokio::time::timeout(self.timeout * 2, op(conn))
                 .await
                 .unwrap_or_else(|_| Err(StoreError::Unavailable("redis: timed out".into()).into()))
         };
