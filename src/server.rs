@@ -277,17 +277,8 @@ async fn worker(
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped.changed() => break,
+        let Some((stream, peer)) = accept(&listener, &mut stopped).await else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         let peer_ip = http::HeaderValue::from_str(&peer.ip().to_string())
@@ -346,19 +337,31 @@ async fn worker(
     }
 }
 
+/// The next connection, or `None` once shutdown has begun. Accept errors
+/// (out of file descriptors and the like) back off briefly and retry.
+async fn accept(
+    listener: &TcpListener,
+    stopped: &mut watch::Receiver<bool>,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => return Some(a),
+                Err(e) => {
+                    tracing::warn!(error = %e, local = ?listener.local_addr().ok(), "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stopped.changed() => return None,
+        }
+    }
+}
+
 async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stopped: watch::Receiver<bool>) {
     let graceful = GracefulShutdown::new();
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped.changed() => break,
+        let Some((stream, _)) = accept(&listener, &mut stopped).await else {
+            break;
         };
         let admin = admin.clone();
         let service = service_fn(move |request| {

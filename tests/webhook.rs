@@ -14,6 +14,15 @@ fn embedded(dir: &tempfile::TempDir) -> StoreKind {
     StoreKind::Embedded(dir.path().join("keygate.redb"))
 }
 
+/// A gateway on the embedded store where user `alice` has a key and owns
+/// workflow `wf`; returns the gateway and the key.
+async fn alice_owns_wf(dir: &tempfile::TempDir, upstream: &str, extra: &str) -> (Gw, String) {
+    let gw = Gw::start(config(dir.path(), &embedded(dir), upstream, extra)).await;
+    let (_, key) = gw.create_key("alice").await;
+    gw.set_owner("wf", "alice").await;
+    (gw, key)
+}
+
 /// Rows 1 to 5 of DESIGN.md's table, plus revocation, on one store.
 async fn status_table(store: StoreKind, dir: &std::path::Path) {
     let upstream = Upstream::start().await;
@@ -139,9 +148,7 @@ async fn repeated_failures_from_one_client_get_429_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let extra = "rate_limit:\n  max_failures: 3\n  window: 60s\n";
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), extra)).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), extra).await;
     for _ in 0..3 {
         assert_eq!(gw.webhook("wf", Some("Bearer wfb_bad")).await.0, 401);
     }
@@ -345,9 +352,7 @@ async fn large_streamed_bodies_pass_under_a_raised_limit_and_get_413_over_it() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let extra = "limits:\n  max_body_bytes: 8388608\n";
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), extra)).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), extra).await;
     let post = |body| {
         Request::builder()
             .method("POST")
@@ -395,9 +400,7 @@ async fn large_streamed_bodies_pass_under_a_raised_limit_and_get_413_over_it() {
 async fn http2_clients_reach_an_http1_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), "")).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     let req = Request::builder()
         .method("POST")
         .uri(format!(
@@ -430,9 +433,7 @@ async fn tls_serves_h2_and_http1_by_alpn() {
     std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
     let upstream = Upstream::start().await;
     let extra = "tls:\n  cert: cert.pem\n  key: key.pem\n";
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), extra)).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), extra).await;
 
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -495,9 +496,7 @@ async fn tls_serves_h2_and_http1_by_alpn() {
 async fn upstream_down_is_502_and_slow_is_504() {
     let dir = tempfile::tempdir().unwrap();
     let closed = format!("http://127.0.0.1:{}", free_port());
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &closed, "")).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
+    let (gw, key) = alice_owns_wf(&dir, &closed, "").await;
     let (status, _, body) = gw.webhook("wf", Some(&bearer(&key))).await;
     assert_eq!(status, 502);
     assert_eq!(json(&body)["error"], "Upstream unavailable");
@@ -505,9 +504,7 @@ async fn upstream_down_is_502_and_slow_is_504() {
     let dir = tempfile::tempdir().unwrap();
     let slow = Upstream::start_with_delay(Duration::from_secs(5)).await;
     let extra = "limits:\n  upstream_response_timeout: 200ms\n";
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &slow.url(), extra)).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
+    let (gw, key) = alice_owns_wf(&dir, &slow.url(), extra).await;
     let (status, _, body) = gw.webhook("wf", Some(&bearer(&key))).await;
     assert_eq!(status, 504);
     assert_eq!(json(&body)["error"], "Upstream timed out");
@@ -638,9 +635,7 @@ async fn shutdown_lets_in_flight_requests_finish() {
 async fn metrics_count_outcomes_per_route() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), "")).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     gw.webhook("wf", Some(&bearer(&key))).await;
     gw.webhook("wf", Some(&bearer(&key))).await;
     gw.webhook("wf", None).await;
@@ -671,9 +666,7 @@ async fn upstream_connections_are_bounded_and_requests_wait_for_one() {
     let dir = tempfile::tempdir().unwrap();
     let slow = Upstream::start_with_delay(Duration::from_millis(100)).await;
     let extra = "limits:\n  upstream_max_per_worker: 1\n";
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &slow.url(), extra)).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
+    let (gw, key) = alice_owns_wf(&dir, &slow.url(), extra).await;
     let calls: Vec<_> = (0..3)
         .map(|_| {
             let (listen, auth) = (gw.listen, bearer(&key));

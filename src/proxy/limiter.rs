@@ -5,10 +5,14 @@
 use crate::config::RateLimitConfig;
 use dashmap::DashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 pub struct Limiter {
     windows: DashMap<IpAddr, (Instant, u32)>,
+    /// Whether any client was ever tracked: lets the request path skip the
+    /// map (whose `is_empty` would lock every shard) until a failure happens.
+    tracking: AtomicBool,
     max_failures: u32,
     window: Duration,
 }
@@ -37,6 +41,7 @@ impl Limiter {
     pub fn new(config: &RateLimitConfig) -> Limiter {
         Limiter {
             windows: DashMap::new(),
+            tracking: AtomicBool::new(false),
             max_failures: config.max_failures,
             window: config.window,
         }
@@ -44,7 +49,7 @@ impl Limiter {
 
     /// `Some(retry_after)` if this client is over its limit.
     pub fn blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        if self.max_failures == 0 || self.windows.is_empty() {
+        if self.max_failures == 0 || !self.tracking.load(Ordering::Relaxed) {
             return None;
         }
         let entry = self.windows.get(&client(ip))?;
@@ -65,6 +70,7 @@ impl Limiter {
                 return;
             }
         }
+        self.tracking.store(true, Ordering::Relaxed);
         let mut entry = self.windows.entry(ip).or_insert((now, 0));
         if now.saturating_duration_since(entry.0) >= self.window {
             *entry = (now, 0);

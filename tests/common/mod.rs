@@ -453,10 +453,7 @@ where
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let (parts, body) = response.into_parts();
-    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((status, parts.headers, bytes))
+    read_response(response).await
 }
 
 /// One request over HTTP/2 with prior knowledge.
@@ -471,6 +468,13 @@ pub async fn send_h2(
             .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    read_response(response).await
+}
+
+/// Status, headers and the whole body of a response.
+async fn read_response(
+    response: http::Response<Incoming>,
+) -> Result<(u16, http::HeaderMap, Bytes), String> {
     let status = response.status().as_u16();
     let (parts, body) = response.into_parts();
     let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
