@@ -8,20 +8,20 @@ use crate::auth::Auth;
 use crate::config::{Config, StoreConfig};
 use crate::invalidate::Invalidator;
 use crate::metrics::Metrics;
-use crate::proxy::{ConnInfo, Gateway};
+use crate::proxy::{ConnInfo, Forwarder, Gateway};
 use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
 use crate::usage::{Usage, UsageHandle};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
@@ -260,22 +260,20 @@ async fn worker(
         }
     };
     let forwarder = Arc::new(gateway.forwarder());
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .keep_alive(true);
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     // HTTP/2 peers that vanish are found by PING; one connection may not
     // hold more than a bounded number of requests at once.
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    h2.timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
+    let h2 = Arc::new(h2);
     let graceful = GracefulShutdown::new();
+    // Connections wait on this worker's own stop signal, so waiting costs
+    // no lock shared with other threads.
+    let (stop_local, stopped_local) = watch::channel(false);
+    // Each HTTP/1.1 connection holds a sender; all dropped means all done.
+    let (h1_open, mut h1_done) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         let Some((stream, peer)) = accept(&listener, &mut stopped).await else {
             break;
@@ -283,57 +281,192 @@ async fn worker(
         let _ = stream.set_nodelay(true);
         let peer_ip = http::HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
-        let gateway = gateway.clone();
-        let forwarder = forwarder.clone();
-        let builder = builder.clone();
+        let info = ConnInfo {
+            peer,
+            peer_ip,
+            tls: tls.is_some(),
+        };
+        let connection = Connection {
+            gateway: gateway.clone(),
+            forwarder: forwarder.clone(),
+            info,
+            h2: h2.clone(),
+            stopped: stopped_local.clone(),
+            header_timeout,
+        };
         let watcher = graceful.watcher();
+        let open = h1_open.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let info = ConnInfo {
-                peer,
-                peer_ip,
-                tls: tls.is_some(),
-            };
-            let service = service_fn(move |request| {
-                let gateway = gateway.clone();
-                let forwarder = forwarder.clone();
-                let info = info.clone();
-                async move { Ok::<_, Infallible>(gateway.handle(&forwarder, &info, request).await) }
-            });
-            let result = match tls {
-                None => {
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
-                }
+            match tls {
+                None => connection.serve(stream, false, watcher, open).await,
                 Some(acceptor) => {
                     let handshake =
                         tokio::time::timeout(header_timeout, acceptor.accept(stream)).await;
-                    let stream = match handshake {
-                        Ok(Ok(s)) => s,
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            connection.serve(stream, h2, watcher, open).await;
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
                         }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
+    let _ = stop_local.send(true);
+    drop(h1_open);
+    let drained = async {
+        graceful.shutdown().await;
+        let _ = h1_done.recv().await;
+    };
+    if tokio::time::timeout(shutdown_timeout, drained)
         .await
         .is_err()
     {
         tracing::warn!("shutdown deadline passed with requests still in flight");
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One accepted connection and what serving it needs.
+struct Connection {
+    gateway: Arc<Gateway>,
+    forwarder: Arc<Forwarder>,
+    info: ConnInfo,
+    h2: Arc<hyper::server::conn::http2::Builder<TokioExecutor>>,
+    stopped: watch::Receiver<bool>,
+    header_timeout: Duration,
+}
+
+impl Connection {
+    /// Serves HTTP/2 when ALPN chose it or the client opens with its
+    /// preface (prior knowledge), else HTTP/1.1.
+    async fn serve<IO>(
+        self,
+        mut io: IO,
+        alpn_h2: bool,
+        watcher: hyper_util::server::graceful::Watcher,
+        open: tokio::sync::mpsc::Sender<()>,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut buf = bytes::BytesMut::with_capacity(8 * 1024);
+        let h2 = alpn_h2 || {
+            let sniffed = tokio::time::timeout(self.header_timeout, async {
+                while buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf) {
+                    if io.read_buf(&mut buf).await? == 0 {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(sniffed, Ok(Ok(()))) || buf.is_empty() {
+                return;
+            }
+            buf.starts_with(H2_PREFACE)
+        };
+        if !h2 {
+            crate::proxy::h1::serve(
+                &self.gateway,
+                &self.forwarder,
+                &self.info,
+                io,
+                buf,
+                self.stopped,
+                self.header_timeout,
+            )
+            .await;
+            drop(open);
+            return;
+        }
+        drop(open);
+        let Connection {
+            gateway,
+            forwarder,
+            info,
+            h2,
+            ..
+        } = self;
+        let peer = info.peer;
+        let service = service_fn(move |request| {
+            let gateway = gateway.clone();
+            let forwarder = forwarder.clone();
+            let info = info.clone();
+            async move { Ok::<_, Infallible>(gateway.handle(&forwarder, &info, request).await) }
+        });
+        let io = Prefixed {
+            prefix: buf.freeze(),
+            io,
+        };
+        let connection = h2.serve_connection(TokioIo::new(io), service);
+        if let Err(e) = watcher.watch(connection).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Prefixed<IO> {
+    prefix: bytes::Bytes,
+    io: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.prefix.is_empty() {
+            return std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix.split_to(n));
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -1,17 +1,20 @@
-//! Body types of the data plane. Bodies stream frame by frame in both
+//! Body types of the HTTP/2 side. Bodies stream frame by frame in both
 //! directions; nothing here buffers a whole body.
 
-use super::upstream::Checkin;
+use super::upstream::{BodySource, Conn, SourceError};
+use super::wire::{Decoded, Decoder, Framing, WireError};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What keygate answers with: its own small JSON, or the upstream's body.
 pub enum ProxyBody {
     Full(Option<Bytes>),
-    Upstream(UpstreamResponseBody),
+    Upstream(OriginBody),
 }
 
 impl ProxyBody {
@@ -26,22 +29,22 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Upstream(body) => body.poll_data(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Full(bytes) => bytes.is_none(),
-            ProxyBody::Upstream(body) => body.is_end_stream(),
+            ProxyBody::Upstream(body) => body.conn.is_none(),
         }
     }
 
@@ -49,140 +52,125 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
-            ProxyBody::Upstream(body) => body.size_hint(),
+            ProxyBody::Upstream(body) => body.size_hint,
         }
     }
 }
 
-/// The upstream's response body; hands its connection back to the pool
-/// when the body has been read to the end (and not before).
-pub struct UpstreamResponseBody {
-    inner: Incoming,
-    checkin: Option<Checkin>,
+/// The upstream's response body, read from its connection as hyper asks
+/// for it; the connection goes back to the pool when the body has been read
+/// to the end (and not before), if it may be reused.
+pub struct OriginBody {
+    /// `None` once the body has ended.
+    conn: Option<Conn>,
+    decoder: Decoder,
+    reusable: bool,
+    size_hint: SizeHint,
 }
 
-impl UpstreamResponseBody {
-    pub fn new(inner: Incoming, checkin: Checkin) -> UpstreamResponseBody {
-        let mut body = UpstreamResponseBody {
-            inner,
-            checkin: Some(checkin),
+impl OriginBody {
+    pub fn new(conn: Conn, framing: Framing, reusable: bool) -> OriginBody {
+        let size_hint = match framing {
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Chunked | Framing::UntilClose => SizeHint::default(),
         };
-        if body.inner.is_end_stream() {
-            body.release();
+        let mut body = OriginBody {
+            conn: Some(conn),
+            decoder: Decoder::new(framing),
+            reusable,
+            size_hint,
+        };
+        if body.decoder.is_done() {
+            body.end();
         }
         body
     }
 
-    fn release(&mut self) {
-        if let Some(checkin) = self.checkin.take() {
-            checkin.release();
+    fn end(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+        {
+            conn.release();
         }
     }
-}
 
-impl Body for UpstreamResponseBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            Poll::Ready(Some(Err(_))) => drop(this.checkin.take()),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The client's request body on its way upstream, cut off past the limit.
-pub struct LimitedBody {
-    inner: Incoming,
-    remaining: u64,
-}
-
-/// Raised (as the body error) when a body grows past the limit.
-#[derive(Debug)]
-pub struct BodyTooLarge;
-
-impl std::fmt::Display for BodyTooLarge {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("request body too large")
-    }
-}
-
-impl std::error::Error for BodyTooLarge {}
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl LimitedBody {
-    pub fn new(inner: Incoming, limit: u64) -> LimitedBody {
-        LimitedBody {
-            inner,
-            remaining: limit,
-        }
-    }
-}
-
-impl BodyTooLarge {
-    /// Whether `error` (or anything that caused it) is this limit.
-    pub fn caused(error: &(dyn std::error::Error + 'static)) -> bool {
-        let mut cause = Some(error);
-        while let Some(e) = cause {
-            if e.is::<BodyTooLarge>() {
-                return true;
-            }
-            cause = e.source();
-        }
-        false
-    }
-}
-
-impl Body for LimitedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > this.remaining {
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
-                    }
-                    this.remaining -= len;
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let decoded = match self.decoder.decode(&mut conn.buf) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(Box::new(e))));
                 }
-                Poll::Ready(Some(Ok(frame)))
+            };
+            match decoded {
+                Decoded::Data(data) => {
+                    if self.decoder.is_done() {
+                        self.end();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decoded::End => {
+                    self.end();
+                    return Poll::Ready(None);
+                }
+                Decoded::NeedMore => match std::task::ready!(conn.poll_read_more(cx)) {
+                    Ok(0) => {
+                        if let Err(e) = self.decoder.eof() {
+                            self.conn = None;
+                            return Poll::Ready(Some(Err(Box::new(e))));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.conn = None;
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                },
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// An HTTP/2 request body on its way upstream, cut off past the limit.
+pub struct IncomingSource {
+    body: Incoming,
+    left: u64,
+}
+
+impl IncomingSource {
+    pub fn new(body: Incoming, limit: u64) -> IncomingSource {
+        IncomingSource { body, left: limit }
+    }
+}
+
+impl BodySource for IncomingSource {
+    async fn next(&mut self) -> Result<Option<Bytes>, SourceError> {
+        use http_body_util::BodyExt;
+        loop {
+            let frame = match self.body.frame().await {
+                None => return Ok(None),
+                Some(Ok(frame)) => frame,
+                Some(Err(_)) => return Err(SourceError::Aborted(WireError::Truncated)),
+            };
+            // Trailers are not forwarded.
+            if let Ok(data) = frame.into_data() {
+                let len = data.len() as u64;
+                if len > self.left {
+                    return Err(SourceError::TooLarge);
+                }
+                self.left -= len;
+                return Ok(Some(data));
+            }
         }
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn at_end(&self) -> bool {
+        self.body.is_end_stream()
     }
 }
 

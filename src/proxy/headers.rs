@@ -1,131 +1,238 @@
 //! Header rules for forwarded requests and returned responses: hop-by-hop
 //! headers go, client-sent copies of the injected identity headers go (the
 //! trusted values replace them), and `X-Forwarded-*` are set.
+//!
+//! The rules work on header fields as name and value bytes, so HTTP/1.1
+//! heads are rewritten straight from the bytes they arrived in, and HTTP/2
+//! header maps take the same rules.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use super::wire::{self, Framing};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1),
+/// and `Upgrade`, which keygate does not carry out.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
 
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// One header field: name and value as they arrived.
+pub type Field<'a> = (&'a [u8], &'a [u8]);
+
+fn is(name: &[u8], lower: &str) -> bool {
+    name.eq_ignore_ascii_case(lower.as_bytes())
+}
+
+/// The names a message's `Connection` header lists; they are hop-by-hop
+/// too. Empty (no allocation) for the usual message.
+pub fn connection_named<'a>(fields: impl Iterator<Item = Field<'a>>) -> Vec<&'a [u8]> {
+    let mut named = Vec::new();
+    for (name, value) in fields {
+        if is(name, "connection") {
+            named.extend(
+                value
+                    .split(|b| *b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .filter(|t| !t.is_empty()),
+            );
+        }
+    }
+    named
+}
+
+/// Whether a field belongs to one connection only, by name.
+pub fn is_hop_by_hop(name: &[u8], connection_named: &[&[u8]]) -> bool {
+    HOP_BY_HOP.iter().any(|h| is(name, h))
+        || connection_named
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name))
+}
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
+    let named: Vec<HeaderName> = connection_named(fields_of(headers))
+        .into_iter()
+        .filter_map(|n| HeaderName::from_bytes(n).ok())
+        .collect();
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n.as_str().as_bytes(), &[]) || named.contains(n))
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
+}
+
+/// A header map's fields in the form the rules take.
+pub fn fields_of(headers: &HeaderMap) -> impl Iterator<Item = Field<'_>> + Clone {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+        .collect::<Vec<_>>()
+        .into_iter()
 }
 
 /// What the gateway injects into a forwarded request.
 pub struct Injected<'a> {
     pub user_header: &'a HeaderName,
-    pub user_id: HeaderValue,
+    pub user_id: &'a str,
     pub key_header: &'a HeaderName,
-    pub key_id: HeaderValue,
+    pub key_id: &'a str,
     pub forward_authorization: bool,
     /// The client's address, already rendered as a header value.
     pub client_ip: &'a HeaderValue,
     pub tls: bool,
     /// The client's `Host` (or HTTP/2 `:authority`).
-    pub original_host: Option<HeaderValue>,
+    pub original_host: Option<&'a [u8]>,
     /// What to send as `Host`.
-    pub upstream_host: HeaderValue,
-    pub request_id: HeaderValue,
+    pub upstream_host: &'a [u8],
+    pub request_id: &'a HeaderValue,
 }
 
-/// Rewrites a client's headers for the upstream. Returns how many spoofed
-/// identity headers were removed, so the caller can log and count them.
-pub fn prepare_request(headers: &mut HeaderMap, inject: Injected<'_>) -> usize {
-    strip_hop_by_hop(headers);
-    headers.remove(header::EXPECT);
+/// Writes the head a permitted request goes upstream with: the client's
+/// fields less hop-by-hop ones, framing ones and any copy of the identity
+/// headers, then the trusted identity, `X-Forwarded-*`, `Host` and
+/// `X-Request-Id`, then `framing`. Returns how many spoofed identity headers
+/// were dropped, so the caller can log and count them.
+pub fn write_upstream_request<'a>(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &[u8],
+    fields: impl Iterator<Item = Field<'a>> + Clone,
+    inject: &Injected<'_>,
+    framing: Framing,
+) -> usize {
+    let named = connection_named(fields.clone());
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let identity = [
+        inject.user_header.as_str().as_bytes(),
+        inject.key_header.as_str().as_bytes(),
+    ];
     let mut spoofed = 0;
-    for name in [inject.user_header, inject.key_header] {
-        if let header::Entry::Occupied(e) = headers.entry(name) {
-            spoofed += e.remove_entry_mult().1.count();
+    let mut forwarded_for: Vec<u8> = Vec::new();
+    for (name, value) in fields {
+        if is_hop_by_hop(name, &named)
+            || [
+                "expect",
+                "content-length",
+                "host",
+                "x-forwarded-proto",
+                "x-forwarded-host",
+                "x-request-id",
+            ]
+            .iter()
+            .any(|h| is(name, h))
+        {
+            continue;
         }
-    }
-    // CGI-style engines read `X_User_Id` as `X-User-Id`: drop look-alikes too.
-    let lookalikes: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| {
-            n.as_str().contains('_')
-                && [inject.user_header, inject.key_header]
-                    .iter()
-                    .any(|h| same_but_underscores(n.as_str(), h.as_str()))
-        })
-        .cloned()
-        .collect();
-    for name in lookalikes {
-        if let header::Entry::Occupied(e) = headers.entry(name) {
-            spoofed += e.remove_entry_mult().1.count();
+        // CGI-style engines read `X_User_Id` as `X-User-Id`: look-alikes go too.
+        if identity.iter().any(|h| same_but_underscores(name, h)) {
+            spoofed += 1;
+            continue;
         }
-    }
-    if !inject.forward_authorization {
-        headers.remove(header::AUTHORIZATION);
-    }
-    headers.insert(inject.user_header.clone(), inject.user_id);
-    headers.insert(inject.key_header.clone(), inject.key_id);
-    let appended = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => {
-            let ip = inject.client_ip.to_str().unwrap_or_default();
-            HeaderValue::from_str(&format!("{prior}, {ip}")).ok()
+        if is(name, "authorization") && !inject.forward_authorization {
+            continue;
         }
-        _ => None,
-    };
-    headers.insert(
-        X_FORWARDED_FOR.clone(),
-        appended.unwrap_or_else(|| inject.client_ip.clone()),
-    );
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if inject.tls { "https" } else { "http" }),
-    );
-    match inject.original_host {
-        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
-        None => headers.remove(&X_FORWARDED_HOST),
-    };
-    headers.insert(header::HOST, inject.upstream_host);
-    headers.insert(X_REQUEST_ID.clone(), inject.request_id);
+        if is(name, "x-forwarded-for") {
+            let value = value.trim_ascii();
+            if !value.is_empty() {
+                if !forwarded_for.is_empty() {
+                    forwarded_for.extend_from_slice(b", ");
+                }
+                forwarded_for.extend_from_slice(value);
+            }
+            continue;
+        }
+        field(out, name, value);
+    }
+    field(out, identity[0], inject.user_id.as_bytes());
+    field(out, identity[1], inject.key_id.as_bytes());
+    if !forwarded_for.is_empty() {
+        forwarded_for.extend_from_slice(b", ");
+    }
+    forwarded_for.extend_from_slice(inject.client_ip.as_bytes());
+    field(out, b"x-forwarded-for", &forwarded_for);
+    let proto: &[u8] = if inject.tls { b"https" } else { b"http" };
+    field(out, b"x-forwarded-proto", proto);
+    if let Some(host) = inject.original_host {
+        field(out, b"x-forwarded-host", host);
+    }
+    field(out, b"host", inject.upstream_host);
+    field(out, b"x-request-id", inject.request_id.as_bytes());
+    wire::write_framing(out, framing);
+    out.extend_from_slice(b"\r\n");
     spoofed
 }
 
-/// Equal once `_` is read as `-` (header names are already lower case).
-fn same_but_underscores(a: &str, b: &str) -> bool {
+/// Writes the head of an upstream's response for an HTTP/1.1 client: its
+/// fields less hop-by-hop and framing ones, `X-Request-Id` and `Date` when
+/// the upstream sent none, then `framing` and `connection`.
+pub fn write_client_response<'a>(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    fields: impl Iterator<Item = Field<'a>> + Clone,
+    framing: Framing,
+    connection: Option<&str>,
+    request_id: &HeaderValue,
+) {
+    let named = connection_named(fields.clone());
+    // A bodiless answer keeps the length it describes (HEAD, 304).
+    let keep_length = framing == Framing::Empty && status != StatusCode::NO_CONTENT;
+    wire::write_status_line(out, status);
+    let (mut has_id, mut has_date) = (false, false);
+    for (name, value) in fields {
+        if is_hop_by_hop(name, &named) || (!keep_length && is(name, "content-length")) {
+            continue;
+        }
+        has_id |= is(name, "x-request-id");
+        has_date |= is(name, "date");
+        field(out, name, value);
+    }
+    if !has_id {
+        field(out, b"x-request-id", request_id.as_bytes());
+    }
+    if !has_date {
+        crate::clock::http_date(|date| field(out, b"date", date));
+    }
+    wire::write_framing(out, framing);
+    if let Some(connection) = connection {
+        field(out, b"connection", connection.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Equal once `_` is read as `-`, ignoring case.
+fn same_but_underscores(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .all(|(x, y)| x == y || (x == b'_' && y == b'-') || (x == b'-' && y == b'_'))
+        && a.iter().zip(b).all(|(x, y)| {
+            x.eq_ignore_ascii_case(y) || (*x == b'_' && *y == b'-') || (*x == b'-' && *y == b'_')
+        })
 }
 
 /// A client's `X-Request-Id` is kept if it is short and plain.
-pub fn sane_request_id(value: &HeaderValue) -> bool {
-    let bytes = value.as_bytes();
+pub fn sane_request_id(bytes: &[u8]) -> bool {
     !bytes.is_empty()
         && bytes.len() <= 128
         && bytes.iter().all(|b| {
@@ -169,36 +276,67 @@ impl RequestIds {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
 
     static CLIENT: HeaderValue = HeaderValue::from_static("10.0.0.9");
+    static RID: HeaderValue = HeaderValue::from_static("rid-1");
 
     fn inject<'a>(user: &'a HeaderName, key: &'a HeaderName, fwd_auth: bool) -> Injected<'a> {
         Injected {
             user_header: user,
-            user_id: HeaderValue::from_static("user_1"),
+            user_id: "user_1",
             key_header: key,
-            key_id: HeaderValue::from_static("key_1"),
+            key_id: "key_1",
             forward_authorization: fwd_auth,
             client_ip: &CLIENT,
             tls: false,
-            original_host: Some(HeaderValue::from_static("gw.example")),
-            upstream_host: HeaderValue::from_static("127.0.0.1:3000"),
-            request_id: HeaderValue::from_static("rid-1"),
+            original_host: Some(b"gw.example"),
+            upstream_host: b"127.0.0.1:3000",
+            request_id: &RID,
         }
+    }
+
+    /// The upstream head for `fields`, parsed back into a header map.
+    fn forwarded(fields: &[(&str, &str)], fwd_auth: bool) -> (HeaderMap, usize) {
+        let user = HeaderName::from_static("x-user-id");
+        let key = HeaderName::from_static("x-api-key-id");
+        let mut out = Vec::new();
+        let spoofed = write_upstream_request(
+            &mut out,
+            &Method::POST,
+            b"/p?q=1",
+            fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())),
+            &inject(&user, &key, fwd_auth),
+            Framing::Length(2),
+        );
+        let mut buf = bytes::BytesMut::from(&out[..]);
+        let head = wire::parse_request(&mut buf).unwrap().unwrap();
+        assert!(buf.is_empty());
+        assert_eq!(head.target(), "/p?q=1");
+        assert_eq!(head.framing, Framing::Length(2));
+        let mut map = HeaderMap::new();
+        for (n, v) in head.fields() {
+            map.append(
+                HeaderName::from_bytes(n).unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        (map, spoofed)
     }
 
     #[test]
     fn spoofed_identity_headers_are_replaced() {
-        let user = HeaderName::from_static("x-user-id");
-        let key = HeaderName::from_static("x-api-key-id");
-        let mut h = HeaderMap::new();
-        h.append("x-user-id", HeaderValue::from_static("admin"));
-        h.append("x-user-id", HeaderValue::from_static("root"));
-        h.insert("x-api-key-id", HeaderValue::from_static("forged"));
-        h.insert("x_user_id", HeaderValue::from_static("cgi-admin"));
-        h.insert("x-api_key-id", HeaderValue::from_static("forged"));
-        h.insert("x_other", HeaderValue::from_static("kept"));
-        let removed = prepare_request(&mut h, inject(&user, &key, false));
+        let (h, removed) = forwarded(
+            &[
+                ("X-User-Id", "admin"),
+                ("x-user-id", "root"),
+                ("x-api-key-id", "forged"),
+                ("x_user_id", "cgi-admin"),
+                ("X-Api_Key-Id", "forged"),
+                ("x_other", "kept"),
+            ],
+            false,
+        );
         assert_eq!(removed, 5);
         assert!(!h.contains_key("x_user_id") && !h.contains_key("x-api_key-id"));
         assert_eq!(h["x_other"], "kept");
@@ -209,71 +347,98 @@ mod tests {
 
     #[test]
     fn authorization_is_dropped_unless_asked_for() {
-        let user = HeaderName::from_static("x-user-id");
-        let key = HeaderName::from_static("x-api-key-id");
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer wfb_x"),
-        );
-        prepare_request(&mut h, inject(&user, &key, false));
+        let (h, _) = forwarded(&[("Authorization", "Bearer wfb_x")], false);
         assert!(!h.contains_key(header::AUTHORIZATION));
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer wfb_x"),
-        );
-        prepare_request(&mut h, inject(&user, &key, true));
-        assert!(h.contains_key(header::AUTHORIZATION));
+        let (h, _) = forwarded(&[("Authorization", "Bearer wfb_x")], true);
+        assert_eq!(h[header::AUTHORIZATION], "Bearer wfb_x");
     }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret-hop"),
-        );
-        h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
+        let hops = [
+            ("Connection", "keep-alive, X-Secret-Hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("Transfer-Encoding", "chunked"),
+            ("TE", "trailers"),
+            ("Upgrade", "websocket"),
+            ("Expect", "100-continue"),
+            ("Content-Length", "99"),
+            ("x-kept", "1"),
+        ];
+        let (h, _) = forwarded(&hops, false);
         assert!(h.contains_key("x-kept"));
+        for (name, _) in &hops[..7] {
+            assert!(!h.contains_key(*name), "{name} forwarded");
+        }
+        assert_eq!(h[header::CONTENT_LENGTH], "2");
+
+        let mut map = HeaderMap::new();
+        for (n, v) in hops {
+            map.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        strip_hop_by_hop(&mut map);
+        let mut left: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "expect", "x-kept"]);
     }
 
     #[test]
     fn forwarded_headers_are_set_and_appended() {
-        let user = HeaderName::from_static("x-user-id");
-        let key = HeaderName::from_static("x-api-key-id");
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
-        h.insert(header::HOST, HeaderValue::from_static("gw.example"));
-        prepare_request(&mut h, inject(&user, &key, false));
-        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.9");
+        let (h, _) = forwarded(
+            &[
+                ("X-Forwarded-For", "203.0.113.7"),
+                ("x-forwarded-for", "198.51.100.2"),
+                ("Host", "gw.example"),
+                ("X-Forwarded-Proto", "https"),
+                ("X-Request-Id", "client-chosen"),
+            ],
+            false,
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 198.51.100.2, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "gw.example");
+        assert_eq!(h.get_all(header::HOST).iter().count(), 1);
         assert_eq!(h[header::HOST], "127.0.0.1:3000");
         assert_eq!(h["x-request-id"], "rid-1");
     }
 
     #[test]
-    fn request_ids_are_screened() {
-        assert!(sane_request_id(&HeaderValue::from_static("abc-123_x.y")));
-        assert!(!sane_request_id(&HeaderValue::from_static("has space")));
-        assert!(!sane_request_id(&HeaderValue::from_static("")));
-        let long = "a".repeat(129);
-        assert!(!sane_request_id(&HeaderValue::from_str(&long).unwrap()));
+    fn responses_lose_hop_by_hop_fields_and_gain_id_and_date() {
+        let fields: [(&[u8], &[u8]); 4] = [
+            (b"Content-Type", b"text/plain"),
+            (b"Connection", b"keep-alive"),
+            (b"Content-Length", b"5"),
+            (b"Keep-Alive", b"timeout=5"),
+        ];
+        let mut out = Vec::new();
+        write_client_response(
+            &mut out,
+            StatusCode::OK,
+            fields.iter().copied(),
+            Framing::Length(5),
+            Some("close"),
+            &RID,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nx-request-id: rid-1\r\ndate: "
+        ));
+        assert!(
+            text.ends_with(" GMT\r\ncontent-length: 5\r\nconnection: close\r\n\r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("Keep-Alive") && !text.contains("Content-Length"));
     }
 
     #[test]
-    fn request_ids_differ() {
-        let ids = RequestIds::default();
-        assert_ne!(ids.next(), ids.next());
+    fn request_ids_are_screened() {
+        assert!(sane_request_id(b"abc-123_x.y"));
+        assert!(!sane_request_id(b"has space"));
+        assert!(!sane_request_id(b""));
+        assert!(!sane_request_id("a".repeat(129).as_bytes()));
     }
 }

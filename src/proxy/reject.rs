@@ -27,6 +27,8 @@ pub enum Reject {
         retry_after: Duration,
     },
     StoreUnavailable,
+    /// The request body broke HTTP/1.1 framing or was cut short.
+    BadRequest,
     PayloadTooLarge,
     BadGateway,
     GatewayTimeout,
@@ -49,6 +51,7 @@ impl Reject {
             }
             Reject::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reject::BadRequest => StatusCode::BAD_REQUEST,
             Reject::BadGateway => StatusCode::BAD_GATEWAY,
             Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -74,6 +77,7 @@ impl Reject {
             Reject::KeyRateExceeded { .. } => r#"{"error":"Rate limit exceeded for this API key"}"#,
             Reject::StoreUnavailable => r#"{"error":"Service temporarily unavailable"}"#,
             Reject::PayloadTooLarge => r#"{"error":"Request body too large"}"#,
+            Reject::BadRequest => r#"{"error":"Bad request"}"#,
             Reject::BadGateway => r#"{"error":"Upstream unavailable"}"#,
             Reject::GatewayTimeout => r#"{"error":"Upstream timed out"}"#,
             Reject::Internal => r#"{"error":"Internal error"}"#,

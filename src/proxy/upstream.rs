@@ -1,22 +1,28 @@
 //! The upstream client: one pool per upstream per worker runtime, each a
-//! stack of idle HTTP/1.1 connections (`hyper::client::conn::http1`).
+//! stack of idle HTTP/1.1 connections, spoken to with [`super::wire`] from
+//! the task of the request that holds the connection (no connection task,
+//! no channel between the two).
 //!
-//! A connection goes back on the stack only when its response body has been
-//! read to the end, and is dropped when the upstream has closed it. Open
+//! A connection goes back on the stack only when its exchange ended cleanly
+//! with both bodies complete, and is checked for a close by the upstream
+//! (readiness, no syscall when idle) before it is used again. Open
 //! connections per pool are bounded; at the bound a request waits for one
-//! to come back (within the response timeout). A request
-//! is retried on a fresh connection only when hyper hands it back unsent, so
-//! a POST that may have reached the upstream is never sent twice.
+//! to come back (within the response timeout). A request is never sent
+//! twice: a POST that may have reached the upstream is not retried.
 
-use super::body::{LimitedBody, UpstreamResponseBody};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use super::wire::{self, Framing, ResponseHead, WireError};
+use bytes::{Bytes, BytesMut};
+use http::{Method, StatusCode};
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+
+/// Above this much pending output a streamed body is written out.
+const WRITE_BATCH: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub enum ForwardError {
@@ -24,7 +30,11 @@ pub enum ForwardError {
     Connect(std::io::Error),
     ConnectTimeout,
     /// The exchange failed after connecting.
-    Exchange(hyper::Error),
+    Exchange(std::io::Error),
+    /// The upstream's answer broke HTTP/1.1.
+    BadResponse(WireError),
+    /// The client's body could not be read to its end.
+    Body(SourceError),
 }
 
 impl std::fmt::Display for ForwardError {
@@ -33,13 +43,36 @@ impl std::fmt::Display for ForwardError {
             ForwardError::Connect(e) => write!(f, "connect failed: {e}"),
             ForwardError::ConnectTimeout => f.write_str("connect timed out"),
             ForwardError::Exchange(e) => write!(f, "upstream exchange failed: {e}"),
+            ForwardError::BadResponse(e) => write!(f, "upstream sent a bad response: {e}"),
+            ForwardError::Body(SourceError::TooLarge) => f.write_str("request body too large"),
+            ForwardError::Body(SourceError::Aborted(e)) => {
+                write!(f, "request body ended early: {e}")
+            }
         }
     }
 }
 
+/// Why a request body stopped short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceError {
+    /// It grew past `limits.max_body_bytes`.
+    TooLarge,
+    /// The client broke off or sent a malformed body.
+    Aborted(WireError),
+}
+
+/// Where a forwarded request's body comes from: the client's HTTP/1.1
+/// connection or an HTTP/2 stream.
+pub trait BodySource: Send {
+    /// The next piece of the body, `None` at its end.
+    fn next(&mut self) -> impl Future<Output = Result<Option<Bytes>, SourceError>> + Send;
+    /// Whether [`BodySource::next`] would return `None` now.
+    fn at_end(&self) -> bool;
+}
+
 struct PoolInner {
     authority: String,
-    idle: Mutex<Vec<SendRequest<LimitedBody>>>,
+    idle: Mutex<Vec<Conn>>,
     max_idle: usize,
     /// Connections open (idle or busy), at most `max_open`.
     open: AtomicUsize,
@@ -55,22 +88,75 @@ pub struct Pool {
     inner: Arc<PoolInner>,
 }
 
-/// A connection on loan to a response body; [`Checkin::release`] returns it.
-pub struct Checkin {
-    sender: SendRequest<LimitedBody>,
-    pool: Arc<PoolInner>,
+/// One place in a pool's bound, given back when its connection is dropped.
+struct Place(Arc<PoolInner>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
 }
 
-impl Checkin {
+/// An upstream connection and what has been read from it.
+pub struct Conn {
+    stream: TcpStream,
+    pub buf: BytesMut,
+    place: Place,
+}
+
+/// A response head, and the connection its body is still to be read from.
+pub struct Answer {
+    pub head: ResponseHead,
+    pub conn: Conn,
+    /// The request body went out whole; when false the connection (and the
+    /// client's) cannot be reused.
+    pub request_complete: bool,
+}
+
+impl Conn {
+    /// Reads more of the response into `buf`; `Ok(0)` at the upstream's close.
+    pub async fn read_more(&mut self) -> std::io::Result<usize> {
+        self.buf.reserve(8 * 1024);
+        self.stream.read_buf(&mut self.buf).await
+    }
+
+    /// Poll form of [`Conn::read_more`], for bodies polled by hyper.
+    pub fn poll_read_more(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            std::task::ready!(self.stream.poll_read_ready(cx))?;
+            self.buf.reserve(8 * 1024);
+            match self.stream.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                done => return std::task::Poll::Ready(done),
+            }
+        }
+    }
+
+    /// Whether the upstream has closed or written out of turn while idle.
+    fn is_dead(&self) -> bool {
+        let mut probe = [0u8; 1];
+        !self.buf.is_empty()
+            || !matches!(
+                self.stream.try_read(&mut probe),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            )
+    }
+
+    /// Gives the connection back to its pool for the next request.
     pub fn release(self) {
-        if self.sender.is_closed() {
+        if !self.buf.is_empty() {
             return;
         }
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.pool.max_idle {
-            idle.push(self.sender);
+        let pool = self.place.0.clone();
+        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < pool.max_idle {
+            idle.push(self);
             drop(idle);
-            self.pool.freed.notify_one();
+            pool.freed.notify_one();
         }
     }
 }
@@ -95,55 +181,57 @@ impl Pool {
         }
     }
 
-    /// Sends one request and returns the response head; the body streams.
-    pub async fn send(
+    /// Sends a request head (already written for the upstream) and its body,
+    /// and reads the response head. The body follows `framing`: kept as is
+    /// for a length, chunk-coded for `Chunked`.
+    pub async fn send<S: BodySource>(
         &self,
-        mut request: Request<LimitedBody>,
-    ) -> Result<Response<UpstreamResponseBody>, ForwardError> {
-        loop {
-            let (mut sender, reused) = match self.checkout().await {
-                Some(sender) => (sender, true),
-                None if self.reserve() => (self.connect().await?, false),
-                None => {
-                    self.inner.freed.notified().await;
-                    continue;
-                }
-            };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    let (parts, body) = response.into_parts();
-                    let checkin = Checkin {
-                        sender,
-                        pool: self.inner.clone(),
-                    };
-                    return Ok(Response::from_parts(
-                        parts,
-                        UpstreamResponseBody::new(body, checkin),
-                    ));
-                }
-                Err(mut e) => match e.take_message() {
-                    // The idle connection died before anything was written:
-                    // safe to try again.
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(ForwardError::Exchange(e.into_error())),
-                },
+        head: Vec<u8>,
+        framing: Framing,
+        body: &mut S,
+        method: &Method,
+    ) -> Result<Answer, ForwardError> {
+        let mut conn = self.checkout().await?;
+        let request_complete = match write_request(&mut conn, head, framing, body).await {
+            Ok(()) => true,
+            Err(ForwardError::Exchange(e)) => {
+                // The upstream may have answered and closed before taking the
+                // whole body (a 413, say): pass that answer on if it did.
+                return match read_head(&mut conn, method).await {
+                    Ok(mut head) => {
+                        head.keep_alive = false;
+                        Ok(Answer {
+                            head,
+                            conn,
+                            request_complete: false,
+                        })
+                    }
+                    Err(_) => Err(ForwardError::Exchange(e)),
+                };
             }
-        }
+            Err(other) => return Err(other),
+        };
+        let head = read_head(&mut conn, method).await?;
+        Ok(Answer {
+            head,
+            conn,
+            request_complete,
+        })
     }
 
-    async fn checkout(&self) -> Option<SendRequest<LimitedBody>> {
+    async fn checkout(&self) -> Result<Conn, ForwardError> {
         loop {
-            let mut sender = self
+            let idle = self
                 .inner
                 .idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .pop()?;
-            if sender.is_closed() {
-                continue;
-            }
-            if sender.is_ready() || sender.ready().await.is_ok() {
-                return Some(sender);
+                .pop();
+            match idle {
+                Some(conn) if conn.is_dead() => continue,
+                Some(conn) => return Ok(conn),
+                None if self.reserve() => return self.connect().await,
+                None => self.inner.freed.notified().await,
             }
         }
     }
@@ -158,22 +246,9 @@ impl Pool {
             .is_ok()
     }
 
-    /// Gives back a reserved place when its connection ends (or never began).
-    fn closed(inner: &PoolInner) {
-        inner.open.fetch_sub(1, Ordering::AcqRel);
-        inner.freed.notify_one();
-    }
-
-    /// Opens a connection in a place already reserved.
-    async fn connect(&self) -> Result<SendRequest<LimitedBody>, ForwardError> {
-        let opened = self.open_connection().await;
-        if opened.is_err() {
-            Pool::closed(&self.inner);
-        }
-        opened
-    }
-
-    async fn open_connection(&self) -> Result<SendRequest<LimitedBody>, ForwardError> {
+    /// Opens a connection in a place already reserved (given back on failure).
+    async fn connect(&self) -> Result<Conn, ForwardError> {
+        let place = Place(self.inner.clone());
         let stream = tokio::time::timeout(
             self.inner.connect_timeout,
             TcpStream::connect(self.inner.authority.as_str()),
@@ -182,17 +257,74 @@ impl Pool {
         .map_err(|_| ForwardError::ConnectTimeout)?
         .map_err(ForwardError::Connect)?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(ForwardError::Exchange)?;
-        let inner = self.inner.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "upstream connection closed with an error");
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(8 * 1024),
+            place,
+        })
+    }
+}
+
+/// Writes the head and the whole body; the head and a body that is already
+/// at hand go out in one write.
+async fn write_request<S: BodySource>(
+    conn: &mut Conn,
+    mut out: Vec<u8>,
+    framing: Framing,
+    body: &mut S,
+) -> Result<(), ForwardError> {
+    let chunked = framing == Framing::Chunked;
+    loop {
+        match body.next().await.map_err(ForwardError::Body)? {
+            Some(data) if chunked => wire::encode_chunk(&mut out, &data),
+            Some(data) => out.extend_from_slice(&data),
+            None => {
+                if chunked {
+                    out.extend_from_slice(wire::LAST_CHUNK);
+                }
+                return conn
+                    .stream
+                    .write_all(&out)
+                    .await
+                    .map_err(ForwardError::Exchange);
             }
-            Pool::closed(&inner);
-        });
-        Ok(sender)
+        }
+        // More is on its way but not here yet: send what there is.
+        if !body.at_end() || out.len() >= WRITE_BATCH {
+            conn.stream
+                .write_all(&out)
+                .await
+                .map_err(ForwardError::Exchange)?;
+            out.clear();
+        }
+    }
+}
+
+/// Reads the final response head, passing over interim (1xx) responses.
+async fn read_head(conn: &mut Conn, method: &Method) -> Result<ResponseHead, ForwardError> {
+    loop {
+        match wire::parse_response(&mut conn.buf, method).map_err(ForwardError::BadResponse)? {
+            Some(head) => {
+                if head.status == StatusCode::SWITCHING_PROTOCOLS {
+                    // keygate never asks for an upgrade.
+                    return Err(ForwardError::BadResponse(WireError::Malformed(
+                        "unrequested protocol switch",
+                    )));
+                }
+                if !head.status.is_informational() {
+                    return Ok(head);
+                }
+            }
+            None => match conn.read_more().await {
+                Ok(0) => {
+                    return Err(ForwardError::Exchange(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "connection closed before a response",
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(ForwardError::Exchange(e)),
+            },
+        }
     }
 }

@@ -1,0 +1,576 @@
+//! The HTTP/1.1 side facing clients. One task per connection reads a request
+//! head, runs the gateway's checks, and drives the upstream exchange itself:
+//! the request goes upstream and the answer comes back in as few writes as
+//! the bodies allow, with no task or channel in between. This is what lets
+//! keygate forward faster than nginx (README, "Performance"); HTTP/2 stays
+//! with hyper.
+
+use super::upstream::{Answer, BodySource, SourceError};
+use super::wire::{self, Decoded, Decoder, Framing, RequestHead, WireError};
+use super::{
+    Authorization, Checked, ConnInfo, Facts, Forwarder, Gateway, Trace, Upstreamed,
+    body::ProxyBody, headers,
+};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use std::future::Future;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Above this much pending output a response body is written out.
+const WRITE_BATCH: usize = 64 * 1024;
+/// A refused request's body is read and dropped up to this many bytes (at
+/// least), so the client can read the answer; past it the connection closes.
+const DRAIN_MIN: u64 = 64 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// The client's connection: its stream, what has been read from it, and the
+/// output being put together.
+pub struct Client<IO> {
+    io: IO,
+    buf: BytesMut,
+    out: Vec<u8>,
+    /// The request being answered is HTTP/1.0.
+    http10: bool,
+}
+
+/// A connection's one timer. Setting a later deadline only records it; the
+/// timer is re-armed when it fires early. So the usual request, which ends
+/// well within its deadlines, costs no timer-wheel work at all.
+struct Deadline {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    at: Instant,
+}
+
+impl Deadline {
+    fn new() -> Deadline {
+        let at = Instant::now() + Duration::from_secs(3600);
+        Deadline {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            at,
+        }
+    }
+
+    /// `future`'s output, or `None` if `after` passes first.
+    async fn within<F: Future>(&mut self, after: Duration, future: F) -> Option<F::Output> {
+        self.at = Instant::now() + after;
+        if self.sleep.deadline() > self.at {
+            self.sleep.as_mut().reset(self.at);
+        }
+        let mut future = std::pin::pin!(future);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut future => return Some(out),
+                () = &mut self.sleep => {
+                    if Instant::now() >= self.at {
+                        return None;
+                    }
+                    self.sleep.as_mut().reset(self.at);
+                }
+            }
+        }
+    }
+}
+
+enum Head {
+    Request(RequestHead),
+    Bad(WireError),
+    /// Closed, timed out or shutting down: nothing more to answer.
+    Gone,
+}
+
+/// Serves requests on one connection until it closes, fails, or the
+/// gateway stops. `buf` holds bytes already read from `io`.
+pub async fn serve<IO>(
+    gateway: &Gateway,
+    forwarder: &Forwarder,
+    info: &ConnInfo,
+    io: IO,
+    buf: BytesMut,
+    mut stopped: watch::Receiver<bool>,
+    header_timeout: Duration,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut client = Client {
+        io,
+        buf,
+        out: Vec::with_capacity(4 * 1024),
+        http10: false,
+    };
+    let mut deadline = Deadline::new();
+    while !*stopped.borrow() {
+        let head = match client
+            .read_head(&mut deadline, header_timeout, &mut stopped)
+            .await
+        {
+            Head::Request(head) => head,
+            Head::Gone => break,
+            Head::Bad(e) => {
+                client.answer_malformed(gateway, info, e).await;
+                break;
+            }
+        };
+        let keep_alive = exchange(gateway, forwarder, info, &mut client, &mut deadline, head).await;
+        if !keep_alive {
+            break;
+        }
+    }
+    let _ = client.io.shutdown().await;
+}
+
+/// Answers one request; returns whether the connection may carry another.
+async fn exchange<IO>(
+    gateway: &Gateway,
+    forwarder: &Forwarder,
+    info: &ConnInfo,
+    client: &mut Client<IO>,
+    deadline: &mut Deadline,
+    head: RequestHead,
+) -> bool
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let keep_alive = head.keep_alive;
+    let mut trace = gateway.begin(
+        &head.method,
+        head.fields()
+            .find(|(n, _)| n.eq_ignore_ascii_case(b"x-request-id"))
+            .map(|(_, v)| v),
+    );
+    client.http10 = head.version == Version::HTTP_10;
+    let head_request = head.method == Method::HEAD;
+    // Absolute-form (`POST http://host/path`) is read as the path, and its
+    // authority stands in for a missing `Host`.
+    let absolute = (!head.target().starts_with('/'))
+        .then(|| head.target().parse::<http::Uri>().ok())
+        .flatten();
+    let target = match &absolute {
+        Some(uri) => uri.path_and_query().map_or("/", |pq| pq.as_str()),
+        None => head.target(),
+    };
+    let facts = Facts {
+        method: &head.method,
+        path: target.split('?').next().unwrap_or(target),
+        authorization: Authorization::of(
+            head.fields()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(b"authorization"))
+                .map(|(_, v)| v),
+        ),
+        content_length: head.content_length,
+    };
+    let checked = gateway.check(&facts, info, &mut trace).await;
+    let mut body = ClientBody {
+        decoder: Decoder::new(head.framing),
+        left: gateway.limits.max_body_bytes,
+        send_continue: head.expect_continue,
+        client,
+    };
+    let (status, keep_alive) = match checked {
+        Ok(Checked::Forward { route, principal }) => {
+            let original_host = head
+                .fields()
+                .find(|(n, _)| n.eq_ignore_ascii_case(b"host"))
+                .map(|(_, v)| v)
+                .or_else(|| {
+                    absolute
+                        .as_ref()
+                        .and_then(|u| u.authority())
+                        .map(|a| a.as_str().as_bytes())
+                });
+            let mut out = Vec::with_capacity(1024);
+            let pool = gateway.upstream_head(
+                &mut out,
+                Upstreamed {
+                    conn: info,
+                    method: &head.method,
+                    target: target.as_bytes(),
+                    original_host,
+                    route,
+                    principal: &principal,
+                    trace: &trace,
+                    framing: head.framing,
+                },
+                head.fields(),
+            );
+            let sent = match pool {
+                Ok(pool) => {
+                    let pool = &forwarder.pools[pool];
+                    let sent = deadline
+                        .within(
+                            gateway.limits.upstream_response_timeout,
+                            pool.send(out, head.framing, &mut body, &head.method),
+                        )
+                        .await;
+                    gateway.forward_outcome(route, sent)
+                }
+                Err(reject) => Err(reject),
+            };
+            match sent {
+                Ok(answer) => pass_on(&mut body, answer, &trace, keep_alive).await,
+                Err(reject) => {
+                    let status = reject.status();
+                    let response = reject.into_response();
+                    (
+                        status,
+                        body.refuse(response, &trace, keep_alive, head_request)
+                            .await,
+                    )
+                }
+            }
+        }
+        Ok(Checked::Preflight) => {
+            let response = gateway.preflight();
+            let status = response.status();
+            (
+                status,
+                body.refuse(response, &trace, keep_alive, false).await,
+            )
+        }
+        Err(reject) => {
+            gateway.refused(&reject, info, &trace);
+            let status = reject.status();
+            let response = reject.into_response();
+            (
+                status,
+                body.refuse(response, &trace, keep_alive, head_request)
+                    .await,
+            )
+        }
+    };
+    gateway.finish(&trace, status.as_u16());
+    keep_alive
+}
+
+/// Writes the upstream's answer to the client as it arrives. Returns the
+/// status and whether the client connection may be kept.
+async fn pass_on<IO>(
+    body: &mut ClientBody<'_, IO>,
+    answer: Answer,
+    trace: &Trace,
+    keep_alive: bool,
+) -> (StatusCode, bool)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Answer {
+        head,
+        mut conn,
+        request_complete,
+    } = answer;
+    let client = &mut *body.client;
+    // An HTTP/1.0 client cannot take chunks: a body of unknown length is
+    // sent until the connection closes.
+    let out_framing = match head.framing {
+        Framing::Chunked | Framing::UntilClose if client.http10 => Framing::UntilClose,
+        Framing::Chunked | Framing::UntilClose => Framing::Chunked,
+        other => other,
+    };
+    let keep = keep_alive
+        && request_complete
+        && body.decoder.is_done()
+        && out_framing != Framing::UntilClose;
+    client.out.clear();
+    let connection = client.connection(keep);
+    headers::write_client_response(
+        &mut client.out,
+        head.status,
+        head.fields(),
+        out_framing,
+        connection,
+        &trace.request_id,
+    );
+    let mut decoder = Decoder::new(head.framing);
+    let chunked = out_framing == Framing::Chunked;
+    let complete = loop {
+        match decoder.decode(&mut conn.buf) {
+            Ok(Decoded::Data(data)) if chunked => wire::encode_chunk(&mut client.out, &data),
+            Ok(Decoded::Data(data)) => client.out.extend_from_slice(&data),
+            Ok(Decoded::End) => break true,
+            Ok(Decoded::NeedMore) => {
+                if client.flush().await.is_err() {
+                    break false;
+                }
+                match conn.read_more().await {
+                    Ok(0) => match decoder.eof() {
+                        Ok(()) => break true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "upstream response body cut short");
+                            break false;
+                        }
+                    },
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "upstream response body failed");
+                        break false;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream response body malformed");
+                break false;
+            }
+        }
+        if client.out.len() >= WRITE_BATCH && client.flush().await.is_err() {
+            break false;
+        }
+    };
+    if !complete {
+        // The head has gone out: the only honest signal left is to close
+        // without the end of the body.
+        let _ = client.flush().await;
+        return (head.status, false);
+    }
+    if chunked {
+        client.out.extend_from_slice(wire::LAST_CHUNK);
+    }
+    if client.flush().await.is_err() {
+        return (head.status, false);
+    }
+    if head.keep_alive && request_complete {
+        conn.release();
+    }
+    (head.status, keep)
+}
+
+impl<IO> Client<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async fn read_more(&mut self) -> std::io::Result<usize> {
+        self.buf.reserve(8 * 1024);
+        self.io.read_buf(&mut self.buf).await
+    }
+
+    /// The `Connection` header that says whether the connection stays open,
+    /// in the terms of the request's HTTP version.
+    fn connection(&self, keep: bool) -> Option<&'static str> {
+        match (keep, self.http10) {
+            (false, _) => Some("close"),
+            (true, true) => Some("keep-alive"),
+            (true, false) => None,
+        }
+    }
+
+    /// Puts the head of one of keygate's own answers in the output.
+    fn write_head(
+        &mut self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        request_id: &HeaderValue,
+        framing: Framing,
+        keep: bool,
+    ) {
+        let connection = self.connection(keep);
+        headers::write_client_response(
+            &mut self.out,
+            status,
+            headers::fields_of(headers),
+            framing,
+            connection,
+            request_id,
+        );
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let written = self.io.write_all(&self.out).await;
+        self.out.clear();
+        written
+    }
+
+    /// The next request head, within `timeout` of starting to wait for it.
+    async fn read_head(
+        &mut self,
+        deadline: &mut Deadline,
+        timeout: Duration,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Head {
+        loop {
+            if !self.buf.is_empty() {
+                match wire::parse_request(&mut self.buf) {
+                    Ok(Some(head)) => return Head::Request(head),
+                    Ok(None) => {}
+                    Err(e) => return Head::Bad(e),
+                }
+            }
+            let idle = self.buf.is_empty();
+            let read = tokio::select! {
+                biased;
+                read = deadline.within(timeout, self.read_more()) => read,
+                _ = stopped.changed(), if idle => return Head::Gone,
+            };
+            match read {
+                Some(Ok(0)) | Some(Err(_)) | None => return Head::Gone,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// One of keygate's own answers. The body is left out for HEAD.
+    async fn answer(
+        &mut self,
+        response: Response<ProxyBody>,
+        request_id: &HeaderValue,
+        close: bool,
+        head_request: bool,
+    ) {
+        let (parts, body) = response.into_parts();
+        let bytes = match body {
+            ProxyBody::Full(bytes) => bytes.unwrap_or_default(),
+            ProxyBody::Upstream(_) => Bytes::new(),
+        };
+        let framing = if parts.status == StatusCode::NO_CONTENT {
+            Framing::Empty
+        } else {
+            Framing::Length(bytes.len() as u64)
+        };
+        self.out.clear();
+        self.write_head(parts.status, &parts.headers, request_id, framing, !close);
+        if !head_request {
+            self.out.extend_from_slice(&bytes);
+        }
+        let _ = self.flush().await;
+    }
+
+    /// 400, 431 or 501 for a request that could not be read; the
+    /// connection closes after it.
+    async fn answer_malformed(&mut self, gateway: &Gateway, info: &ConnInfo, error: WireError) {
+        tracing::debug!(peer = %info.peer, error = %error, "malformed request");
+        let body = format!(
+            r#"{{"error":"Bad request","detail":"{}"}}"#,
+            error.message()
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let request_id = gateway.request_ids.next();
+        self.out.clear();
+        self.write_head(
+            error.status(),
+            &headers,
+            &request_id,
+            Framing::Length(body.len() as u64),
+            false,
+        );
+        self.out.extend_from_slice(body.as_bytes());
+        let _ = self.flush().await;
+        let metrics = &gateway.metrics;
+        metrics.observe(metrics.unmatched(), error.status().as_u16(), Duration::ZERO);
+    }
+}
+
+/// The request body as it comes from the client, cut off past the limit.
+struct ClientBody<'a, IO> {
+    client: &'a mut Client<IO>,
+    decoder: Decoder,
+    left: u64,
+    /// `Expect: 100-continue` still to be answered before the body is read.
+    send_continue: bool,
+}
+
+impl<IO> BodySource for ClientBody<'_, IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async fn next(&mut self) -> Result<Option<Bytes>, SourceError> {
+        loop {
+            match self
+                .decoder
+                .decode(&mut self.client.buf)
+                .map_err(SourceError::Aborted)?
+            {
+                Decoded::Data(data) => {
+                    let len = data.len() as u64;
+                    if len > self.left {
+                        return Err(SourceError::TooLarge);
+                    }
+                    self.left -= len;
+                    return Ok(Some(data));
+                }
+                Decoded::End => return Ok(None),
+                Decoded::NeedMore => {
+                    if std::mem::take(&mut self.send_continue) {
+                        self.client
+                            .io
+                            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                            .await
+                            .map_err(|_| SourceError::Aborted(WireError::Truncated))?;
+                    }
+                    match self.client.read_more().await {
+                        Ok(0) | Err(_) => {
+                            self.decoder.eof().map_err(SourceError::Aborted)?;
+                            return Ok(None);
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn at_end(&self) -> bool {
+        self.decoder.is_done()
+    }
+}
+
+impl<IO> ClientBody<'_, IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    /// Answers a request that goes no further, then reads and drops its body
+    /// (bounded) so the client can read the answer. Returns whether the
+    /// connection may be kept.
+    async fn refuse(
+        &mut self,
+        response: Response<ProxyBody>,
+        trace: &Trace,
+        keep_alive: bool,
+        head_request: bool,
+    ) -> bool {
+        // A body that is not all here yet is drained, and the connection
+        // closed after it; one that waits for `100 Continue` is never sent.
+        let mut leftover = Decoder::new(Framing::Empty);
+        std::mem::swap(&mut leftover, &mut self.decoder);
+        let whole = drain_buffered(&mut leftover, &mut self.client.buf) == Some(true);
+        let keep = keep_alive && whole;
+        self.client
+            .answer(response, &trace.request_id, !keep, head_request)
+            .await;
+        if !whole && !self.send_continue {
+            let limit = self.left.saturating_mul(2).max(DRAIN_MIN);
+            let _ = tokio::time::timeout(DRAIN_TIME, self.drain(leftover, limit)).await;
+        }
+        keep
+    }
+
+    async fn drain(&mut self, mut decoder: Decoder, mut limit: u64) {
+        while limit > 0 && drain_buffered(&mut decoder, &mut self.client.buf) == Some(false) {
+            match self.client.read_more().await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => limit = limit.saturating_sub(n as u64),
+            }
+        }
+    }
+}
+
+/// Drops what of a body is in `buf`: `Some(true)` once the body has ended,
+/// `Some(false)` when more is to come, `None` when it is malformed.
+fn drain_buffered(decoder: &mut Decoder, buf: &mut BytesMut) -> Option<bool> {
+    loop {
+        match decoder.decode(buf) {
+            Ok(Decoded::Data(_)) => {}
+            Ok(Decoded::End) => return Some(true),
+            Ok(Decoded::NeedMore) => return Some(false),
+            Err(_) => return None,
+        }
+    }
+}

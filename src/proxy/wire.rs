@@ -1,0 +1,762 @@
+//! HTTP/1.1 on the wire, for both legs of the proxy: message heads parsed
+//! with `httparse` into `http` types, body framing decided by RFC 9112 §6
+//! (strictly: anything ambiguous is refused, never guessed), chunked bodies
+//! decoded as they stream, and heads written back out.
+
+use super::headers::{self, Field};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+use std::ops::Range;
+
+/// Longest request or response head accepted (nginx's large buffers: 32k).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in one head.
+pub const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line or trailer section.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// How a message body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No body at all.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the sender closes the connection (responses only).
+    UntilClose,
+}
+
+/// What is wrong with a message, in terms its sender can be told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireError {
+    Malformed(&'static str),
+    HeadTooLarge,
+    /// A transfer coding other than `chunked`.
+    UnsupportedCoding,
+    /// The connection ended inside a message.
+    Truncated,
+}
+
+impl WireError {
+    /// The status for a client whose request had this fault.
+    pub fn status(self) -> StatusCode {
+        match self {
+            WireError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            WireError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+            WireError::Malformed(_) | WireError::Truncated => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            WireError::Malformed(what) => what,
+            WireError::HeadTooLarge => "request head too large",
+            WireError::UnsupportedCoding => "unsupported transfer coding",
+            WireError::Truncated => "connection closed mid-message",
+        }
+    }
+}
+
+impl std::error::Error for WireError {}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// Where a header field's name and value lie in its head.
+type FieldAt = (Range<usize>, Range<usize>);
+
+/// A parsed request head. Fields stay in the bytes they arrived in.
+#[derive(Debug)]
+pub struct RequestHead {
+    head: Bytes,
+    pub method: Method,
+    target: Range<usize>,
+    pub version: Version,
+    fields: Vec<FieldAt>,
+    pub framing: Framing,
+    /// `Content-Length` as sent, if it was.
+    pub content_length: Option<u64>,
+    /// The client allows the connection to stay open after this exchange.
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+}
+
+impl RequestHead {
+    /// The request target as sent (origin-form for any routed request).
+    pub fn target(&self) -> &str {
+        std::str::from_utf8(&self.head[self.target.clone()]).unwrap_or("")
+    }
+
+    pub fn fields(&self) -> impl Iterator<Item = Field<'_>> + Clone {
+        fields(&self.head, &self.fields)
+    }
+}
+
+/// A parsed response head. Fields stay in the bytes they arrived in.
+#[derive(Debug)]
+pub struct ResponseHead {
+    head: Bytes,
+    pub status: StatusCode,
+    fields: Vec<FieldAt>,
+    pub framing: Framing,
+    /// The upstream allows the connection to be used again.
+    pub keep_alive: bool,
+}
+
+impl ResponseHead {
+    pub fn fields(&self) -> impl Iterator<Item = Field<'_>> + Clone {
+        fields(&self.head, &self.fields)
+    }
+
+    /// The fields as a header map, hop-by-hop ones left out (for HTTP/2).
+    pub fn header_map(&self) -> Result<HeaderMap, WireError> {
+        let named = headers::connection_named(self.fields());
+        let mut map = HeaderMap::with_capacity(self.fields.len());
+        for (name, value) in &self.fields {
+            let name = &self.head[name.clone()];
+            if headers::is_hop_by_hop(name, &named) {
+                continue;
+            }
+            let name = HeaderName::from_bytes(name)
+                .map_err(|_| WireError::Malformed("malformed header name"))?;
+            let value = HeaderValue::from_maybe_shared(self.head.slice(value.clone()))
+                .map_err(|_| WireError::Malformed("malformed header value"))?;
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+}
+
+fn fields<'a>(head: &'a [u8], at: &'a [FieldAt]) -> impl Iterator<Item = Field<'a>> + Clone {
+    at.iter()
+        .map(move |(name, value)| (&head[name.clone()], &head[value.clone()]))
+}
+
+/// `part`'s place in `whole` (a slice httparse returned from it).
+fn offset(whole: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
+fn locate(whole: &[u8], fields: &[httparse::Header<'_>]) -> Vec<FieldAt> {
+    fields
+        .iter()
+        .map(|f| (offset(whole, f.name.as_bytes()), offset(whole, f.value)))
+        .collect()
+}
+
+/// Parses a request head from the front of `buf` and takes it out:
+/// `Ok(None)` when more bytes are needed.
+pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, WireError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(WireError::HeadTooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(WireError::HeadTooLarge),
+        Err(_) => return Err(WireError::Malformed("malformed request head")),
+    };
+    if len > MAX_HEAD {
+        return Err(WireError::HeadTooLarge);
+    }
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
+        .map_err(|_| WireError::Malformed("malformed method"))?;
+    let target = offset(buf, parsed.path.unwrap_or_default().as_bytes());
+    let at = locate(buf, parsed.headers);
+    let head = buf.split_to(len).freeze();
+    let all = || fields(&head, &at);
+    if all()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(b"host"))
+        .count()
+        > 1
+    {
+        return Err(WireError::Malformed("more than one Host header"));
+    }
+    let content_length = content_length(all())?;
+    let framing = match (transfer_coding(all()), content_length) {
+        (Some(_), Some(_)) => {
+            return Err(WireError::Malformed(
+                "both Transfer-Encoding and Content-Length",
+            ));
+        }
+        (Some(_), None) if version == Version::HTTP_10 => {
+            return Err(WireError::Malformed("Transfer-Encoding in HTTP/1.0"));
+        }
+        (Some(Coding::Chunked), None) => Framing::Chunked,
+        (Some(Coding::Other), None) => return Err(WireError::UnsupportedCoding),
+        (None, Some(n)) => Framing::Length(n),
+        (None, None) => Framing::Empty,
+    };
+    let keep_alive = keeps_alive(version, all());
+    let expect_continue = version == Version::HTTP_11
+        && all().any(|(n, v)| {
+            n.eq_ignore_ascii_case(b"expect")
+                && v.trim_ascii().eq_ignore_ascii_case(b"100-continue")
+        });
+    Ok(Some(RequestHead {
+        head,
+        method,
+        target,
+        version,
+        fields: at,
+        framing,
+        content_length,
+        keep_alive,
+        expect_continue,
+    }))
+}
+
+/// Parses a response head to a request made with `method` from the front
+/// of `buf` and takes it out.
+pub fn parse_response(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<ResponseHead>, WireError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(WireError::HeadTooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(WireError::HeadTooLarge),
+        Err(_) => return Err(WireError::Malformed("malformed response head")),
+    };
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let status = StatusCode::from_u16(parsed.code.unwrap_or_default())
+        .map_err(|_| WireError::Malformed("malformed status code"))?;
+    let at = locate(buf, parsed.headers);
+    let head = buf.split_to(len).freeze();
+    let all = || fields(&head, &at);
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || method == Method::HEAD;
+    let framing = match (bodiless, transfer_coding(all()), content_length(all())?) {
+        (true, _, _) => Framing::Empty,
+        // A response with both is refused: it is how smuggling starts.
+        (false, Some(_), Some(_)) => {
+            return Err(WireError::Malformed(
+                "both Transfer-Encoding and Content-Length",
+            ));
+        }
+        (false, Some(Coding::Chunked), None) => Framing::Chunked,
+        (false, Some(Coding::Other), None) | (false, None, None) => Framing::UntilClose,
+        (false, None, Some(n)) => Framing::Length(n),
+    };
+    let keep_alive = framing != Framing::UntilClose && keeps_alive(version, all());
+    Ok(Some(ResponseHead {
+        head,
+        status,
+        fields: at,
+        framing,
+        keep_alive,
+    }))
+}
+
+enum Coding {
+    Chunked,
+    Other,
+}
+
+/// `chunked` only when it is the one and final coding; anything else
+/// (gzip, a repeated chunked, empty) is `Other`.
+fn transfer_coding<'a>(fields: impl Iterator<Item = Field<'a>>) -> Option<Coding> {
+    let mut codings = Vec::new();
+    for (name, value) in fields {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            codings.extend(value.split(|b| *b == b',').map(<[u8]>::trim_ascii));
+        }
+    }
+    match codings.as_slice() {
+        [] => None,
+        [only] if only.eq_ignore_ascii_case(b"chunked") => Some(Coding::Chunked),
+        _ => Some(Coding::Other),
+    }
+}
+
+/// One agreed length from every `Content-Length` (repeats must match).
+pub fn content_length<'a>(
+    fields: impl Iterator<Item = Field<'a>>,
+) -> Result<Option<u64>, WireError> {
+    let mut length = None;
+    for (name, value) in fields {
+        if !name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
+        for item in value.split(|b| *b == b',') {
+            let n = parse_decimal(item.trim_ascii())
+                .ok_or(WireError::Malformed("malformed Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(WireError::Malformed("conflicting Content-Length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+fn keeps_alive<'a>(version: Version, fields: impl Iterator<Item = Field<'a>>) -> bool {
+    let named = headers::connection_named(fields);
+    let has = |token: &[u8]| named.iter().any(|t| t.eq_ignore_ascii_case(token));
+    if version == Version::HTTP_11 {
+        !has(b"close")
+    } else {
+        has(b"keep-alive")
+    }
+}
+
+/// What a decoder took out of its buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// The buffer holds no more of the body yet.
+    NeedMore,
+    /// The body is complete.
+    End,
+}
+
+/// Takes a body out of a read buffer as it arrives, undoing chunked coding.
+#[derive(Debug)]
+pub struct Decoder {
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers,
+    UntilClose,
+    Done,
+}
+
+impl Decoder {
+    pub fn new(framing: Framing) -> Decoder {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::UntilClose => State::UntilClose,
+        };
+        Decoder { state }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Next piece of the body from `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, WireError> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Decoded::End),
+                State::Length(left) | State::ChunkData(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = left.min(buf.len() as u64);
+                    let data = buf.split_to(n as usize).freeze();
+                    self.state = match (self.state, left - n) {
+                        (State::Length(_), 0) => State::Done,
+                        (State::Length(_), rest) => State::Length(rest),
+                        (_, 0) => State::ChunkEnd,
+                        (_, rest) => State::ChunkData(rest),
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                State::UntilClose => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    return Ok(Decoded::Data(buf.split().freeze()));
+                }
+                State::ChunkSize => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let size = chunk_size(&line)?;
+                    self.state = if size == 0 {
+                        State::Trailers
+                    } else {
+                        State::ChunkData(size)
+                    };
+                }
+                State::ChunkEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(WireError::Malformed("chunk data longer than its size"));
+                    }
+                    buf.advance(2);
+                    self.state = State::ChunkSize;
+                }
+                State::Trailers => {
+                    // Trailer fields are read and dropped: nothing here or
+                    // upstream relies on them.
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    if line.is_empty() {
+                        self.state = State::Done;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The peer closed the connection: the end for a close-delimited body,
+    /// a truncation for any other.
+    pub fn eof(&mut self) -> Result<(), WireError> {
+        match self.state {
+            State::UntilClose | State::Done => {
+                self.state = State::Done;
+                Ok(())
+            }
+            _ => Err(WireError::Truncated),
+        }
+    }
+}
+
+/// One CRLF-terminated line without its CRLF; a bare LF is refused.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, WireError> {
+    let Some(lf) = buf.iter().position(|b| *b == b'\n') else {
+        if buf.len() > MAX_CHUNK_LINE {
+            return Err(WireError::Malformed("chunk line too long"));
+        }
+        return Ok(None);
+    };
+    if lf == 0 || buf[lf - 1] != b'\r' {
+        return Err(WireError::Malformed("chunk line not ended by CRLF"));
+    }
+    let mut line = buf.split_to(lf + 1);
+    line.truncate(lf - 1);
+    Ok(Some(line))
+}
+
+/// `1*HEXDIG [ chunk-ext ]`; extensions are ignored.
+fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let rest = &line[digits..];
+    if digits == 0
+        || digits > 15
+        || !(rest.is_empty() || rest.trim_ascii_start().starts_with(b";"))
+        || rest.iter().any(|b| b.is_ascii_control() && *b != b'\t')
+    {
+        return Err(WireError::Malformed("malformed chunk size"));
+    }
+    Ok(line[..digits].iter().fold(0u64, |n, d| {
+        n * 16 + u64::from((*d as char).to_digit(16).unwrap_or(0))
+    }))
+}
+
+/// Appends `data` to `out` in the framing a body is sent with.
+pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// `HTTP/1.1 <code> <reason>` and its line end.
+pub fn write_status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The framing header a body of `framing` is announced with, if any.
+pub fn write_framing(out: &mut Vec<u8>, framing: Framing) {
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Empty | Framing::UntilClose => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(text: &str) -> Result<Option<RequestHead>, WireError> {
+        parse_request(&mut BytesMut::from(text))
+    }
+
+    fn framing_of(text: &str) -> Result<Framing, WireError> {
+        request(text).map(|r| r.expect("complete").framing)
+    }
+
+    #[test]
+    fn a_head_is_taken_out_and_what_follows_stays() {
+        let mut buf = BytesMut::from("POST /x?y HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\nbodyGET");
+        let head = parse_request(&mut buf).unwrap().unwrap();
+        assert_eq!(&buf[..], b"bodyGET");
+        assert_eq!(head.target(), "/x?y");
+        let fields: Vec<_> = head.fields().collect();
+        assert_eq!(fields, [(&b"Host"[..], &b"h"[..]), (b"X-A", b"1")]);
+    }
+
+    #[test]
+    fn partial_heads_ask_for_more() {
+        assert!(request("POST / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+        assert!(request("").unwrap().is_none());
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let head = "POST /a?b=1 HTTP/1.1\r\nHost: x\r\n";
+        assert_eq!(framing_of(&format!("{head}\r\n")), Ok(Framing::Empty));
+        assert_eq!(
+            framing_of(&format!("{head}Content-Length: 0\r\n\r\n")),
+            Ok(Framing::Length(0))
+        );
+        assert_eq!(
+            framing_of(&format!("{head}Content-Length: 12\r\n\r\n")),
+            Ok(Framing::Length(12))
+        );
+        assert_eq!(
+            framing_of(&format!(
+                "{head}Content-Length: 5, 5\r\ncontent-length: 5\r\n\r\n"
+            )),
+            Ok(Framing::Length(5))
+        );
+        assert_eq!(
+            framing_of(&format!("{head}Transfer-Encoding: Chunked\r\n\r\n")),
+            Ok(Framing::Chunked)
+        );
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        let head = "POST / HTTP/1.1\r\nHost: x\r\n";
+        for (fields, want) in [
+            (
+                "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+                WireError::Malformed("both Transfer-Encoding and Content-Length"),
+            ),
+            (
+                "Content-Length: 5\r\nContent-Length: 6\r\n",
+                WireError::Malformed("conflicting Content-Length"),
+            ),
+            (
+                "Content-Length: +5\r\n",
+                WireError::Malformed("malformed Content-Length"),
+            ),
+            (
+                "Content-Length: 99999999999999999999\r\n",
+                WireError::Malformed("malformed Content-Length"),
+            ),
+            ("Transfer-Encoding: gzip\r\n", WireError::UnsupportedCoding),
+            (
+                "Transfer-Encoding: chunked, chunked\r\n",
+                WireError::UnsupportedCoding,
+            ),
+            (
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n",
+                WireError::UnsupportedCoding,
+            ),
+            (
+                "Host: y\r\n",
+                WireError::Malformed("more than one Host header"),
+            ),
+        ] {
+            assert_eq!(
+                framing_of(&format!("{head}{fields}\r\n")),
+                Err(want),
+                "{fields}"
+            );
+        }
+        assert_eq!(
+            framing_of("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(WireError::Malformed("Transfer-Encoding in HTTP/1.0"))
+        );
+    }
+
+    #[test]
+    fn malformed_heads_are_refused() {
+        for text in [
+            "POST / HTTP/1.1\r\nHost : x\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+            "POST  / HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\nX: a\x01b\r\n\r\n",
+            "POST / HTTP/2.0\r\n\r\n",
+        ] {
+            assert!(
+                matches!(request(text), Err(WireError::Malformed(_))),
+                "{text:?}"
+            );
+        }
+        let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
+        assert_eq!(request(&huge).unwrap_err(), WireError::HeadTooLarge);
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        assert_eq!(
+            request(&format!("GET / HTTP/1.1\r\n{many}\r\n")).unwrap_err(),
+            WireError::HeadTooLarge
+        );
+    }
+
+    #[test]
+    fn keep_alive_and_expect_continue() {
+        let head = |text: &str| request(text).unwrap().unwrap();
+        assert!(head("GET / HTTP/1.1\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.1\r\nConnection: upgrade, Close\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive);
+        assert!(head("POST / HTTP/1.1\r\nExpect: 100-Continue\r\n\r\n").expect_continue);
+        assert!(!head("POST / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").expect_continue);
+    }
+
+    #[test]
+    fn response_framing() {
+        let framing = |text: &str, method: Method| {
+            parse_response(&mut BytesMut::from(text), &method)
+                .map(|r| r.expect("complete"))
+                .map(|h| (h.framing, h.keep_alive))
+        };
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", Method::POST),
+            Ok((Framing::Length(3), true))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", Method::HEAD),
+            Ok((Framing::Empty, true))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 204 No Content\r\n\r\n", Method::POST),
+            Ok((Framing::Empty, true))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\n\r\n", Method::POST),
+            Ok((Framing::UntilClose, false))
+        );
+        assert_eq!(
+            framing(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+                Method::POST
+            ),
+            Ok((Framing::Chunked, false))
+        );
+        assert_eq!(
+            framing("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Method::POST),
+            Ok((Framing::Length(1), false))
+        );
+        assert!(
+            framing(
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Method::POST
+            )
+            .is_err()
+        );
+    }
+
+    fn decode_all(framing: Framing, input: &[u8]) -> Result<(Vec<u8>, bool), WireError> {
+        // Feed one byte at a time: every state must cope with partial input.
+        let mut decoder = Decoder::new(framing);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for byte in input {
+            buf.extend_from_slice(&[*byte]);
+            loop {
+                match decoder.decode(&mut buf)? {
+                    Decoded::Data(d) => out.extend_from_slice(&d),
+                    Decoded::NeedMore => break,
+                    Decoded::End => return Ok((out, true)),
+                }
+            }
+        }
+        Ok((out, decoder.is_done()))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_any_split() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\n";
+        assert_eq!(
+            decode_all(Framing::Chunked, body),
+            Ok((b"hello world".to_vec(), true))
+        );
+        assert_eq!(
+            decode_all(Framing::Length(3), b"abcdef"),
+            Ok((b"abc".to_vec(), true))
+        );
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused() {
+        for body in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloX\r\n0\r\n\r\n",
+            b"x\r\n",
+            b"-5\r\n",
+            b"1000000000000000\r\n",
+            b"5 junk\r\n",
+        ] {
+            assert!(
+                decode_all(Framing::Chunked, body).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn eof_ends_only_close_delimited_bodies() {
+        assert_eq!(Decoder::new(Framing::UntilClose).eof(), Ok(()));
+        assert_eq!(
+            Decoder::new(Framing::Length(3)).eof(),
+            Err(WireError::Truncated)
+        );
+        assert_eq!(
+            Decoder::new(Framing::Chunked).eof(),
+            Err(WireError::Truncated)
+        );
+    }
+
+    #[test]
+    fn chunks_and_framing_are_written() {
+        let mut out = Vec::new();
+        write_framing(&mut out, Framing::Chunked);
+        write_framing(&mut out, Framing::Length(7));
+        write_framing(&mut out, Framing::UntilClose);
+        assert_eq!(out, b"transfer-encoding: chunked\r\ncontent-length: 7\r\n");
+        let mut chunk = Vec::new();
+        encode_chunk(&mut chunk, b"hello world, 26 bytes long");
+        assert_eq!(chunk, b"1a\r\nhello world, 26 bytes long\r\n");
+    }
+}
