@@ -168,6 +168,7 @@ where
         decoder: Decoder::new(head.framing),
         left: gateway.limits.max_body_bytes,
         send_continue: head.expect_continue,
+        malformed: false,
         client,
     };
     let (status, keep_alive) = match checked {
@@ -475,6 +476,8 @@ struct ClientBody<'a, IO> {
     left: u64,
     /// `Expect: 100-continue` still to be answered before the body is read.
     send_continue: bool,
+    /// The body broke its framing: nothing after it can be read.
+    malformed: bool,
 }
 
 impl<IO> BodySource for ClientBody<'_, IO>
@@ -483,11 +486,11 @@ where
 {
     async fn next(&mut self) -> Result<Option<Bytes>, SourceError> {
         loop {
-            match self
-                .decoder
-                .decode(&mut self.client.buf)
-                .map_err(SourceError::Aborted)?
-            {
+            let decoded = self.decoder.decode(&mut self.client.buf).map_err(|e| {
+                self.malformed = true;
+                SourceError::Aborted(e)
+            })?;
+            match decoded {
                 Decoded::Data(data) => {
                     let len = data.len() as u64;
                     if len > self.left {
@@ -545,7 +548,7 @@ where
         self.client
             .answer(response, &trace.request_id, !keep, head_request)
             .await;
-        if !whole && !self.send_continue {
+        if !whole && !self.send_continue && !self.malformed {
             let limit = self.left.saturating_mul(2).max(DRAIN_MIN);
             let _ = tokio::time::timeout(DRAIN_TIME, self.drain(leftover, limit)).await;
         }
