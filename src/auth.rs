@@ -9,6 +9,12 @@
 //! epoch at which its store read began, and an invalidation records the
 //! epoch it happened at. A value read before an invalidation of its entry
 //! is never served after it, even if a concurrent miss inserts it late.
+//!
+//! In front of the key and owner caches, each thread keeps a small copy of
+//! the answers it served (a moka read records an access for its eviction
+//! policy, which costs more than the rest of the check). A front entry is
+//! served under the same fence test as a moka entry, and never past the
+//! TTL of the store read it came from.
 
 use crate::config::CacheConfig;
 use crate::key::KeyHash;
@@ -118,6 +124,43 @@ pub enum AuthError {
 struct Fenced<T> {
     value: T,
     epoch: u64,
+    /// When the value was read, in whole seconds of [`uptime`] (rounded
+    /// down, so a front copy expires no later than the moka entry).
+    loaded: u32,
+}
+
+impl<T> Fenced<T> {
+    fn new(value: T, epoch: u64) -> Fenced<T> {
+        Fenced {
+            value,
+            epoch,
+            loaded: uptime(),
+        }
+    }
+}
+
+/// Whole seconds since the first call in this process.
+fn uptime() -> u32 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(Instant::now);
+    u32::try_from(start.elapsed().as_secs()).unwrap_or(u32::MAX)
+}
+
+/// Entries per thread and cache in the front copies; a full front starts
+/// over (the moka caches behind it still hold everything).
+const FRONT_CAPACITY: usize = 4096;
+
+/// One thread's front copies for one [`Auth`].
+#[derive(Default)]
+struct Front {
+    keys: std::collections::HashMap<KeyHash, Fenced<Arc<Principal>>>,
+    owners: std::collections::HashMap<Box<str>, Fenced<Option<Arc<str>>>>,
+}
+
+thread_local! {
+    /// Front copies by [`Auth::id`]; a process normally has one `Auth`.
+    static FRONTS: std::cell::RefCell<Vec<(u64, Front)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Per-entry invalidation epochs, kept for as long as a stale value could
@@ -168,6 +211,10 @@ pub struct Auth {
     key_fences: Fences<KeyHash>,
     owner_fences: Fences<String>,
     metrics: Arc<Metrics>,
+    /// Tells this `Auth`'s front copies from another's on the same thread.
+    id: u64,
+    key_ttl: u32,
+    owner_ttl: u32,
 }
 
 enum Miss {
@@ -201,7 +248,73 @@ impl Auth {
             key_fences: Fences::new(config.keys.ttl.max(config.negative.ttl)),
             owner_fences: Fences::new(config.owners.ttl),
             metrics,
+            id: {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
+            key_ttl: ttl_secs(config.keys.ttl),
+            owner_ttl: ttl_secs(config.owners.ttl),
         }
+    }
+
+    fn with_front<R>(&self, f: impl FnOnce(&mut Front) -> R) -> R {
+        FRONTS.with(|fronts| {
+            let mut fronts = fronts.borrow_mut();
+            let index = match fronts.iter().position(|(id, _)| *id == self.id) {
+                Some(i) => i,
+                None => {
+                    // Other `Auth`s (tests make many) keep a few slots.
+                    if fronts.len() >= 8 {
+                        fronts.remove(0);
+                    }
+                    fronts.push((self.id, Front::default()));
+                    fronts.len() - 1
+                }
+            };
+            f(&mut fronts[index].1)
+        })
+    }
+
+    fn front_key(&self, hash: &KeyHash) -> Option<Arc<Principal>> {
+        let now = uptime();
+        self.with_front(|front| {
+            let entry = front.keys.get(hash)?;
+            if live(entry.loaded, self.key_ttl, now) && self.key_valid(hash, entry.epoch) {
+                return Some(entry.value.clone());
+            }
+            front.keys.remove(hash);
+            None
+        })
+    }
+
+    fn keep_key(&self, hash: KeyHash, entry: &Fenced<Arc<Principal>>) {
+        self.with_front(|front| {
+            if front.keys.len() >= FRONT_CAPACITY {
+                front.keys.clear();
+            }
+            front.keys.insert(hash, entry.clone());
+        });
+    }
+
+    fn front_owner(&self, workflow: &str) -> Option<Option<Arc<str>>> {
+        let now = uptime();
+        self.with_front(|front| {
+            let entry = front.owners.get(workflow)?;
+            if live(entry.loaded, self.owner_ttl, now) && self.owner_valid(workflow, entry.epoch) {
+                return Some(entry.value.clone());
+            }
+            front.owners.remove(workflow);
+            None
+        })
+    }
+
+    fn keep_owner(&self, workflow: &str, entry: &Fenced<Option<Arc<str>>>) {
+        self.with_front(|front| {
+            if front.owners.len() >= FRONT_CAPACITY {
+                front.owners.clear();
+            }
+            front.owners.insert(workflow.into(), entry.clone());
+        });
     }
 
     fn fresh(&self, epoch: u64) -> bool {
@@ -225,10 +338,15 @@ impl Auth {
     /// store read begun before an invalidation of the same key does not take
     /// its answer: it reads again.
     pub async fn authenticate(&self, hash: KeyHash) -> Result<Arc<Principal>, AuthError> {
+        if let Some(principal) = self.front_key(&hash) {
+            self.count(|c| &c.key_cache_hits);
+            return Ok(principal);
+        }
         for _ in 0..RACE_RETRIES {
             if let Some(hit) = self.keys.get(&hash).await {
                 if self.key_valid(&hash, hit.epoch) {
                     self.count(|c| &c.key_cache_hits);
+                    self.keep_key(hash, &hit);
                     return Ok(hit.value);
                 }
                 self.keys.invalidate(&hash).await;
@@ -246,17 +364,17 @@ impl Auth {
                 .try_get_with(hash, async {
                     let epoch = self.epoch.load(Ordering::Acquire);
                     match self.store.find_by_hash(hash).await {
-                        Ok(Some(record)) => Ok(Fenced {
-                            value: Arc::new(principal(record)),
-                            epoch,
-                        }),
+                        Ok(Some(record)) => Ok(Fenced::new(Arc::new(principal(record)), epoch)),
                         Ok(None) => Err(Miss::NotFound(epoch)),
                         Err(e) => Err(Miss::Store(e)),
                     }
                 })
                 .await;
             match result {
-                Ok(found) if self.key_valid(&hash, found.epoch) => return Ok(found.value),
+                Ok(found) if self.key_valid(&hash, found.epoch) => {
+                    self.keep_key(hash, &found);
+                    return Ok(found.value);
+                }
                 Ok(_) => self.keys.invalidate(&hash).await,
                 Err(miss) => match &*miss {
                     Miss::NotFound(epoch) if self.key_valid(&hash, *epoch) => {
@@ -278,10 +396,15 @@ impl Auth {
 
     /// The owner of a workflow, `None` if it has none.
     pub async fn owner(&self, workflow: &str) -> Result<Option<Arc<str>>, AuthError> {
+        if let Some(owner) = self.front_owner(workflow) {
+            self.count(|c| &c.owner_cache_hits);
+            return Ok(owner);
+        }
         for _ in 0..RACE_RETRIES {
             if let Some(hit) = self.owners.get(workflow).await {
                 if self.owner_valid(workflow, hit.epoch) {
                     self.count(|c| &c.owner_cache_hits);
+                    self.keep_owner(workflow, &hit);
                     return Ok(hit.value);
                 }
                 self.owners.invalidate(workflow).await;
@@ -292,14 +415,14 @@ impl Auth {
                 .try_get_with(workflow.to_owned(), async {
                     let epoch = self.epoch.load(Ordering::Acquire);
                     let owner = self.store.get_owner(workflow).await?;
-                    Ok::<_, StoreError>(Fenced {
-                        value: owner.map(Arc::from),
-                        epoch,
-                    })
+                    Ok::<_, StoreError>(Fenced::new(owner.map(Arc::from), epoch))
                 })
                 .await;
             match result {
-                Ok(found) if self.owner_valid(workflow, found.epoch) => return Ok(found.value),
+                Ok(found) if self.owner_valid(workflow, found.epoch) => {
+                    self.keep_owner(workflow, &found);
+                    return Ok(found.value);
+                }
                 Ok(_) => self.owners.invalidate(workflow).await,
                 Err(e) => return Err(self.store_failed(&e)),
             }
@@ -353,6 +476,17 @@ impl Auth {
         self.keys.run_pending_tasks().await;
         self.keys.entry_count()
     }
+}
+
+fn ttl_secs(ttl: Duration) -> u32 {
+    u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX)
+}
+
+/// Whether a value loaded at `loaded` is within `ttl` at `now` (seconds of
+/// [`uptime`]). `loaded` is rounded down, so this never runs past the TTL;
+/// a TTL under a second keeps nothing in front.
+fn live(loaded: u32, ttl: u32, now: u32) -> bool {
+    now < loaded.saturating_add(ttl)
 }
 
 fn principal(record: KeyRecord) -> Principal {
@@ -477,6 +611,75 @@ mod tests {
             auth.authenticate(hash).await.err(),
             Some(AuthError::InvalidKey)
         );
+    }
+
+    #[tokio::test]
+    async fn front_copies_fall_with_the_entry_they_copy() {
+        let hash = KeyHash::of("wfb_front");
+        let record = KeyRecord {
+            id: "key_1".into(),
+            user_id: "u".into(),
+            name: String::new(),
+            prefix: "wfb_front".into(),
+            hash,
+            created_at: 0,
+            last_used_at: None,
+        };
+        let store = Arc::new(GatedStore {
+            keys: Mutex::new(vec![record.clone()]),
+            gate: Semaphore::new(1000),
+            reads: AtomicUsize::new(0),
+        });
+        let size = CacheSize {
+            capacity: 100,
+            ttl: Duration::from_secs(60),
+        };
+        let config = CacheConfig {
+            keys: size,
+            negative: size,
+            owners: size,
+        };
+        let auth = Auth::new(store.clone(), &config, Arc::new(Metrics::new([])));
+        let reads = || store.reads.load(Ordering::SeqCst);
+        for _ in 0..3 {
+            assert_eq!(auth.authenticate(hash).await.unwrap().key_id(), "key_1");
+        }
+        assert_eq!(reads(), 1);
+        assert!(auth.front_key(&hash).is_some());
+
+        // A revoke voids the front copy on every thread at once: the fence
+        // is shared, the copy is checked against it on each use.
+        store.keys.lock().unwrap().clear();
+        auth.invalidate_key(hash).await;
+        assert!(auth.front_key(&hash).is_none());
+        assert_eq!(
+            auth.authenticate(hash).await.err(),
+            Some(AuthError::InvalidKey)
+        );
+        assert_eq!(reads(), 2);
+
+        // So does a whole-cache flush.
+        store.keys.lock().unwrap().push(record);
+        auth.invalidate_all();
+        assert!(auth.authenticate(hash).await.is_ok());
+        assert_eq!(reads(), 3);
+        auth.invalidate_all();
+        assert!(auth.front_key(&hash).is_none());
+
+        // Another `Auth` on this thread has fronts of its own.
+        let other = Auth::new(store.clone(), &config, Arc::new(Metrics::new([])));
+        assert!(other.front_key(&hash).is_none());
+    }
+
+    #[test]
+    fn front_copies_never_outlive_the_ttl() {
+        // Loaded in second 10 (rounded down) with a 5 s TTL: served in
+        // seconds 10 to 14, not in 15, whatever the fraction was.
+        assert!(live(10, 5, 10) && live(10, 5, 14));
+        assert!(!live(10, 5, 15));
+        // A TTL under a second keeps nothing in front.
+        assert!(!live(10, 0, 10));
+        assert!(live(u32::MAX - 1, 5, u32::MAX - 1));
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub fn have(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A child process killed on drop.
+/// A child process stopped on drop.
 pub struct Proc {
     pub child: Child,
 }
@@ -50,7 +50,19 @@ pub fn rss_of(status_path: &str) -> u64 {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so nginx's master takes its workers down with it
+    /// (SIGKILL would leave them running); SIGKILL after 5 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

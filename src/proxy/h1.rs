@@ -5,13 +5,14 @@
 //! keygate forward faster than nginx (README, "Performance"); HTTP/2 stays
 //! with hyper.
 
+use super::reject::Reject;
 use super::upstream::{Answer, BodySource, SourceError};
-use super::wire::{self, Decoded, Decoder, Framing, RequestHead, WireError};
+use super::wire::{self, Decoded, Decoder, Fields, Framing, RequestHead, WireError};
 use super::{
     Authorization, Checked, ConnInfo, Facts, Forwarder, Gateway, Trace, Upstreamed,
     body::ProxyBody, headers,
 };
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use std::future::Future;
@@ -33,8 +34,19 @@ pub struct Client<IO> {
     io: IO,
     buf: BytesMut,
     out: Vec<u8>,
+    /// The head being sent upstream.
+    up: Vec<u8>,
+    /// Where the current request head's fields lie in `buf`.
+    fields: Fields,
     /// The request being answered is HTTP/1.0.
     http10: bool,
+}
+
+/// Where a request goes once its head has been read.
+enum Next {
+    Forward { route: usize, pool: usize },
+    Preflight,
+    Refuse(Reject),
 }
 
 /// A connection's one timer. Setting a later deadline only records it; the
@@ -100,6 +112,8 @@ pub async fn serve<IO>(
         io,
         buf,
         out: Vec::with_capacity(4 * 1024),
+        up: Vec::with_capacity(1024),
+        fields: Fields::default(),
         http10: false,
     };
     let mut deadline = Deadline::new();
@@ -136,57 +150,49 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let keep_alive = head.keep_alive;
-    let mut trace = gateway.begin(
-        &head.method,
-        head.fields()
-            .find(|(n, _)| n.eq_ignore_ascii_case(b"x-request-id"))
-            .map(|(_, v)| v),
-    );
     client.http10 = head.version == Version::HTTP_10;
     let head_request = head.method == Method::HEAD;
-    // Absolute-form (`POST http://host/path`) is read as the path, and its
-    // authority stands in for a missing `Host`.
-    let absolute = (!head.target().starts_with('/'))
-        .then(|| head.target().parse::<http::Uri>().ok())
-        .flatten();
-    let target = match &absolute {
-        Some(uri) => uri.path_and_query().map_or("/", |pq| pq.as_str()),
-        None => head.target(),
-    };
-    let facts = Facts {
-        method: &head.method,
-        path: target.split('?').next().unwrap_or(target),
-        authorization: Authorization::of(
-            head.fields()
-                .filter(|(n, _)| n.eq_ignore_ascii_case(b"authorization"))
-                .map(|(_, v)| v),
-        ),
-        content_length: head.content_length,
-    };
-    let checked = gateway.check(&facts, info, &mut trace).await;
-    let mut body = ClientBody {
-        decoder: Decoder::new(head.framing),
-        left: gateway.limits.max_body_bytes,
-        send_continue: head.expect_continue,
-        malformed: false,
-        client,
-    };
-    let (status, keep_alive) = match checked {
-        Ok(Checked::Forward { route, principal }) => {
-            let original_host = head
-                .fields()
-                .find(|(n, _)| n.eq_ignore_ascii_case(b"host"))
+    let mut up = std::mem::take(&mut client.up);
+    up.clear();
+    // Everything decided from the head, while it is still in the buffer.
+    let (trace, next) = {
+        let bytes = &client.buf[..head.len];
+        let fields = || client.fields.of(bytes);
+        let find = |name: &[u8]| {
+            fields()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v)
-                .or_else(|| {
+        };
+        let mut trace = gateway.begin(&head.method, find(b"x-request-id"));
+        // Absolute-form (`POST http://host/path`) is read as the path, and
+        // its authority stands in for a missing `Host`.
+        let sent_target = head.target(bytes);
+        let absolute = (!sent_target.starts_with('/'))
+            .then(|| sent_target.parse::<http::Uri>().ok())
+            .flatten();
+        let target = match &absolute {
+            Some(uri) => uri.path_and_query().map_or("/", |pq| pq.as_str()),
+            None => sent_target,
+        };
+        let facts = Facts {
+            method: &head.method,
+            path: target.split('?').next().unwrap_or(target),
+            authorization: Authorization::of(
+                fields()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(b"authorization"))
+                    .map(|(_, v)| v),
+            ),
+            content_length: head.content_length,
+        };
+        let next = match gateway.check(&facts, info, &mut trace).await {
+            Ok(Checked::Forward { route, principal }) => {
+                let original_host = find(b"host").or_else(|| {
                     absolute
                         .as_ref()
                         .and_then(|u| u.authority())
                         .map(|a| a.as_str().as_bytes())
                 });
-            let mut out = Vec::with_capacity(1024);
-            let pool = gateway.upstream_head(
-                &mut out,
-                Upstreamed {
+                let up_head = Upstreamed {
                     conn: info,
                     method: &head.method,
                     target: target.as_bytes(),
@@ -195,22 +201,37 @@ where
                     principal: &principal,
                     trace: &trace,
                     framing: head.framing,
-                },
-                head.fields(),
-            );
-            let sent = match pool {
-                Ok(pool) => {
-                    let pool = &forwarder.pools[pool];
-                    let sent = deadline
-                        .within(
-                            gateway.limits.upstream_response_timeout,
-                            pool.send(out, head.framing, &mut body, &head.method),
-                        )
-                        .await;
-                    gateway.forward_outcome(route, sent)
+                };
+                match gateway.upstream_head(&mut up, up_head, fields()) {
+                    Ok(pool) => Next::Forward { route, pool },
+                    Err(reject) => Next::Refuse(reject),
                 }
-                Err(reject) => Err(reject),
-            };
+            }
+            Ok(Checked::Preflight) => Next::Preflight,
+            Err(reject) => {
+                gateway.refused(&reject, info, &trace);
+                Next::Refuse(reject)
+            }
+        };
+        (trace, next)
+    };
+    client.buf.advance(head.len);
+    let mut body = ClientBody {
+        decoder: Decoder::new(head.framing),
+        left: gateway.limits.max_body_bytes,
+        send_continue: head.expect_continue,
+        malformed: false,
+        client,
+    };
+    let (status, keep_alive) = match next {
+        Next::Forward { route, pool } => {
+            let sent = deadline
+                .within(
+                    gateway.limits.upstream_response_timeout,
+                    forwarder.pools[pool].send(&mut up, head.framing, &mut body, &head.method),
+                )
+                .await;
+            let sent = gateway.forward_outcome(route, sent);
             match sent {
                 Ok(answer) => pass_on(&mut body, answer, &trace, keep_alive).await,
                 Err(reject) => {
@@ -224,7 +245,7 @@ where
                 }
             }
         }
-        Ok(Checked::Preflight) => {
+        Next::Preflight => {
             let response = gateway.preflight();
             let status = response.status();
             (
@@ -232,8 +253,7 @@ where
                 body.refuse(response, &trace, keep_alive, false).await,
             )
         }
-        Err(reject) => {
-            gateway.refused(&reject, info, &trace);
+        Next::Refuse(reject) => {
             let status = reject.status();
             let response = reject.into_response();
             (
@@ -243,6 +263,7 @@ where
             )
         }
     };
+    body.client.up = up;
     gateway.finish(&trace, status.as_u16());
     keep_alive
 }
@@ -280,11 +301,12 @@ where
     headers::write_client_response(
         &mut client.out,
         head.status,
-        head.fields(),
+        conn.fields.of(&conn.buf[..head.len]),
         out_framing,
         connection,
-        &trace.request_id,
+        trace.request_id.as_bytes(),
     );
+    conn.buf.advance(head.len);
     let mut decoder = Decoder::new(head.framing);
     let chunked = out_framing == Framing::Chunked;
     let complete = loop {
@@ -362,7 +384,7 @@ where
         &mut self,
         status: StatusCode,
         headers: &HeaderMap,
-        request_id: &HeaderValue,
+        request_id: &[u8],
         framing: Framing,
         keep: bool,
     ) {
@@ -395,7 +417,7 @@ where
     ) -> Head {
         loop {
             if !self.buf.is_empty() {
-                match wire::parse_request(&mut self.buf) {
+                match wire::parse_request(&self.buf, &mut self.fields) {
                     Ok(Some(head)) => return Head::Request(head),
                     Ok(None) => {}
                     Err(e) => return Head::Bad(e),
@@ -418,7 +440,7 @@ where
     async fn answer(
         &mut self,
         response: Response<ProxyBody>,
-        request_id: &HeaderValue,
+        request_id: &[u8],
         close: bool,
         head_request: bool,
     ) {
@@ -454,11 +476,12 @@ where
             HeaderValue::from_static("application/json"),
         );
         let request_id = gateway.request_ids.next();
+        let request_id = request_id.as_bytes();
         self.out.clear();
         self.write_head(
             error.status(),
             &headers,
-            &request_id,
+            request_id,
             Framing::Length(body.len() as u64),
             false,
         );
@@ -546,7 +569,7 @@ where
         let whole = drain_buffered(&mut leftover, &mut self.client.buf) == Some(true);
         let keep = keep_alive && whole;
         self.client
-            .answer(response, &trace.request_id, !keep, head_request)
+            .answer(response, trace.request_id.as_bytes(), !keep, head_request)
             .await;
         if !whole && !self.send_continue && !self.malformed {
             let limit = self.left.saturating_mul(2).max(DRAIN_MIN);

@@ -34,42 +34,52 @@ fn is(name: &[u8], lower: &str) -> bool {
     name.eq_ignore_ascii_case(lower.as_bytes())
 }
 
-/// The names a message's `Connection` header lists; they are hop-by-hop
-/// too. Empty (no allocation) for the usual message.
-pub fn connection_named<'a>(fields: impl Iterator<Item = Field<'a>>) -> Vec<&'a [u8]> {
-    let mut named = Vec::new();
-    for (name, value) in fields {
-        if is(name, "connection") {
-            named.extend(
-                value
-                    .split(|b| *b == b',')
-                    .map(<[u8]>::trim_ascii)
-                    .filter(|t| !t.is_empty()),
-            );
-        }
-    }
-    named
+/// The names a message's `Connection` fields list; they are hop-by-hop
+/// too. Read from the fields when asked, so the usual message costs one
+/// pass and no allocation.
+pub struct Named<I> {
+    fields: I,
+    any: bool,
 }
 
-/// Whether a field belongs to one connection only, by name.
-pub fn is_hop_by_hop(name: &[u8], connection_named: &[&[u8]]) -> bool {
-    HOP_BY_HOP.iter().any(|h| is(name, h))
-        || connection_named
-            .iter()
-            .any(|n| n.eq_ignore_ascii_case(name))
+pub fn connection_named<'a, I>(fields: I) -> Named<I>
+where
+    I: Iterator<Item = Field<'a>> + Clone,
+{
+    let any = fields.clone().any(|(name, _)| is(name, "connection"));
+    Named { fields, any }
+}
+
+impl<'a, I> Named<I>
+where
+    I: Iterator<Item = Field<'a>> + Clone,
+{
+    pub fn contains(&self, name: &[u8]) -> bool {
+        self.any
+            && self
+                .fields
+                .clone()
+                .filter(|(n, _)| is(n, "connection"))
+                .flat_map(|(_, value)| value.split(|b| *b == b','))
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(name))
+    }
+
+    /// Whether a field belongs to one connection only, by name.
+    pub fn is_hop_by_hop(&self, name: &[u8]) -> bool {
+        HOP_BY_HOP.iter().any(|h| is(name, h)) || self.contains(name)
+    }
 }
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = connection_named(fields_of(headers))
-        .into_iter()
-        .filter_map(|n| HeaderName::from_bytes(n).ok())
-        .collect();
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n.as_str().as_bytes(), &[]) || named.contains(n))
-        .cloned()
-        .collect();
+    let doomed: Vec<HeaderName> = {
+        let named = connection_named(fields_of(headers));
+        headers
+            .keys()
+            .filter(|n| named.is_hop_by_hop(n.as_str().as_bytes()))
+            .cloned()
+            .collect()
+    };
     for name in doomed {
         headers.remove(name);
     }
@@ -98,7 +108,7 @@ pub struct Injected<'a> {
     pub original_host: Option<&'a [u8]>,
     /// What to send as `Host`.
     pub upstream_host: &'a [u8],
-    pub request_id: &'a HeaderValue,
+    pub request_id: &'a [u8],
 }
 
 /// Writes the head a permitted request goes upstream with: the client's
@@ -124,9 +134,8 @@ pub fn write_upstream_request<'a>(
         inject.key_header.as_str().as_bytes(),
     ];
     let mut spoofed = 0;
-    let mut forwarded_for: Vec<u8> = Vec::new();
-    for (name, value) in fields {
-        if is_hop_by_hop(name, &named)
+    for (name, value) in fields.clone() {
+        if named.is_hop_by_hop(name)
             || [
                 "expect",
                 "content-length",
@@ -149,31 +158,30 @@ pub fn write_upstream_request<'a>(
             continue;
         }
         if is(name, "x-forwarded-for") {
-            let value = value.trim_ascii();
-            if !value.is_empty() {
-                if !forwarded_for.is_empty() {
-                    forwarded_for.extend_from_slice(b", ");
-                }
-                forwarded_for.extend_from_slice(value);
-            }
             continue;
         }
         field(out, name, value);
     }
     field(out, identity[0], inject.user_id.as_bytes());
     field(out, identity[1], inject.key_id.as_bytes());
-    if !forwarded_for.is_empty() {
-        forwarded_for.extend_from_slice(b", ");
+    // Earlier hops' addresses, in order, then the client's.
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for (name, value) in fields {
+        let value = value.trim_ascii();
+        if is(name, "x-forwarded-for") && !value.is_empty() {
+            out.extend_from_slice(value);
+            out.extend_from_slice(b", ");
+        }
     }
-    forwarded_for.extend_from_slice(inject.client_ip.as_bytes());
-    field(out, b"x-forwarded-for", &forwarded_for);
+    out.extend_from_slice(inject.client_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
     let proto: &[u8] = if inject.tls { b"https" } else { b"http" };
     field(out, b"x-forwarded-proto", proto);
     if let Some(host) = inject.original_host {
         field(out, b"x-forwarded-host", host);
     }
     field(out, b"host", inject.upstream_host);
-    field(out, b"x-request-id", inject.request_id.as_bytes());
+    field(out, b"x-request-id", inject.request_id);
     wire::write_framing(out, framing);
     out.extend_from_slice(b"\r\n");
     spoofed
@@ -188,15 +196,15 @@ pub fn write_client_response<'a>(
     fields: impl Iterator<Item = Field<'a>> + Clone,
     framing: Framing,
     connection: Option<&str>,
-    request_id: &HeaderValue,
+    request_id: &[u8],
 ) {
     let named = connection_named(fields.clone());
     // A bodiless answer keeps the length it describes (HEAD, 304).
     let keep_length = framing == Framing::Empty && status != StatusCode::NO_CONTENT;
     wire::write_status_line(out, status);
     let (mut has_id, mut has_date) = (false, false);
-    for (name, value) in fields {
-        if is_hop_by_hop(name, &named) || (!keep_length && is(name, "content-length")) {
+    for (name, value) in fields.clone() {
+        if named.is_hop_by_hop(name) || (!keep_length && is(name, "content-length")) {
             continue;
         }
         has_id |= is(name, "x-request-id");
@@ -204,7 +212,7 @@ pub fn write_client_response<'a>(
         field(out, name, value);
     }
     if !has_id {
-        field(out, b"x-request-id", request_id.as_bytes());
+        field(out, b"x-request-id", request_id);
     }
     if !has_date {
         crate::clock::http_date(|date| field(out, b"date", date));
@@ -231,10 +239,50 @@ fn same_but_underscores(a: &[u8], b: &[u8]) -> bool {
         })
 }
 
+/// Longest `X-Request-Id` kept from a client.
+const REQUEST_ID_MAX: usize = 128;
+
+/// A request's id, the client's or one of ours, kept inline: no allocation
+/// per request.
+#[derive(Clone)]
+pub struct RequestId {
+    len: u8,
+    bytes: [u8; REQUEST_ID_MAX],
+}
+
+impl RequestId {
+    /// The client's id, if it is short and plain.
+    pub fn from_client(id: &[u8]) -> Option<RequestId> {
+        sane_request_id(id).then(|| RequestId::new(id))
+    }
+
+    fn new(id: &[u8]) -> RequestId {
+        let mut bytes = [0u8; REQUEST_ID_MAX];
+        bytes[..id.len()].copy_from_slice(id);
+        RequestId {
+            len: id.len() as u8,
+            bytes,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// Ids are plain ASCII by construction.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("-")
+    }
+
+    pub fn to_header_value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(self.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
+}
+
 /// A client's `X-Request-Id` is kept if it is short and plain.
 pub fn sane_request_id(bytes: &[u8]) -> bool {
     !bytes.is_empty()
-        && bytes.len() <= 128
+        && bytes.len() <= REQUEST_ID_MAX
         && bytes.iter().all(|b| {
             b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'+' | b'=')
         })
@@ -257,7 +305,7 @@ impl Default for RequestIds {
 }
 
 impl RequestIds {
-    pub fn next(&self) -> HeaderValue {
+    pub fn next(&self) -> RequestId {
         use crate::key::HEX;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut id = [0u8; 24];
@@ -269,7 +317,7 @@ impl RequestIds {
             };
             *byte = HEX[(nibble & 0xf) as usize];
         }
-        HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        RequestId::new(&id)
     }
 }
 
@@ -279,7 +327,7 @@ mod tests {
     use http::header;
 
     static CLIENT: HeaderValue = HeaderValue::from_static("10.0.0.9");
-    static RID: HeaderValue = HeaderValue::from_static("rid-1");
+    const RID: &[u8] = b"rid-1";
 
     fn inject<'a>(user: &'a HeaderName, key: &'a HeaderName, fwd_auth: bool) -> Injected<'a> {
         Injected {
@@ -292,7 +340,7 @@ mod tests {
             tls: false,
             original_host: Some(b"gw.example"),
             upstream_host: b"127.0.0.1:3000",
-            request_id: &RID,
+            request_id: RID,
         }
     }
 
@@ -309,13 +357,13 @@ mod tests {
             &inject(&user, &key, fwd_auth),
             Framing::Length(2),
         );
-        let mut buf = bytes::BytesMut::from(&out[..]);
-        let head = wire::parse_request(&mut buf).unwrap().unwrap();
-        assert!(buf.is_empty());
-        assert_eq!(head.target(), "/p?q=1");
+        let mut fields = wire::Fields::default();
+        let head = wire::parse_request(&out, &mut fields).unwrap().unwrap();
+        assert_eq!(head.len, out.len());
+        assert_eq!(head.target(&out), "/p?q=1");
         assert_eq!(head.framing, Framing::Length(2));
         let mut map = HeaderMap::new();
-        for (n, v) in head.fields() {
+        for (n, v) in fields.of(&out) {
             map.append(
                 HeaderName::from_bytes(n).unwrap(),
                 HeaderValue::from_bytes(v).unwrap(),
@@ -421,7 +469,7 @@ mod tests {
             fields.iter().copied(),
             Framing::Length(5),
             Some("close"),
-            &RID,
+            RID,
         );
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with(

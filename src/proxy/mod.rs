@@ -16,6 +16,7 @@ use crate::key::{self, KeyHash, Presented};
 use crate::metrics::Metrics;
 use crate::usage::Usage;
 use body::{IncomingSource, OriginBody, ProxyBody};
+use bytes::Buf;
 use headers::{Injected, X_REQUEST_ID};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -134,7 +135,7 @@ pub(crate) struct Trace {
     principal: Option<Arc<Principal>>,
     method: Method,
     started: Instant,
-    pub(crate) request_id: HeaderValue,
+    pub(crate) request_id: headers::RequestId,
 }
 
 impl Gateway {
@@ -258,7 +259,7 @@ impl Gateway {
         response
             .headers_mut()
             .entry(X_REQUEST_ID.clone())
-            .or_insert_with(|| trace.request_id.clone());
+            .or_insert_with(|| trace.request_id.to_header_value());
         self.finish(&trace, response.status().as_u16());
         response
     }
@@ -267,8 +268,7 @@ impl Gateway {
     /// client's `X-Request-Id` if it is plain, else a new one).
     pub(crate) fn begin(&self, method: &Method, client_id: Option<&[u8]>) -> Trace {
         let request_id = client_id
-            .filter(|id| headers::sane_request_id(id))
-            .and_then(|id| HeaderValue::from_bytes(id).ok())
+            .and_then(headers::RequestId::from_client)
             .unwrap_or_else(|| self.request_ids.next());
         Trace {
             route: self.metrics.unmatched(),
@@ -311,7 +311,7 @@ impl Gateway {
                 outcome = crate::metrics::OUTCOMES[crate::metrics::outcome_index(status)],
                 status,
                 latency_ms = elapsed.as_secs_f64() * 1000.0,
-                request_id = trace.request_id.to_str().unwrap_or("-"),
+                request_id = trace.request_id.as_str(),
                 key = trace.principal.as_ref().map_or("-", |p| p.prefix()),
             );
         }
@@ -426,22 +426,24 @@ impl Gateway {
         let mut source = IncomingSource::new(body, self.limits.max_body_bytes);
         let sent = tokio::time::timeout(
             self.limits.upstream_response_timeout,
-            forwarder.pools[pool].send(head, framing, &mut source, &parts.method),
+            forwarder.pools[pool].send(&mut head, framing, &mut source, &parts.method),
         )
         .await
         .ok();
         let Answer {
             head,
-            conn,
+            mut conn,
             request_complete,
         } = self.forward_outcome(route, sent)?;
-        let Ok(mut headers) = head.header_map() else {
+        let headers = conn.fields.header_map(&conn.buf[..head.len]);
+        conn.buf.advance(head.len);
+        let Ok(mut headers) = headers else {
             tracing::warn!(route = %self.router.routes()[route].label, "upstream sent a header HTTP/2 cannot carry");
             return Err(Reject::BadGateway);
         };
         headers
             .entry(X_REQUEST_ID.clone())
-            .or_insert_with(|| trace.request_id.clone());
+            .or_insert_with(|| trace.request_id.to_header_value());
         let reusable = head.keep_alive && request_complete;
         let mut response = Response::new(ProxyBody::Upstream(OriginBody::new(
             conn,
@@ -493,7 +495,7 @@ impl Gateway {
                 tls: up.conn.tls,
                 original_host: up.original_host,
                 upstream_host: host,
-                request_id: &up.trace.request_id,
+                request_id: up.trace.request_id.as_bytes(),
             },
             up.framing,
         );

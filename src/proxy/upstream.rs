@@ -10,8 +10,8 @@
 //! to come back (within the response timeout). A request is never sent
 //! twice: a POST that may have reached the upstream is not retried.
 
-use super::wire::{self, Framing, ResponseHead, WireError};
-use bytes::{Bytes, BytesMut};
+use super::wire::{self, Fields, Framing, ResponseHead, WireError};
+use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, StatusCode};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -102,6 +102,8 @@ impl Drop for Place {
 pub struct Conn {
     stream: TcpStream,
     pub buf: BytesMut,
+    /// Where the response head's fields lie in `buf`.
+    pub fields: Fields,
     place: Place,
 }
 
@@ -181,12 +183,14 @@ impl Pool {
         }
     }
 
-    /// Sends a request head (already written for the upstream) and its body,
-    /// and reads the response head. The body follows `framing`: kept as is
-    /// for a length, chunk-coded for `Chunked`.
+    /// Sends a request head (already written for the upstream, in `head`,
+    /// which is used up as the output buffer) and its body, and reads the
+    /// response head, which stays at the front of the connection's buffer.
+    /// The body follows `framing`: kept as is for a length, chunk-coded for
+    /// `Chunked`.
     pub async fn send<S: BodySource>(
         &self,
-        head: Vec<u8>,
+        head: &mut Vec<u8>,
         framing: Framing,
         body: &mut S,
         method: &Method,
@@ -260,6 +264,7 @@ impl Pool {
         Ok(Conn {
             stream,
             buf: BytesMut::with_capacity(8 * 1024),
+            fields: Fields::default(),
             place,
         })
     }
@@ -269,30 +274,28 @@ impl Pool {
 /// at hand go out in one write.
 async fn write_request<S: BodySource>(
     conn: &mut Conn,
-    mut out: Vec<u8>,
+    out: &mut Vec<u8>,
     framing: Framing,
     body: &mut S,
 ) -> Result<(), ForwardError> {
     let chunked = framing == Framing::Chunked;
     loop {
         match body.next().await.map_err(ForwardError::Body)? {
-            Some(data) if chunked => wire::encode_chunk(&mut out, &data),
+            Some(data) if chunked => wire::encode_chunk(out, &data),
             Some(data) => out.extend_from_slice(&data),
             None => {
                 if chunked {
                     out.extend_from_slice(wire::LAST_CHUNK);
                 }
-                return conn
-                    .stream
-                    .write_all(&out)
-                    .await
-                    .map_err(ForwardError::Exchange);
+                let written = conn.stream.write_all(out).await;
+                out.clear();
+                return written.map_err(ForwardError::Exchange);
             }
         }
         // More is on its way but not here yet: send what there is.
         if !body.at_end() || out.len() >= WRITE_BATCH {
             conn.stream
-                .write_all(&out)
+                .write_all(out)
                 .await
                 .map_err(ForwardError::Exchange)?;
             out.clear();
@@ -303,7 +306,9 @@ async fn write_request<S: BodySource>(
 /// Reads the final response head, passing over interim (1xx) responses.
 async fn read_head(conn: &mut Conn, method: &Method) -> Result<ResponseHead, ForwardError> {
     loop {
-        match wire::parse_response(&mut conn.buf, method).map_err(ForwardError::BadResponse)? {
+        match wire::parse_response(&conn.buf, method, &mut conn.fields)
+            .map_err(ForwardError::BadResponse)?
+        {
             Some(head) => {
                 if head.status == StatusCode::SWITCHING_PROTOCOLS {
                     // keygate never asks for an upgrade.
@@ -314,6 +319,7 @@ async fn read_head(conn: &mut Conn, method: &Method) -> Result<ResponseHead, For
                 if !head.status.is_informational() {
                     return Ok(head);
                 }
+                conn.buf.advance(head.len);
             }
             None => match conn.read_more().await {
                 Ok(0) => {

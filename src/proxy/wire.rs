@@ -69,14 +69,54 @@ impl std::fmt::Display for WireError {
 /// Where a header field's name and value lie in its head.
 type FieldAt = (Range<usize>, Range<usize>);
 
-/// A parsed request head. Fields stay in the bytes they arrived in.
+/// Where a parsed head's fields lie in its bytes. Each connection keeps one
+/// and reuses it, so parsing a head allocates nothing.
+#[derive(Debug, Default)]
+pub struct Fields(Vec<FieldAt>);
+
+impl Fields {
+    /// The fields, read from the head they were parsed from.
+    pub fn of<'a>(&'a self, head: &'a [u8]) -> impl Iterator<Item = Field<'a>> + Clone {
+        self.0
+            .iter()
+            .map(move |(name, value)| (&head[name.clone()], &head[value.clone()]))
+    }
+
+    fn locate(&mut self, whole: &[u8], parsed: &[httparse::Header<'_>]) {
+        self.0.clear();
+        self.0.extend(
+            parsed
+                .iter()
+                .map(|f| (offset(whole, f.name.as_bytes()), offset(whole, f.value))),
+        );
+    }
+
+    /// The fields as a header map, hop-by-hop ones left out (for HTTP/2).
+    pub fn header_map(&self, head: &[u8]) -> Result<HeaderMap, WireError> {
+        let named = headers::connection_named(self.of(head));
+        let mut map = HeaderMap::with_capacity(self.0.len());
+        for (name, value) in self.of(head) {
+            if named.is_hop_by_hop(name) {
+                continue;
+            }
+            let name = HeaderName::from_bytes(name)
+                .map_err(|_| WireError::Malformed("malformed header name"))?;
+            let value = HeaderValue::from_bytes(value)
+                .map_err(|_| WireError::Malformed("malformed header value"))?;
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+}
+
+/// A parsed request head: the first `len` bytes of the buffer it was
+/// parsed from, which also holds its fields ([`Fields`]).
 #[derive(Debug)]
 pub struct RequestHead {
-    head: Bytes,
+    pub len: usize,
     pub method: Method,
     target: Range<usize>,
     pub version: Version,
-    fields: Vec<FieldAt>,
     pub framing: Framing,
     /// `Content-Length` as sent, if it was.
     pub content_length: Option<u64>,
@@ -87,53 +127,19 @@ pub struct RequestHead {
 
 impl RequestHead {
     /// The request target as sent (origin-form for any routed request).
-    pub fn target(&self) -> &str {
-        std::str::from_utf8(&self.head[self.target.clone()]).unwrap_or("")
-    }
-
-    pub fn fields(&self) -> impl Iterator<Item = Field<'_>> + Clone {
-        fields(&self.head, &self.fields)
+    pub fn target<'a>(&self, head: &'a [u8]) -> &'a str {
+        std::str::from_utf8(&head[self.target.clone()]).unwrap_or("")
     }
 }
 
-/// A parsed response head. Fields stay in the bytes they arrived in.
+/// A parsed response head: the first `len` bytes of its buffer.
 #[derive(Debug)]
 pub struct ResponseHead {
-    head: Bytes,
+    pub len: usize,
     pub status: StatusCode,
-    fields: Vec<FieldAt>,
     pub framing: Framing,
     /// The upstream allows the connection to be used again.
     pub keep_alive: bool,
-}
-
-impl ResponseHead {
-    pub fn fields(&self) -> impl Iterator<Item = Field<'_>> + Clone {
-        fields(&self.head, &self.fields)
-    }
-
-    /// The fields as a header map, hop-by-hop ones left out (for HTTP/2).
-    pub fn header_map(&self) -> Result<HeaderMap, WireError> {
-        let named = headers::connection_named(self.fields());
-        let mut map = HeaderMap::with_capacity(self.fields.len());
-        for (name, value) in &self.fields {
-            let name = &self.head[name.clone()];
-            if headers::is_hop_by_hop(name, &named) {
-                continue;
-            }
-            let name = HeaderName::from_bytes(name)
-                .map_err(|_| WireError::Malformed("malformed header name"))?;
-            let value = HeaderValue::from_maybe_shared(self.head.slice(value.clone()))
-                .map_err(|_| WireError::Malformed("malformed header value"))?;
-            map.append(name, value);
-        }
-        Ok(map)
-    }
-}
-
-fn fields<'a>(head: &'a [u8], at: &'a [FieldAt]) -> impl Iterator<Item = Field<'a>> + Clone {
-    at.iter()
-        .map(move |(name, value)| (&head[name.clone()], &head[value.clone()]))
 }
 
 /// `part`'s place in `whole` (a slice httparse returned from it).
@@ -142,16 +148,9 @@ fn offset(whole: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
-fn locate(whole: &[u8], fields: &[httparse::Header<'_>]) -> Vec<FieldAt> {
-    fields
-        .iter()
-        .map(|f| (offset(whole, f.name.as_bytes()), offset(whole, f.value)))
-        .collect()
-}
-
-/// Parses a request head from the front of `buf` and takes it out:
-/// `Ok(None)` when more bytes are needed.
-pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, WireError> {
+/// Parses a request head at the front of `buf` (left in place), its fields
+/// into `fields`: `Ok(None)` when more bytes are needed.
+pub fn parse_request(buf: &[u8], fields: &mut Fields) -> Result<Option<RequestHead>, WireError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut slots);
     let len = match parsed.parse(buf) {
@@ -173,9 +172,8 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, WireErro
     let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
         .map_err(|_| WireError::Malformed("malformed method"))?;
     let target = offset(buf, parsed.path.unwrap_or_default().as_bytes());
-    let at = locate(buf, parsed.headers);
-    let head = buf.split_to(len).freeze();
-    let all = || fields(&head, &at);
+    fields.locate(buf, parsed.headers);
+    let all = || fields.of(buf);
     if all()
         .filter(|(n, _)| n.eq_ignore_ascii_case(b"host"))
         .count()
@@ -205,11 +203,10 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, WireErro
                 && v.trim_ascii().eq_ignore_ascii_case(b"100-continue")
         });
     Ok(Some(RequestHead {
-        head,
+        len,
         method,
         target,
         version,
-        fields: at,
         framing,
         content_length,
         keep_alive,
@@ -217,11 +214,12 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, WireErro
     }))
 }
 
-/// Parses a response head to a request made with `method` from the front
-/// of `buf` and takes it out.
+/// Parses a response head to a request made with `method` at the front of
+/// `buf` (left in place), its fields into `fields`.
 pub fn parse_response(
-    buf: &mut BytesMut,
+    buf: &[u8],
     method: &Method,
+    fields: &mut Fields,
 ) -> Result<Option<ResponseHead>, WireError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut slots);
@@ -240,9 +238,8 @@ pub fn parse_response(
     };
     let status = StatusCode::from_u16(parsed.code.unwrap_or_default())
         .map_err(|_| WireError::Malformed("malformed status code"))?;
-    let at = locate(buf, parsed.headers);
-    let head = buf.split_to(len).freeze();
-    let all = || fields(&head, &at);
+    fields.locate(buf, parsed.headers);
+    let all = || fields.of(buf);
     let bodiless = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -261,9 +258,8 @@ pub fn parse_response(
     };
     let keep_alive = framing != Framing::UntilClose && keeps_alive(version, all());
     Ok(Some(ResponseHead {
-        head,
+        len,
         status,
-        fields: at,
         framing,
         keep_alive,
     }))
@@ -320,9 +316,9 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
     })
 }
 
-fn keeps_alive<'a>(version: Version, fields: impl Iterator<Item = Field<'a>>) -> bool {
+fn keeps_alive<'a>(version: Version, fields: impl Iterator<Item = Field<'a>> + Clone) -> bool {
     let named = headers::connection_named(fields);
-    let has = |token: &[u8]| named.iter().any(|t| t.eq_ignore_ascii_case(token));
+    let has = |token: &[u8]| named.contains(token);
     if version == Version::HTTP_11 {
         !has(b"close")
     } else {
@@ -516,7 +512,7 @@ mod tests {
     use super::*;
 
     fn request(text: &str) -> Result<Option<RequestHead>, WireError> {
-        parse_request(&mut BytesMut::from(text))
+        parse_request(text.as_bytes(), &mut Fields::default())
     }
 
     fn framing_of(text: &str) -> Result<Framing, WireError> {
@@ -524,12 +520,13 @@ mod tests {
     }
 
     #[test]
-    fn a_head_is_taken_out_and_what_follows_stays() {
-        let mut buf = BytesMut::from("POST /x?y HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\nbodyGET");
-        let head = parse_request(&mut buf).unwrap().unwrap();
-        assert_eq!(&buf[..], b"bodyGET");
-        assert_eq!(head.target(), "/x?y");
-        let fields: Vec<_> = head.fields().collect();
+    fn a_head_is_found_and_what_follows_is_not_read() {
+        let buf = b"POST /x?y HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\nbodyGET";
+        let mut at = Fields::default();
+        let head = parse_request(buf, &mut at).unwrap().unwrap();
+        assert_eq!(&buf[head.len..], b"bodyGET");
+        assert_eq!(head.target(buf), "/x?y");
+        let fields: Vec<_> = at.of(buf).collect();
         assert_eq!(fields, [(&b"Host"[..], &b"h"[..]), (b"X-A", b"1")]);
     }
 
@@ -646,7 +643,7 @@ mod tests {
     #[test]
     fn response_framing() {
         let framing = |text: &str, method: Method| {
-            parse_response(&mut BytesMut::from(text), &method)
+            parse_response(text.as_bytes(), &method, &mut Fields::default())
                 .map(|r| r.expect("complete"))
                 .map(|h| (h.framing, h.keep_alive))
         };
