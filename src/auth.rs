@@ -146,9 +146,10 @@ fn uptime() -> u32 {
     u32::try_from(start.elapsed().as_secs()).unwrap_or(u32::MAX)
 }
 
-/// Entries per thread and cache in the front copies; a full front starts
-/// over (the moka caches behind it still hold everything).
-const FRONT_CAPACITY: usize = 4096;
+/// Most entries per thread and cache in the front copies (never more than
+/// the cache's own capacity); a full front starts over, the moka caches
+/// behind it still hold everything.
+const FRONT_CAPACITY: u64 = 4096;
 
 /// One thread's front copies for one [`Auth`].
 #[derive(Default)]
@@ -215,6 +216,8 @@ pub struct Auth {
     id: u64,
     key_ttl: u32,
     owner_ttl: u32,
+    front_keys: usize,
+    front_owners: usize,
 }
 
 enum Miss {
@@ -254,6 +257,8 @@ impl Auth {
             },
             key_ttl: ttl_secs(config.keys.ttl),
             owner_ttl: ttl_secs(config.owners.ttl),
+            front_keys: config.keys.capacity.min(FRONT_CAPACITY) as usize,
+            front_owners: config.owners.capacity.min(FRONT_CAPACITY) as usize,
         }
     }
 
@@ -288,8 +293,11 @@ impl Auth {
     }
 
     fn keep_key(&self, hash: KeyHash, entry: &Fenced<Arc<Principal>>) {
+        if self.front_keys == 0 {
+            return;
+        }
         self.with_front(|front| {
-            if front.keys.len() >= FRONT_CAPACITY {
+            if front.keys.len() >= self.front_keys {
                 front.keys.clear();
             }
             front.keys.insert(hash, entry.clone());
@@ -309,8 +317,11 @@ impl Auth {
     }
 
     fn keep_owner(&self, workflow: &str, entry: &Fenced<Option<Arc<str>>>) {
+        if self.front_owners == 0 {
+            return;
+        }
         self.with_front(|front| {
-            if front.owners.len() >= FRONT_CAPACITY {
+            if front.owners.len() >= self.front_owners {
                 front.owners.clear();
             }
             front.owners.insert(workflow.into(), entry.clone());
