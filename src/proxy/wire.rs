@@ -148,23 +148,29 @@ fn offset(whole: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
+/// A head's length from httparse's verdict on `buffered` bytes: `None`
+/// while more are needed.
+fn head_len(
+    verdict: httparse::Result<usize>,
+    buffered: usize,
+    malformed: &'static str,
+) -> Result<Option<usize>, WireError> {
+    match verdict {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buffered <= MAX_HEAD => Ok(None),
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => Err(WireError::HeadTooLarge),
+        Err(_) => Err(WireError::Malformed(malformed)),
+    }
+}
+
 /// Parses a request head at the front of `buf` (left in place), its fields
 /// into `fields`: `Ok(None)` when more bytes are needed.
 pub fn parse_request(buf: &[u8], fields: &mut Fields) -> Result<Option<RequestHead>, WireError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut slots);
-    let len = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err(WireError::HeadTooLarge);
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(WireError::HeadTooLarge),
-        Err(_) => return Err(WireError::Malformed("malformed request head")),
+    let Some(len) = head_len(parsed.parse(buf), buf.len(), "malformed request head")? else {
+        return Ok(None);
     };
-    if len > MAX_HEAD {
-        return Err(WireError::HeadTooLarge);
-    }
     let version = match parsed.version {
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
@@ -223,14 +229,8 @@ pub fn parse_response(
 ) -> Result<Option<ResponseHead>, WireError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut slots);
-    let len = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err(WireError::HeadTooLarge);
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(WireError::HeadTooLarge),
-        Err(_) => return Err(WireError::Malformed("malformed response head")),
+    let Some(len) = head_len(parsed.parse(buf), buf.len(), "malformed response head")? else {
+        return Ok(None);
     };
     let version = match parsed.version {
         Some(1) => Version::HTTP_11,
