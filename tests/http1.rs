@@ -346,21 +346,98 @@ async fn http10_and_chunked_upstream_answers_are_reframed() {
 }
 
 #[tokio::test]
-async fn an_upstream_answer_with_both_framings_is_502() {
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = Scripted::start(
+async fn upstream_answers_keygate_cannot_frame_are_502() {
+    for answer in [
         "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        false,
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxxxx",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Scripted::start(answer, false).await;
+        let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+        let response = exchange(
+            gw.listen,
+            post(&key, "Connection: close\r\n", "").as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&response), 502, "{answer:?}\n{response}");
+        assert!(response.contains(r#"{"error":"Upstream unavailable"}"#));
+    }
+}
+
+#[tokio::test]
+async fn a_head_trickled_in_is_cut_off_at_the_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let (gw, _) = gateway(
+        &dir,
+        &upstream.url(),
+        "limits:\n  header_read_timeout: 300ms\n",
     )
     .await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
-    let response = exchange(
-        gw.listen,
-        post(&key, "Connection: close\r\n", "").as_bytes(),
-    )
-    .await;
-    assert_eq!(status_of(&response), 502, "{response}");
-    assert!(response.contains(r#"{"error":"Upstream unavailable"}"#));
+    let mut stream = TcpStream::connect(gw.listen).await.unwrap();
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nX-Pad: ")
+        .await
+        .unwrap();
+    // One byte every 50 ms: each read comes well within the timeout, the
+    // head never does. The gateway must close within the test's 5 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut closed = false;
+    while tokio::time::Instant::now() < deadline {
+        if stream.write_all(b"a").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(50), stream.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(closed, "a trickled head kept its connection for 5 s");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_gives_its_upstream_connection_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let body_len = 8 * 1024 * 1024;
+    let answer: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {body_len}\r\n\r\n{}",
+            "x".repeat(body_len)
+        )
+        .into_boxed_str(),
+    );
+    let upstream = Scripted::start(answer, false).await;
+    let extra = "limits:\n  upstream_max_per_worker: 1\n  upstream_response_timeout: 500ms\n";
+    let (gw, key) = gateway(&dir, &upstream.url(), extra).await;
+    // A takes the only upstream connection and never reads its answer.
+    let mut stalled = TcpStream::connect(gw.listen).await.unwrap();
+    stalled
+        .write_all(post(&key, "", "{}").as_bytes())
+        .await
+        .unwrap();
+    // B gets through once the gateway has given up on A; without the send
+    // timeout every try would wait for the connection A holds and get 504.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut statuses = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        let mut b = TcpStream::connect(gw.listen).await.unwrap();
+        b.write_all(post(&key, "Connection: close\r\n", "{}").as_bytes())
+            .await
+            .unwrap();
+        let response = read_to_close(&mut b).await;
+        statuses.push(status_of(&response));
+        if status_of(&response) == 200 {
+            assert!(response.len() > body_len, "whole body");
+            break;
+        }
+    }
+    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+    drop(stalled);
 }
 
 #[tokio::test]

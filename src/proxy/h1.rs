@@ -66,9 +66,9 @@ impl Deadline {
         }
     }
 
-    /// `future`'s output, or `None` if `after` passes first.
-    async fn within<F: Future>(&mut self, after: Duration, future: F) -> Option<F::Output> {
-        self.at = Instant::now() + after;
+    /// `future`'s output, or `None` if the instant `at` comes first.
+    async fn until<F: Future>(&mut self, at: Instant, future: F) -> Option<F::Output> {
+        self.at = at;
         if self.sleep.deadline() > self.at {
             self.sleep.as_mut().reset(self.at);
         }
@@ -226,14 +226,17 @@ where
     let (status, keep_alive) = match next {
         Next::Forward { route, pool } => {
             let sent = deadline
-                .within(
-                    gateway.limits.upstream_response_timeout,
+                .until(
+                    Instant::now() + gateway.limits.upstream_response_timeout,
                     forwarder.pools[pool].send(&mut up, head.framing, &mut body, &head.method),
                 )
                 .await;
             let sent = gateway.forward_outcome(route, sent);
             match sent {
-                Ok(answer) => pass_on(&mut body, answer, &trace, keep_alive).await,
+                Ok(answer) => {
+                    let idle = gateway.limits.upstream_response_timeout;
+                    pass_on(&mut body, answer, &trace, keep_alive, deadline, idle).await
+                }
                 Err(reject) => {
                     let status = reject.status();
                     let response = reject.into_response();
@@ -275,6 +278,8 @@ async fn pass_on<IO>(
     answer: Answer,
     trace: &Trace,
     keep_alive: bool,
+    deadline: &mut Deadline,
+    idle: Duration,
 ) -> (StatusCode, bool)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
@@ -315,10 +320,17 @@ where
             Ok(Decoded::Data(data)) => client.out.extend_from_slice(&data),
             Ok(Decoded::End) => break true,
             Ok(Decoded::NeedMore) => {
-                if client.flush().await.is_err() {
+                if !client.flush_within(deadline, idle).await {
                     break false;
                 }
-                match conn.read_more().await {
+                let read = deadline
+                    .until(Instant::now() + idle, conn.read_more())
+                    .await;
+                let Some(read) = read else {
+                    tracing::warn!("upstream response body stalled");
+                    break false;
+                };
+                match read {
                     Ok(0) => match decoder.eof() {
                         Ok(()) => break true,
                         Err(e) => {
@@ -338,20 +350,20 @@ where
                 break false;
             }
         }
-        if client.out.len() >= WRITE_BATCH && client.flush().await.is_err() {
+        if client.out.len() >= WRITE_BATCH && !client.flush_within(deadline, idle).await {
             break false;
         }
     };
     if !complete {
         // The head has gone out: the only honest signal left is to close
         // without the end of the body.
-        let _ = client.flush().await;
+        client.flush_within(deadline, idle).await;
         return (head.status, false);
     }
     if chunked {
         client.out.extend_from_slice(wire::LAST_CHUNK);
     }
-    if client.flush().await.is_err() {
+    if !client.flush_within(deadline, idle).await {
         return (head.status, false);
     }
     if head.keep_alive && request_complete {
@@ -399,6 +411,20 @@ where
         );
     }
 
+    /// [`Client::flush`] that gives up when the client takes none of it for
+    /// `idle` (nginx's `send_timeout`): a client that stops reading cannot
+    /// hold the upstream connection. False when the output did not all go.
+    async fn flush_within(&mut self, deadline: &mut Deadline, idle: Duration) -> bool {
+        match deadline.until(Instant::now() + idle, self.flush()).await {
+            Some(Ok(())) => true,
+            Some(Err(_)) => false,
+            None => {
+                tracing::debug!("client stopped reading the response");
+                false
+            }
+        }
+    }
+
     async fn flush(&mut self) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
@@ -408,13 +434,15 @@ where
         written
     }
 
-    /// The next request head, within `timeout` of starting to wait for it.
+    /// The next request head, whole within `timeout` of starting to wait
+    /// for it (however the bytes trickle in).
     async fn read_head(
         &mut self,
         deadline: &mut Deadline,
         timeout: Duration,
         stopped: &mut watch::Receiver<bool>,
     ) -> Head {
+        let at = Instant::now() + timeout;
         loop {
             if !self.buf.is_empty() {
                 match wire::parse_request(&self.buf, &mut self.fields) {
@@ -426,7 +454,7 @@ where
             let idle = self.buf.is_empty();
             let read = tokio::select! {
                 biased;
-                read = deadline.within(timeout, self.read_more()) => read,
+                read = deadline.until(at, self.read_more()) => read,
                 _ = stopped.changed(), if idle => return Head::Gone,
             };
             match read {

@@ -253,7 +253,9 @@ pub fn parse_response(
             ));
         }
         (false, Some(Coding::Chunked), None) => Framing::Chunked,
-        (false, Some(Coding::Other), None) | (false, None, None) => Framing::UntilClose,
+        // A coding keygate cannot re-frame (nginx answers 502 too).
+        (false, Some(Coding::Other), None) => return Err(WireError::UnsupportedCoding),
+        (false, None, None) => Framing::UntilClose,
         (false, None, Some(n)) => Framing::Length(n),
     };
     let keep_alive = framing != Framing::UntilClose && keeps_alive(version, all());
@@ -680,6 +682,13 @@ mod tests {
                 Method::POST
             )
             .is_err()
+        );
+        assert_eq!(
+            framing(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Method::POST
+            ),
+            Err(WireError::UnsupportedCoding)
         );
     }
 
