@@ -25,6 +25,18 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 
+/// How the kernel schedules the data-plane threads (Linux; elsewhere the
+/// system default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerPolicy {
+    /// `SCHED_BATCH`: no wake-up preemption, so a worker woken by one event
+    /// lets the running thread finish its slice and then handles the
+    /// events that gathered meanwhile in one go.
+    Batch,
+    /// `SCHED_OTHER`, the default for processes.
+    Normal,
+}
+
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -32,6 +44,8 @@ pub struct Config {
     pub upstream: Upstream,
     /// Data-plane threads, each with its own runtime and listener socket.
     pub workers: usize,
+    /// The kernel scheduling policy of those threads.
+    pub worker_policy: WorkerPolicy,
     pub tls: Option<TlsFiles>,
     pub store: StoreConfig,
     pub admin: AdminConfig,
@@ -197,6 +211,7 @@ struct Raw {
     listen: Option<String>,
     upstream: Option<String>,
     workers: Option<usize>,
+    worker_policy: Option<String>,
     tls: Option<RawTls>,
     store: Option<RawStore>,
     admin: Option<RawAdmin>,
@@ -372,6 +387,15 @@ impl Config {
             None | Some(0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(n) if n > 256 => return err("workers: at most 256"),
             Some(n) => n,
+        };
+        let worker_policy = match raw.worker_policy.as_deref() {
+            None | Some("batch") => WorkerPolicy::Batch,
+            Some("normal") => WorkerPolicy::Normal,
+            Some(other) => {
+                return err(format!(
+                    "worker_policy: expected batch or normal, got {other:?}"
+                ));
+            }
         };
         let tls = raw.tls.map(|t| TlsFiles {
             cert: base.join(t.cert),
@@ -568,6 +592,7 @@ impl Config {
             listen,
             upstream,
             workers,
+            worker_policy,
             tls,
             store,
             admin,
@@ -832,6 +857,7 @@ mod tests {
             ("routes:\n  - path: /no/capture\n", "routes[0].path"),
             ("log:\n  format: xml\n", "log.format"),
             ("headers:\n  user_id: \"bad header\"\n", "headers.user_id"),
+            ("worker_policy: fifo\n", "worker_policy"),
             ("listen: [1, 2]\n", "line 1"),
             ("usage:\n  flush_interval: 0s\n", "usage.flush_interval"),
             (

@@ -8,7 +8,7 @@
 //! The control plane is [`admin`] (HTTP API on its own listener) and [`cli`]
 //! (which drives it). [`config`] parses and checks YAML; [`key`] owns the
 //! `wfb_` key format; [`metrics`] renders Prometheus text.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod auth;
@@ -19,6 +19,7 @@ pub mod invalidate;
 pub mod key;
 pub mod metrics;
 pub mod proxy;
+pub mod sched;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -5,7 +5,7 @@
 
 use crate::admin::{self, Admin};
 use crate::auth::Auth;
-use crate::config::{Config, StoreConfig};
+use crate::config::{Config, StoreConfig, WorkerPolicy};
 use crate::invalidate::Invalidator;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Forwarder, Gateway};
@@ -100,11 +100,17 @@ pub async fn start(config: Config) -> Result<Running, String> {
         let tls = tls.clone();
         let stopped = stopped.clone();
         let header_timeout = config.limits.header_read_timeout;
+        let policy = config.worker_policy;
         let shutdown_timeout = config.shutdown_timeout;
         std::thread::Builder::new()
             .name(format!("keygate-worker-{i}"))
             .spawn(move || {
                 crate::metrics::set_thread_shard(i + 1);
+                if policy == WorkerPolicy::Batch
+                    && let Err(e) = crate::sched::batch_this_thread()
+                {
+                    tracing::warn!(error = %e, "cannot set SCHED_BATCH; workers keep the default policy");
+                }
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

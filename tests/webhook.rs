@@ -752,3 +752,47 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
     assert_eq!(gw.webhook("wf", Some(&bearer(&other))).await.0, 200);
     assert_eq!(upstream.requests().len(), 3);
 }
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn worker_threads_run_under_sched_batch_unless_told_otherwise() {
+    // Policies of this process's threads named like keygate's workers.
+    fn worker_policies() -> Vec<u32> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| {
+                let tid = t.ok()?.file_name().into_string().ok()?;
+                let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+                comm.starts_with("keygate-worker")
+                    .then(|| keygate::sched::policy_of(&tid))
+                    .flatten()
+            })
+            .collect()
+    }
+    const SCHED_BATCH: u32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let (gw, _) = alice_owns_wf(&dir, &upstream.url(), "").await;
+    let batch = worker_policies();
+    assert!(
+        !batch.is_empty() && batch.iter().all(|p| *p == SCHED_BATCH),
+        "{batch:?}"
+    );
+
+    let other = tempfile::tempdir().unwrap();
+    let normal = Gw::start(config(
+        other.path(),
+        &embedded(&other),
+        &upstream.url(),
+        "worker_policy: normal\n",
+    ))
+    .await;
+    let all = worker_policies();
+    assert_eq!(all.len(), batch.len() + 1, "{all:?}");
+    assert_eq!(
+        all.iter().filter(|p| **p != SCHED_BATCH).count(),
+        1,
+        "{all:?}"
+    );
+    drop((gw, normal));
+}
