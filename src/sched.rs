@@ -8,6 +8,11 @@
 //! preemption off for these threads only, so events gather while the
 //! running thread finishes its slice and a worker handles them in one go
 //! (README, "Performance").
+//!
+//! This is the crate's one `unsafe` block (`lib.rs` denies the rest): the
+//! call has no safe wrapper that fits. rustix leaves `sched_setscheduler`
+//! out, and the thread-priority crate sets the thread's nice value along
+//! with the policy, which would undo an operator's `nice`.
 #![allow(unsafe_code)]
 
 /// Puts the calling thread under `SCHED_BATCH` (Linux; a no-op elsewhere).
