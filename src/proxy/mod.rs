@@ -350,7 +350,7 @@ impl Gateway {
             trace.workflow = Some(workflow.to_owned());
         }
 
-        if let Some(retry_after) = self.limiter.blocked(conn.peer.ip(), Instant::now()) {
+        if let Some(retry_after) = self.limiter.blocked(conn.peer.ip(), trace.started) {
             return Err(Reject::TooManyFailures { retry_after });
         }
         let (principal, hash) = self.authenticate(&facts.authorization).await?;

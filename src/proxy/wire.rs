@@ -7,6 +7,7 @@ use super::headers::{self, Field};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
+use std::io::Write;
 use std::ops::Range;
 
 /// Longest request or response head accepted (nginx's large buffers: 32k).
@@ -142,6 +143,14 @@ pub struct ResponseHead {
     pub keep_alive: bool,
 }
 
+/// HTTP/1.1 for minor version 1, else HTTP/1.0 (httparse reads no other).
+fn version(minor: Option<u8>) -> Version {
+    match minor {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    }
+}
+
 /// `part`'s place in `whole` (a slice httparse returned from it).
 fn offset(whole: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - whole.as_ptr() as usize;
@@ -171,10 +180,7 @@ pub fn parse_request(buf: &[u8], fields: &mut Fields) -> Result<Option<RequestHe
     let Some(len) = head_len(parsed.parse(buf), buf.len(), "malformed request head")? else {
         return Ok(None);
     };
-    let version = match parsed.version {
-        Some(1) => Version::HTTP_11,
-        _ => Version::HTTP_10,
-    };
+    let version = version(parsed.version);
     let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
         .map_err(|_| WireError::Malformed("malformed method"))?;
     let target = offset(buf, parsed.path.unwrap_or_default().as_bytes());
@@ -232,10 +238,7 @@ pub fn parse_response(
     let Some(len) = head_len(parsed.parse(buf), buf.len(), "malformed response head")? else {
         return Ok(None);
     };
-    let version = match parsed.version {
-        Some(1) => Version::HTTP_11,
-        _ => Version::HTTP_10,
-    };
+    let version = version(parsed.version);
     let status = StatusCode::from_u16(parsed.code.unwrap_or_default())
         .map_err(|_| WireError::Malformed("malformed status code"))?;
     fields.locate(buf, parsed.headers);
@@ -480,7 +483,8 @@ pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
     if data.is_empty() {
         return;
     }
-    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{:x}\r\n", data.len());
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
 }
@@ -500,9 +504,7 @@ pub fn write_status_line(out: &mut Vec<u8>, status: StatusCode) {
 pub fn write_framing(out: &mut Vec<u8>, framing: Framing) {
     match framing {
         Framing::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::Empty | Framing::UntilClose => {}
