@@ -223,7 +223,9 @@ where
         malformed: false,
         client,
     };
-    let (status, keep_alive) = match next {
+    // Each arm counts the request before its answer's head goes out, so a
+    // client that has read the answer also sees it in the metrics.
+    let keep_alive = match next {
         Next::Forward { route, pool } => {
             let sent = deadline
                 .until(
@@ -234,45 +236,34 @@ where
             let sent = gateway.forward_outcome(route, sent);
             match sent {
                 Ok(answer) => {
+                    gateway.finish(&trace, answer.head.status.as_u16());
                     let idle = gateway.limits.upstream_response_timeout;
                     pass_on(&mut body, answer, &trace, keep_alive, deadline, idle).await
                 }
                 Err(reject) => {
-                    let status = reject.status();
-                    let response = reject.into_response();
-                    (
-                        status,
-                        body.refuse(response, &trace, keep_alive, head_request)
-                            .await,
-                    )
+                    gateway.finish(&trace, reject.status().as_u16());
+                    body.refuse(reject.into_response(), &trace, keep_alive, head_request)
+                        .await
                 }
             }
         }
         Next::Preflight => {
             let response = gateway.preflight();
-            let status = response.status();
-            (
-                status,
-                body.refuse(response, &trace, keep_alive, false).await,
-            )
+            gateway.finish(&trace, response.status().as_u16());
+            body.refuse(response, &trace, keep_alive, false).await
         }
         Next::Refuse(reject) => {
-            let status = reject.status();
-            let response = reject.into_response();
-            (
-                status,
-                body.refuse(response, &trace, keep_alive, head_request)
-                    .await,
-            )
+            gateway.finish(&trace, reject.status().as_u16());
+            body.refuse(reject.into_response(), &trace, keep_alive, head_request)
+                .await
         }
     };
     body.client.up = up;
-    gateway.finish(&trace, status.as_u16());
     keep_alive
 }
 
-/// Writes the upstream's answer to the client as it arrives. Returns the
-/// status and whether the client connection may be kept.
+/// Writes the upstream's answer to the client as it arrives. Returns
+/// whether the client connection may be kept.
 async fn pass_on<IO>(
     body: &mut ClientBody<'_, IO>,
     answer: Answer,
@@ -280,7 +271,7 @@ async fn pass_on<IO>(
     keep_alive: bool,
     deadline: &mut Deadline,
     idle: Duration,
-) -> (StatusCode, bool)
+) -> bool
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -358,18 +349,18 @@ where
         // The head has gone out: the only honest signal left is to close
         // without the end of the body.
         client.flush_within(deadline, idle).await;
-        return (head.status, false);
+        return false;
     }
     if chunked {
         client.out.extend_from_slice(wire::LAST_CHUNK);
     }
     if !client.flush_within(deadline, idle).await {
-        return (head.status, false);
+        return false;
     }
     if head.keep_alive && request_complete {
         conn.release();
     }
-    (head.status, keep)
+    keep
 }
 
 impl<IO> Client<IO>
@@ -514,9 +505,9 @@ where
             false,
         );
         self.out.extend_from_slice(body.as_bytes());
-        let _ = self.flush().await;
         let metrics = &gateway.metrics;
         metrics.observe(metrics.unmatched(), error.status().as_u16(), Duration::ZERO);
+        let _ = self.flush().await;
     }
 }
 
