@@ -94,8 +94,10 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let usage_task = UsageHandle::spawn(usage, store.clone(), config.usage.flush_interval);
 
     let mut workers = Vec::with_capacity(sockets.len());
+    let mut starting = Vec::with_capacity(sockets.len());
     for (i, socket) in sockets.into_iter().enumerate() {
         let (done, finished) = oneshot::channel();
+        let (started, ready) = oneshot::channel::<Result<(), String>>();
         let gateway = gateway.clone();
         let tls = tls.clone();
         let stopped = stopped.clone();
@@ -117,10 +119,11 @@ pub async fn start(config: Config) -> Result<Running, String> {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot start a worker runtime");
+                        let _ = started.send(Err(format!("cannot start a worker runtime: {e}")));
                         return;
                     }
                 };
+                let _ = started.send(Ok(()));
                 runtime.block_on(worker(
                     socket,
                     gateway,
@@ -133,6 +136,18 @@ pub async fn start(config: Config) -> Result<Running, String> {
             })
             .map_err(|e| format!("cannot start worker thread: {e}"))?;
         workers.push(finished);
+        starting.push(ready);
+    }
+    // "Serving" means every worker is named, scheduled and running.
+    // When one cannot start, the others and the admin listener stop too.
+    for ready in starting {
+        let started = ready
+            .await
+            .unwrap_or_else(|_| Err("a worker thread died while starting".to_string()));
+        if let Err(e) = started {
+            let _ = stop.send(true);
+            return Err(e);
+        }
     }
     tracing::info!(
         listen = %listen_addr,
