@@ -1,9 +1,15 @@
-//! The key and owner checks, over moka caches in front of the store.
+//! The key and owner checks, over caches in front of the store.
 //!
 //! Three caches: key hash → key (positive TTL), unknown hashes (a shorter
 //! negative TTL, and a cache of its own so a flood of random keys cannot
 //! evict valid ones), and workflow → owner. Concurrent misses for one entry
-//! share one store call (`try_get_with`).
+//! share one store call, and one store failure.
+//!
+//! The key cache is the one that grows with the number of keys, so it is a
+//! `quick_cache` (entries inline in one table, about 90 bytes each with
+//! their key) rather than moka (eight allocations and about 380 bytes per
+//! entry); its TTL is checked on read. The negative and owner caches stay
+//! on moka, with its own TTLs.
 //!
 //! Invalidation is fenced: every cached value remembers the invalidation
 //! epoch at which its store read began, and an invalidation records the
@@ -11,10 +17,10 @@
 //! is never served after it, even if a concurrent miss inserts it late.
 //!
 //! In front of the key and owner caches, each thread keeps a small copy of
-//! the answers it served (a moka read records an access for its eviction
-//! policy, which costs more than the rest of the check). A front entry is
-//! served under the same fence test as a moka entry, and never past the
-//! TTL of the store read it came from.
+//! the answers it served (a cache read takes a shard lock and records an
+//! access for the eviction policy, which costs more than the rest of the
+//! check). A front entry is served under the same fence test as a cache
+//! entry, and never past the TTL of the store read it came from.
 
 use crate::config::CacheConfig;
 use crate::key::KeyHash;
@@ -124,26 +130,26 @@ pub enum AuthError {
 struct Fenced<T> {
     value: T,
     epoch: u64,
-    /// When the value was read, in whole seconds of [`uptime`] (rounded
-    /// down, so a front copy expires no later than the moka entry).
-    loaded: u32,
+    /// When the store read began, in whole milliseconds of [`uptime_ms`]
+    /// (rounded down, so a copy expires no later than its TTL says).
+    loaded: u64,
 }
 
 impl<T> Fenced<T> {
-    fn new(value: T, epoch: u64) -> Fenced<T> {
+    fn new(value: T, epoch: u64, loaded: u64) -> Fenced<T> {
         Fenced {
             value,
             epoch,
-            loaded: uptime(),
+            loaded,
         }
     }
 }
 
-/// Whole seconds since the first call in this process.
-fn uptime() -> u32 {
+/// Whole milliseconds since the first call in this process.
+fn uptime_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let start = START.get_or_init(Instant::now);
-    u32::try_from(start.elapsed().as_secs()).unwrap_or(u32::MAX)
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Most entries per thread and cache in the front copies (never more than
@@ -203,7 +209,10 @@ impl<K: Hash + Eq + Clone> Fences<K> {
 
 pub struct Auth {
     store: Arc<dyn Store>,
-    keys: Cache<KeyHash, Fenced<Arc<Principal>>>,
+    keys: quick_cache::sync::Cache<KeyHash, Fenced<Arc<Principal>>>,
+    /// When a key's last store read failed: requests that were waiting for
+    /// that read take its failure instead of each trying the store again.
+    failed: quick_cache::sync::Cache<KeyHash, Instant>,
     unknown: Cache<KeyHash, u64>,
     owners: Cache<String, Fenced<Option<Arc<str>>>>,
     epoch: AtomicU64,
@@ -214,17 +223,15 @@ pub struct Auth {
     metrics: Arc<Metrics>,
     /// Tells this `Auth`'s front copies from another's on the same thread.
     id: u64,
-    key_ttl: u32,
-    owner_ttl: u32,
+    key_ttl: u64,
+    owner_ttl: u64,
     front_keys: usize,
     front_owners: usize,
 }
 
-enum Miss {
-    /// Not in the store, as read at this epoch.
-    NotFound(u64),
-    Store(StoreError),
-}
+/// Keys whose last store read failed, remembered (for a moment) so the
+/// requests that waited on that read fail with it.
+const FAILED_CAPACITY: usize = 1024;
 
 /// Reads that lose a race with an invalidation are retried this many times
 /// through the cache before going to the store directly.
@@ -234,10 +241,10 @@ impl Auth {
     pub fn new(store: Arc<dyn Store>, config: &CacheConfig, metrics: Arc<Metrics>) -> Auth {
         Auth {
             store,
-            keys: Cache::builder()
-                .max_capacity(config.keys.capacity)
-                .time_to_live(config.keys.ttl)
-                .build(),
+            keys: quick_cache::sync::Cache::new(
+                usize::try_from(config.keys.capacity).unwrap_or(usize::MAX),
+            ),
+            failed: quick_cache::sync::Cache::new(FAILED_CAPACITY),
             unknown: Cache::builder()
                 .max_capacity(config.negative.capacity)
                 .time_to_live(config.negative.ttl)
@@ -255,8 +262,8 @@ impl Auth {
                 static NEXT: AtomicU64 = AtomicU64::new(0);
                 NEXT.fetch_add(1, Ordering::Relaxed)
             },
-            key_ttl: ttl_secs(config.keys.ttl),
-            owner_ttl: ttl_secs(config.owners.ttl),
+            key_ttl: ttl_ms(config.keys.ttl),
+            owner_ttl: ttl_ms(config.owners.ttl),
             front_keys: config.keys.capacity.min(FRONT_CAPACITY) as usize,
             front_owners: config.owners.capacity.min(FRONT_CAPACITY) as usize,
         }
@@ -281,7 +288,7 @@ impl Auth {
     }
 
     fn front_key(&self, hash: &KeyHash) -> Option<Arc<Principal>> {
-        let now = uptime();
+        let now = uptime_ms();
         self.with_front(|front| {
             let entry = front.keys.get(hash)?;
             if live(entry.loaded, self.key_ttl, now) && self.key_valid(hash, entry.epoch) {
@@ -305,7 +312,7 @@ impl Auth {
     }
 
     fn front_owner(&self, workflow: &str) -> Option<Option<Arc<str>>> {
-        let now = uptime();
+        let now = uptime_ms();
         self.with_front(|front| {
             let entry = front.owners.get(workflow)?;
             if live(entry.loaded, self.owner_ttl, now) && self.owner_valid(workflow, entry.epoch) {
@@ -354,14 +361,23 @@ impl Auth {
             return Ok(principal);
         }
         for _ in 0..RACE_RETRIES {
-            if let Some(hit) = self.keys.get(&hash).await {
-                if self.key_valid(&hash, hit.epoch) {
-                    self.count(|c| &c.key_cache_hits);
-                    self.keep_key(hash, &hit);
-                    return Ok(hit.value);
+            let began = Instant::now();
+            // Either the cached answer (perhaps one a concurrent read has
+            // just put there), or the right to read the store for this key.
+            let guard = match self.keys.get_value_or_guard_async(&hash).await {
+                Ok(hit) => {
+                    if self.key_usable(&hash, &hit) {
+                        self.count(|c| &c.key_cache_hits);
+                        self.keep_key(hash, &hit);
+                        return Ok(hit.value);
+                    }
+                    self.drop_key_entry(&hash, &hit);
+                    continue;
                 }
-                self.keys.invalidate(&hash).await;
-            }
+                Err(guard) => guard,
+            };
+            // A read this request waited for may have ended without a value:
+            // the key is unknown, or the store failed.
             if let Some(epoch) = self.unknown.get(&hash).await {
                 if self.key_valid(&hash, epoch) {
                     self.count(|c| &c.key_cache_hits);
@@ -369,32 +385,35 @@ impl Auth {
                 }
                 self.unknown.invalidate(&hash).await;
             }
+            if self.failed.get(&hash).is_some_and(|at| at >= began) {
+                self.count(|c| &c.store_errors);
+                return Err(AuthError::Unavailable);
+            }
             self.count(|c| &c.key_cache_misses);
-            let result = self
-                .keys
-                .try_get_with(hash, async {
-                    let epoch = self.epoch.load(Ordering::Acquire);
-                    match self.store.find_by_hash(hash).await {
-                        Ok(Some(record)) => Ok(Fenced::new(Arc::new(principal(record)), epoch)),
-                        Ok(None) => Err(Miss::NotFound(epoch)),
-                        Err(e) => Err(Miss::Store(e)),
+            let epoch = self.epoch.load(Ordering::Acquire);
+            let loaded = uptime_ms();
+            match self.store.find_by_hash(hash).await {
+                Ok(Some(record)) => {
+                    let found = Fenced::new(Arc::new(principal(record)), epoch, loaded);
+                    // Not placed only if an invalidation removed the
+                    // placeholder meanwhile; the fence below decides.
+                    let _ = guard.insert(found.clone());
+                    if self.key_valid(&hash, found.epoch) {
+                        self.keep_key(hash, &found);
+                        return Ok(found.value);
                     }
-                })
-                .await;
-            match result {
-                Ok(found) if self.key_valid(&hash, found.epoch) => {
-                    self.keep_key(hash, &found);
-                    return Ok(found.value);
+                    self.drop_key_entry(&hash, &found);
                 }
-                Ok(_) => self.keys.invalidate(&hash).await,
-                Err(miss) => match &*miss {
-                    Miss::NotFound(epoch) if self.key_valid(&hash, *epoch) => {
-                        self.unknown.insert(hash, *epoch).await;
-                        return Err(AuthError::InvalidKey);
-                    }
-                    Miss::NotFound(_) => {}
-                    Miss::Store(e) => return Err(self.store_failed(e)),
-                },
+                Ok(None) if self.key_valid(&hash, epoch) => {
+                    // Recorded before the guard goes, for those waiting.
+                    self.unknown.insert(hash, epoch).await;
+                    return Err(AuthError::InvalidKey);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.failed.insert(hash, Instant::now());
+                    return Err(self.store_failed(&e));
+                }
             }
         }
         // Invalidations kept racing the reads: ask the store, cache nothing.
@@ -403,6 +422,19 @@ impl Auth {
             Ok(None) => Err(AuthError::InvalidKey),
             Err(e) => Err(self.store_failed(&e)),
         }
+    }
+
+    /// Whether a cached key answer may be served now: within its TTL and
+    /// not void by an invalidation.
+    fn key_usable(&self, hash: &KeyHash, entry: &Fenced<Arc<Principal>>) -> bool {
+        live(entry.loaded, self.key_ttl, uptime_ms()) && self.key_valid(hash, entry.epoch)
+    }
+
+    /// Removes `entry` from the key cache, unless a newer read replaced it.
+    fn drop_key_entry(&self, hash: &KeyHash, entry: &Fenced<Arc<Principal>>) {
+        self.keys.remove_if(hash, |current| {
+            current.epoch == entry.epoch && Arc::ptr_eq(&current.value, &entry.value)
+        });
     }
 
     /// The owner of a workflow, `None` if it has none.
@@ -425,8 +457,9 @@ impl Auth {
                 .owners
                 .try_get_with(workflow.to_owned(), async {
                     let epoch = self.epoch.load(Ordering::Acquire);
+                    let loaded = uptime_ms();
                     let owner = self.store.get_owner(workflow).await?;
-                    Ok::<_, StoreError>(Fenced::new(owner.map(Arc::from), epoch))
+                    Ok::<_, StoreError>(Fenced::new(owner.map(Arc::from), epoch, loaded))
                 })
                 .await;
             match result {
@@ -459,7 +492,7 @@ impl Auth {
     pub async fn invalidate_key(&self, hash: KeyHash) {
         let epoch = self.next_epoch();
         self.key_fences.raise(hash, epoch);
-        self.keys.invalidate(&hash).await;
+        self.keys.remove(&hash);
         self.unknown.invalidate(&hash).await;
         self.count(|c| &c.invalidations);
     }
@@ -476,27 +509,26 @@ impl Auth {
     pub fn invalidate_all(&self) {
         let epoch = self.next_epoch();
         self.floor.store(epoch, Ordering::Release);
-        self.keys.invalidate_all();
+        self.keys.clear();
         self.unknown.invalidate_all();
         self.owners.invalidate_all();
         self.count(|c| &c.cache_flushes);
     }
 
     /// Number of cached valid keys (for the memory benchmark).
-    pub async fn cached_keys(&self) -> u64 {
-        self.keys.run_pending_tasks().await;
-        self.keys.entry_count()
+    pub fn cached_keys(&self) -> u64 {
+        self.keys.len() as u64
     }
 }
 
-fn ttl_secs(ttl: Duration) -> u32 {
-    u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX)
+fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Whether a value loaded at `loaded` is within `ttl` at `now` (seconds of
-/// [`uptime`]). `loaded` is rounded down, so this never runs past the TTL;
-/// a TTL under a second keeps nothing in front.
-fn live(loaded: u32, ttl: u32, now: u32) -> bool {
+/// Whether a value loaded at `loaded` is within `ttl` at `now` (milliseconds
+/// of [`uptime_ms`]). `loaded` is rounded down, so this never runs past the
+/// TTL; a TTL under a millisecond keeps nothing.
+fn live(loaded: u64, ttl: u64, now: u64) -> bool {
     now < loaded.saturating_add(ttl)
 }
 
@@ -519,6 +551,19 @@ mod tests {
         keys: Mutex<Vec<KeyRecord>>,
         gate: Semaphore,
         reads: AtomicUsize,
+        /// Key reads fail (after the gate) while set.
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl GatedStore {
+        fn new(keys: Vec<KeyRecord>, permits: usize) -> Arc<GatedStore> {
+            Arc::new(GatedStore {
+                keys: Mutex::new(keys),
+                gate: Semaphore::new(permits),
+                reads: AtomicUsize::new(0),
+                down: std::sync::atomic::AtomicBool::new(false),
+            })
+        }
     }
 
     impl Store for GatedStore {
@@ -539,6 +584,9 @@ mod tests {
             self.reads.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
                 self.gate.acquire().await.unwrap().forget();
+                if self.down.load(Ordering::SeqCst) {
+                    return Err(StoreError::Unavailable("down".into()));
+                }
                 Ok(answer)
             })
         }
@@ -571,8 +619,8 @@ mod tests {
     #[tokio::test]
     async fn a_read_begun_before_a_revoke_never_answers_after_it() {
         let hash = KeyHash::of("wfb_race");
-        let store = Arc::new(GatedStore {
-            keys: Mutex::new(vec![KeyRecord {
+        let store = GatedStore::new(
+            vec![KeyRecord {
                 id: "key_1".into(),
                 user_id: "u".into(),
                 name: String::new(),
@@ -580,10 +628,9 @@ mod tests {
                 hash,
                 created_at: 0,
                 last_used_at: None,
-            }]),
-            gate: Semaphore::new(0),
-            reads: AtomicUsize::new(0),
-        });
+            }],
+            0,
+        );
         let size = CacheSize {
             capacity: 100,
             ttl: Duration::from_secs(60),
@@ -636,11 +683,7 @@ mod tests {
             created_at: 0,
             last_used_at: None,
         };
-        let store = Arc::new(GatedStore {
-            keys: Mutex::new(vec![record.clone()]),
-            gate: Semaphore::new(1000),
-            reads: AtomicUsize::new(0),
-        });
+        let store = GatedStore::new(vec![record.clone()], 1000);
         let size = CacheSize {
             capacity: 100,
             ttl: Duration::from_secs(60),
@@ -683,14 +726,82 @@ mod tests {
     }
 
     #[test]
-    fn front_copies_never_outlive_the_ttl() {
-        // Loaded in second 10 (rounded down) with a 5 s TTL: served in
-        // seconds 10 to 14, not in 15, whatever the fraction was.
+    fn cached_copies_never_outlive_the_ttl() {
+        // Loaded in millisecond 10 (rounded down) with a 5 ms TTL: served
+        // in milliseconds 10 to 14, not in 15, whatever the fraction was.
         assert!(live(10, 5, 10) && live(10, 5, 14));
         assert!(!live(10, 5, 15));
-        // A TTL under a second keeps nothing in front.
         assert!(!live(10, 0, 10));
-        assert!(live(u32::MAX - 1, 5, u32::MAX - 1));
+        assert!(live(u64::MAX - 1, 5, u64::MAX - 1));
+    }
+
+    fn record(hash: KeyHash) -> KeyRecord {
+        KeyRecord {
+            id: "key_1".into(),
+            user_id: "u".into(),
+            name: String::new(),
+            prefix: "wfb_ttl".into(),
+            hash,
+            created_at: 0,
+            last_used_at: None,
+        }
+    }
+
+    fn auth_over(store: Arc<GatedStore>, ttl: Duration) -> Arc<Auth> {
+        let size = CacheSize { capacity: 100, ttl };
+        let config = CacheConfig {
+            keys: size,
+            negative: size,
+            owners: size,
+        };
+        Arc::new(Auth::new(store, &config, Arc::new(Metrics::new([]))))
+    }
+
+    #[tokio::test]
+    async fn a_cached_key_is_read_again_once_its_ttl_has_passed() {
+        let hash = KeyHash::of("wfb_ttl");
+        let store = GatedStore::new(vec![record(hash)], 1000);
+        let auth = auth_over(store.clone(), Duration::from_millis(20));
+        assert!(auth.authenticate(hash).await.is_ok());
+        assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+        // Past the TTL neither the front copy nor the cache entry answers,
+        // whichever thread asks.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(auth.front_key(&hash).is_none());
+        assert!(auth.authenticate(hash).await.is_ok());
+        assert_eq!(store.reads.load(Ordering::SeqCst), 2);
+        assert_eq!(auth.cached_keys(), 1);
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_on_a_failed_read_share_its_failure() {
+        let hash = KeyHash::of("wfb_down");
+        let store = GatedStore::new(vec![record(hash)], 0);
+        store.down.store(true, Ordering::SeqCst);
+        let auth = auth_over(store.clone(), Duration::from_secs(60));
+        let waiting: Vec<_> = (0..5)
+            .map(|_| {
+                let auth = auth.clone();
+                tokio::spawn(async move { auth.authenticate(hash).await })
+            })
+            .collect();
+        while store.reads.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        store.gate.add_permits(100);
+        for request in waiting {
+            assert_eq!(request.await.unwrap().err(), Some(AuthError::Unavailable));
+        }
+        // One store read failed for all five; nothing was cached.
+        assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+        assert_eq!(auth.cached_keys(), 0);
+        // A request that comes after the failure tries the store again.
+        store.down.store(false, Ordering::SeqCst);
+        assert!(auth.authenticate(hash).await.is_ok());
+        assert_eq!(store.reads.load(Ordering::SeqCst), 2);
     }
 
     #[test]

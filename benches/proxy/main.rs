@@ -547,7 +547,7 @@ async fn cache_memory(redis_port: u16) -> (u64, f64) {
     for t in tasks {
         t.await.unwrap();
     }
-    let cached = cache.cached_keys().await;
+    let cached = cache.cached_keys();
     let after = procs::rss_of("/proc/self/status");
     println!(
         "verified {} keys in {:.1?}; RSS {:.0} MB -> {:.0} MB",
