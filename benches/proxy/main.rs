@@ -482,7 +482,14 @@ async fn cache_memory(redis_port: u16) -> (u64, f64) {
     use keygate::store::redis::RedisStore;
     let prefix = "mem:";
     let client = redis::Client::open(format!("redis://127.0.0.1:{redis_port}")).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Pipelines of 10,000 writes: more than the default response timeout
+    // on a loaded machine.
+    let patient =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&patient)
+        .await
+        .unwrap();
     let t = Instant::now();
     let mut hashes = Vec::with_capacity(MEMORY_KEYS);
     for chunk in 0..MEMORY_KEYS / 10_000 {
