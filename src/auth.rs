@@ -210,9 +210,12 @@ impl<K: Hash + Eq + Clone> Fences<K> {
 pub struct Auth {
     store: Arc<dyn Store>,
     keys: quick_cache::sync::Cache<KeyHash, Fenced<Arc<Principal>>>,
-    /// When a key's last store read failed: requests that were waiting for
-    /// that read take its failure instead of each trying the store again.
-    failed: quick_cache::sync::Cache<KeyHash, Instant>,
+    /// The number of the last failed store read of a key (see `failures`):
+    /// requests that were waiting for that read take its failure instead
+    /// of each trying the store again.
+    failed: quick_cache::sync::Cache<KeyHash, u64>,
+    /// Failed key reads so far.
+    failures: AtomicU64,
     unknown: Cache<KeyHash, u64>,
     owners: Cache<String, Fenced<Option<Arc<str>>>>,
     epoch: AtomicU64,
@@ -245,6 +248,7 @@ impl Auth {
                 usize::try_from(config.keys.capacity).unwrap_or(usize::MAX),
             ),
             failed: quick_cache::sync::Cache::new(FAILED_CAPACITY),
+            failures: AtomicU64::new(0),
             unknown: Cache::builder()
                 .max_capacity(config.negative.capacity)
                 .time_to_live(config.negative.ttl)
@@ -361,7 +365,7 @@ impl Auth {
             return Ok(principal);
         }
         for _ in 0..RACE_RETRIES {
-            let began = Instant::now();
+            let failures_before = self.failures.load(Ordering::Acquire);
             // Either the cached answer (perhaps one a concurrent read has
             // just put there), or the right to read the store for this key.
             let guard = match self.keys.get_value_or_guard_async(&hash).await {
@@ -385,7 +389,7 @@ impl Auth {
                 }
                 self.unknown.invalidate(&hash).await;
             }
-            if self.failed.get(&hash).is_some_and(|at| at >= began) {
+            if self.failed.get(&hash).is_some_and(|n| n > failures_before) {
                 self.count(|c| &c.store_errors);
                 return Err(AuthError::Unavailable);
             }
@@ -411,7 +415,8 @@ impl Auth {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    self.failed.insert(hash, Instant::now());
+                    let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+                    self.failed.insert(hash, n);
                     return Err(self.store_failed(&e));
                 }
             }
