@@ -365,29 +365,30 @@ impl Auth {
             return Ok(principal);
         }
         for _ in 0..RACE_RETRIES {
+            // Cached answers first, without a placeholder: a flood of one
+            // unknown key must not queue its requests on one.
+            if let Some(hit) = self.keys.get(&hash)
+                && let Some(principal) = self.serve_hit(&hash, hit)
+            {
+                return Ok(principal);
+            }
+            if self.known_unknown(&hash).await {
+                return Err(AuthError::InvalidKey);
+            }
             let failures_before = self.failures.load(Ordering::Acquire);
-            // Either the cached answer (perhaps one a concurrent read has
-            // just put there), or the right to read the store for this key.
+            // Either the answer a concurrent read has just put there, or the
+            // right to read the store for this key.
             let guard = match self.keys.get_value_or_guard_async(&hash).await {
-                Ok(hit) => {
-                    if self.key_usable(&hash, &hit) {
-                        self.count(|c| &c.key_cache_hits);
-                        self.keep_key(hash, &hit);
-                        return Ok(hit.value);
-                    }
-                    self.drop_key_entry(&hash, &hit);
-                    continue;
-                }
+                Ok(hit) => match self.serve_hit(&hash, hit) {
+                    Some(principal) => return Ok(principal),
+                    None => continue,
+                },
                 Err(guard) => guard,
             };
             // A read this request waited for may have ended without a value:
             // the key is unknown, or the store failed.
-            if let Some(epoch) = self.unknown.get(&hash).await {
-                if self.key_valid(&hash, epoch) {
-                    self.count(|c| &c.key_cache_hits);
-                    return Err(AuthError::InvalidKey);
-                }
-                self.unknown.invalidate(&hash).await;
+            if self.known_unknown(&hash).await {
+                return Err(AuthError::InvalidKey);
             }
             if self.failed.get(&hash).is_some_and(|n| n > failures_before) {
                 self.count(|c| &c.store_errors);
@@ -427,6 +428,29 @@ impl Auth {
             Ok(None) => Err(AuthError::InvalidKey),
             Err(e) => Err(self.store_failed(&e)),
         }
+    }
+
+    /// The key in a cache entry, if it may be served; else the entry goes.
+    fn serve_hit(&self, hash: &KeyHash, hit: Fenced<Arc<Principal>>) -> Option<Arc<Principal>> {
+        if self.key_usable(hash, &hit) {
+            self.count(|c| &c.key_cache_hits);
+            self.keep_key(*hash, &hit);
+            return Some(hit.value);
+        }
+        self.drop_key_entry(hash, &hit);
+        None
+    }
+
+    /// Whether the negative cache holds a live answer that `hash` is unknown.
+    async fn known_unknown(&self, hash: &KeyHash) -> bool {
+        if let Some(epoch) = self.unknown.get(hash).await {
+            if self.key_valid(hash, epoch) {
+                self.count(|c| &c.key_cache_hits);
+                return true;
+            }
+            self.unknown.invalidate(hash).await;
+        }
+        false
     }
 
     /// Whether a cached key answer may be served now: within its TTL and
