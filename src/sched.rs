@@ -31,9 +31,15 @@ pub fn batch_this_thread() -> std::io::Result<()> {
     Ok(())
 }
 
+/// The calling thread's kernel id, from `/proc/thread-self` (Linux).
+pub fn thread_id() -> Option<u32> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
+}
+
 /// The scheduling policy of thread `tid` of this process, as
 /// `/proc/self/task/<tid>/stat` reports it (3 is `SCHED_BATCH`).
-pub fn policy_of(tid: &str) -> Option<u32> {
+pub fn policy_of(tid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
     // Field 41; the command name (field 2) may hold spaces, so count after it.
     let after_name = stat.rsplit_once(')')?.1;
@@ -44,25 +50,21 @@ pub fn policy_of(tid: &str) -> Option<u32> {
 mod tests {
     use super::*;
 
-    fn own_tid() -> String {
-        // /proc/thread-self is a link to this thread's task directory.
-        std::fs::read_link("/proc/thread-self")
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap()
+    fn own_tid() -> u32 {
+        thread_id().unwrap()
     }
 
     #[test]
     fn a_thread_moves_to_sched_batch_and_others_stay() {
-        let main_policy = policy_of(&own_tid());
+        let main_policy = policy_of(own_tid());
         let moved = std::thread::spawn(|| {
             batch_this_thread().unwrap();
-            policy_of(&own_tid())
+            policy_of(own_tid())
         })
         .join()
         .unwrap();
         assert_eq!(moved, Some(libc::SCHED_BATCH as u32));
         assert_ne!(main_policy, None);
-        assert_eq!(policy_of(&own_tid()), main_policy);
+        assert_eq!(policy_of(own_tid()), main_policy);
     }
 }

@@ -32,6 +32,9 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
     pub store: Arc<dyn Store>,
+    /// The worker threads' kernel thread ids (Linux; empty elsewhere), to
+    /// find them in `/proc` or `top -H`.
+    pub worker_threads: Vec<u32>,
     stop: watch::Sender<bool>,
     workers: Vec<oneshot::Receiver<()>>,
     admin_task: tokio::task::JoinHandle<()>,
@@ -97,7 +100,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let mut starting = Vec::with_capacity(sockets.len());
     for (i, socket) in sockets.into_iter().enumerate() {
         let (done, finished) = oneshot::channel();
-        let (started, ready) = oneshot::channel::<Result<(), String>>();
+        let (started, ready) = oneshot::channel::<Result<Option<u32>, String>>();
         let gateway = gateway.clone();
         let tls = tls.clone();
         let stopped = stopped.clone();
@@ -123,7 +126,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
                         return;
                     }
                 };
-                let _ = started.send(Ok(()));
+                let _ = started.send(Ok(crate::sched::thread_id()));
                 runtime.block_on(worker(
                     socket,
                     gateway,
@@ -140,13 +143,17 @@ pub async fn start(config: Config) -> Result<Running, String> {
     }
     // "Serving" means every worker is named, scheduled and running.
     // When one cannot start, the others and the admin listener stop too.
+    let mut worker_threads = Vec::with_capacity(starting.len());
     for ready in starting {
         let started = ready
             .await
             .unwrap_or_else(|_| Err("a worker thread died while starting".to_string()));
-        if let Err(e) = started {
-            let _ = stop.send(true);
-            return Err(e);
+        match started {
+            Ok(id) => worker_threads.extend(id),
+            Err(e) => {
+                let _ = stop.send(true);
+                return Err(e);
+            }
         }
     }
     tracing::info!(
@@ -162,6 +169,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         admin_addr,
         gateway,
         store,
+        worker_threads,
         stop,
         workers,
         admin_task,
