@@ -3,7 +3,8 @@
 //! Three caches: key hash → key (positive TTL), unknown hashes (a shorter
 //! negative TTL, and a cache of its own so a flood of random keys cannot
 //! evict valid ones), and workflow → owner. Concurrent misses for one entry
-//! share one store call, and one store failure.
+//! share one store call, and its outcome: the key, "unknown", or a failure
+//! (503), handed to all of them at once.
 //!
 //! The key cache is the one that grows with the number of keys, so it is a
 //! `quick_cache` (entries inline in one table, about 90 bytes each with
@@ -179,11 +180,14 @@ struct Fences<K> {
 }
 
 impl<K: Hash + Eq + Clone> Fences<K> {
-    fn new(keep_for: Duration) -> Self {
+    /// Fences for entries that live `ttl`. moka's entries count their TTL
+    /// from insertion, after the store read, so a fence is kept longer than
+    /// any read takes.
+    fn new(ttl: Duration) -> Self {
         Fences {
             epochs: DashMap::new(),
             len: AtomicUsize::new(0),
-            keep_for,
+            keep_for: ttl.saturating_add(FENCE_MARGIN),
         }
     }
 
@@ -209,12 +213,8 @@ impl<K: Hash + Eq + Clone> Fences<K> {
 
 pub struct Auth {
     store: Arc<dyn Store>,
-    keys: quick_cache::sync::Cache<KeyHash, Fenced<Arc<Principal>>>,
-    /// The number of the last failed store read of a key (see `failures`):
-    /// requests that were waiting for that read take its failure instead
-    /// of each trying the store again.
-    failed: quick_cache::sync::Cache<KeyHash, u64>,
-    /// Failed key reads so far.
+    keys: quick_cache::sync::Cache<KeyHash, Slot, SlotWeight>,
+    /// Failed key reads so far (numbers [`Slot::Failed`]).
     failures: AtomicU64,
     unknown: Cache<KeyHash, u64>,
     owners: Cache<String, Fenced<Option<Arc<str>>>>,
@@ -232,9 +232,52 @@ pub struct Auth {
     front_owners: usize,
 }
 
-/// Keys whose last store read failed, remembered (for a moment) so the
-/// requests that waited on that read fail with it.
-const FAILED_CAPACITY: usize = 1024;
+/// What the key cache holds for a hash. Only `Key` stays: the other two
+/// are how a read that found no key hands its outcome to every request
+/// waiting on it at once (a dropped placeholder would wake them one at a
+/// time, each to read the store again), and are removed right after.
+#[derive(Clone)]
+enum Slot {
+    Key(Fenced<Arc<Principal>>),
+    /// Not in the store, as read at this epoch.
+    Unknown(u64),
+    /// The store read numbered so (see `Auth::failures`) failed.
+    Failed(u64),
+}
+
+impl Slot {
+    /// Whether `self` is this same read outcome (never true of keys).
+    fn is_outcome(&self, other: &Slot) -> bool {
+        match (self, other) {
+            (Slot::Unknown(a), Slot::Unknown(b)) | (Slot::Failed(a), Slot::Failed(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Keys weigh one; passing outcomes weigh nothing, so they never evict a
+/// key.
+#[derive(Clone)]
+struct SlotWeight;
+
+impl quick_cache::Weighter<KeyHash, Slot> for SlotWeight {
+    fn weight(&self, _: &KeyHash, slot: &Slot) -> u64 {
+        u64::from(matches!(slot, Slot::Key(_)))
+    }
+}
+
+/// How much longer than an entry's TTL its fence is kept.
+const FENCE_MARGIN: Duration = Duration::from_secs(60);
+
+/// The right to read the store for one key, waited on by the others.
+type KeyGuard<'a> = quick_cache::sync::PlaceholderGuard<
+    'a,
+    KeyHash,
+    Slot,
+    SlotWeight,
+    quick_cache::DefaultHashBuilder,
+    quick_cache::sync::DefaultLifecycle<KeyHash, Slot>,
+>;
 
 /// Reads that lose a race with an invalidation are retried this many times
 /// through the cache before going to the store directly.
@@ -244,10 +287,11 @@ impl Auth {
     pub fn new(store: Arc<dyn Store>, config: &CacheConfig, metrics: Arc<Metrics>) -> Auth {
         Auth {
             store,
-            keys: quick_cache::sync::Cache::new(
+            keys: quick_cache::sync::Cache::with_weighter(
                 usize::try_from(config.keys.capacity).unwrap_or(usize::MAX),
+                config.keys.capacity,
+                SlotWeight,
             ),
-            failed: quick_cache::sync::Cache::new(FAILED_CAPACITY),
             failures: AtomicU64::new(0),
             unknown: Cache::builder()
                 .max_capacity(config.negative.capacity)
@@ -365,59 +409,54 @@ impl Auth {
             return Ok(principal);
         }
         for _ in 0..RACE_RETRIES {
+            let failures_before = self.failures.load(Ordering::Acquire);
             // Cached answers first, without a placeholder: a flood of one
             // unknown key must not queue its requests on one.
-            if let Some(hit) = self.keys.get(&hash)
-                && let Some(principal) = self.serve_hit(&hash, hit)
+            if let Some(slot) = self.keys.get(&hash)
+                && let Some(answer) = self.settle(&hash, slot, failures_before)
             {
-                return Ok(principal);
+                return answer;
             }
             if self.known_unknown(&hash).await {
                 return Err(AuthError::InvalidKey);
             }
-            let failures_before = self.failures.load(Ordering::Acquire);
-            // Either the answer a concurrent read has just put there, or the
-            // right to read the store for this key.
+            // Either the outcome of a read that was under way, or the right
+            // to read the store for this key.
             let guard = match self.keys.get_value_or_guard_async(&hash).await {
-                Ok(hit) => match self.serve_hit(&hash, hit) {
-                    Some(principal) => return Ok(principal),
+                Ok(slot) => match self.settle(&hash, slot, failures_before) {
+                    Some(answer) => return answer,
                     None => continue,
                 },
                 Err(guard) => guard,
             };
-            // A read this request waited for may have ended without a value:
-            // the key is unknown, or the store failed.
-            if self.known_unknown(&hash).await {
-                return Err(AuthError::InvalidKey);
-            }
-            if self.failed.get(&hash).is_some_and(|n| n > failures_before) {
-                self.count(|c| &c.store_errors);
-                return Err(AuthError::Unavailable);
-            }
             self.count(|c| &c.key_cache_misses);
-            let epoch = self.epoch.load(Ordering::Acquire);
             let loaded = uptime_ms();
+            let epoch = self.epoch.load(Ordering::Acquire);
             match self.store.find_by_hash(hash).await {
                 Ok(Some(record)) => {
                     let found = Fenced::new(Arc::new(principal(record)), epoch, loaded);
                     // Not placed only if an invalidation removed the
                     // placeholder meanwhile; the fence below decides.
-                    let _ = guard.insert(found.clone());
+                    let _ = guard.insert(Slot::Key(found.clone()));
                     if self.key_valid(&hash, found.epoch) {
                         self.keep_key(hash, &found);
                         return Ok(found.value);
                     }
                     self.drop_key_entry(&hash, &found);
                 }
-                Ok(None) if self.key_valid(&hash, epoch) => {
-                    // Recorded before the guard goes, for those waiting.
-                    self.unknown.insert(hash, epoch).await;
-                    return Err(AuthError::InvalidKey);
+                Ok(None) => {
+                    let unknown = self.key_valid(&hash, epoch);
+                    if unknown {
+                        self.unknown.insert(hash, epoch).await;
+                    }
+                    self.hand_over(guard, &hash, Slot::Unknown(epoch));
+                    if unknown {
+                        return Err(AuthError::InvalidKey);
+                    }
                 }
-                Ok(None) => {}
                 Err(e) => {
                     let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-                    self.failed.insert(hash, n);
+                    self.hand_over(guard, &hash, Slot::Failed(n));
                     return Err(self.store_failed(&e));
                 }
             }
@@ -430,15 +469,46 @@ impl Auth {
         }
     }
 
-    /// The key in a cache entry, if it may be served; else the entry goes.
-    fn serve_hit(&self, hash: &KeyHash, hit: Fenced<Arc<Principal>>) -> Option<Arc<Principal>> {
-        if self.key_usable(hash, &hit) {
-            self.count(|c| &c.key_cache_hits);
-            self.keep_key(*hash, &hit);
-            return Some(hit.value);
+    /// The answer a key cache slot gives this request, if any: a live key,
+    /// a live "unknown", or the failure of the read it waited on. A key
+    /// that may no longer be served is removed.
+    fn settle(
+        &self,
+        hash: &KeyHash,
+        slot: Slot,
+        failures_before: u64,
+    ) -> Option<Result<Arc<Principal>, AuthError>> {
+        match slot {
+            Slot::Key(hit) if self.key_usable(hash, &hit) => {
+                self.count(|c| &c.key_cache_hits);
+                self.keep_key(*hash, &hit);
+                Some(Ok(hit.value))
+            }
+            Slot::Key(stale) => {
+                self.drop_key_entry(hash, &stale);
+                None
+            }
+            Slot::Unknown(epoch) if self.key_valid(hash, epoch) => {
+                self.count(|c| &c.key_cache_hits);
+                Some(Err(AuthError::InvalidKey))
+            }
+            Slot::Unknown(_) => None,
+            // A failure numbered after this request began is the read it
+            // waited on; an older one is for the store to say again.
+            Slot::Failed(n) if n > failures_before => {
+                self.count(|c| &c.store_errors);
+                Some(Err(AuthError::Unavailable))
+            }
+            Slot::Failed(_) => None,
         }
-        self.drop_key_entry(hash, &hit);
-        None
+    }
+
+    /// Gives a read's outcome to every request waiting on it, then takes
+    /// it out of the cache (in one step: nothing can cancel in between).
+    fn hand_over(&self, guard: KeyGuard<'_>, hash: &KeyHash, outcome: Slot) {
+        if guard.insert(outcome.clone()).is_ok() {
+            self.keys.remove_if(hash, |slot| slot.is_outcome(&outcome));
+        }
     }
 
     /// Whether the negative cache holds a live answer that `hash` is unknown.
@@ -461,8 +531,9 @@ impl Auth {
 
     /// Removes `entry` from the key cache, unless a newer read replaced it.
     fn drop_key_entry(&self, hash: &KeyHash, entry: &Fenced<Arc<Principal>>) {
-        self.keys.remove_if(hash, |current| {
-            current.epoch == entry.epoch && Arc::ptr_eq(&current.value, &entry.value)
+        self.keys.remove_if(hash, |slot| {
+            matches!(slot, Slot::Key(current)
+                if current.epoch == entry.epoch && Arc::ptr_eq(&current.value, &entry.value))
         });
     }
 
@@ -485,8 +556,8 @@ impl Auth {
             let result = self
                 .owners
                 .try_get_with(workflow.to_owned(), async {
-                    let epoch = self.epoch.load(Ordering::Acquire);
                     let loaded = uptime_ms();
+                    let epoch = self.epoch.load(Ordering::Acquire);
                     let owner = self.store.get_owner(workflow).await?;
                     Ok::<_, StoreError>(Fenced::new(owner.map(Arc::from), epoch, loaded))
                 })
@@ -537,7 +608,8 @@ impl Auth {
     /// Voids every cached answer, for when invalidations may have been missed.
     pub fn invalidate_all(&self) {
         let epoch = self.next_epoch();
-        self.floor.store(epoch, Ordering::Release);
+        // Two flushes at once must not lower the floor.
+        self.floor.fetch_max(epoch, Ordering::AcqRel);
         self.keys.clear();
         self.unknown.invalidate_all();
         self.owners.invalidate_all();
@@ -546,7 +618,7 @@ impl Auth {
 
     /// Number of cached valid keys (for the memory benchmark).
     pub fn cached_keys(&self) -> u64 {
-        self.keys.len() as u64
+        self.keys.weight()
     }
 }
 
@@ -808,6 +880,53 @@ mod tests {
         let store = GatedStore::new(vec![record(hash)], 0);
         store.down.store(true, Ordering::SeqCst);
         let auth = auth_over(store.clone(), Duration::from_secs(60));
+        let reads = || store.reads.load(Ordering::SeqCst);
+        let waiting: Vec<_> = (0..5)
+            .map(|_| {
+                let auth = auth.clone();
+                tokio::spawn(async move { auth.authenticate(hash).await })
+            })
+            .collect();
+        while reads() == 0 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // The one read fails.
+        store.gate.add_permits(1);
+        while auth.failures.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // A request that comes after the failure reads the store again,
+        // and that read hangs; the five that waited on the failed read
+        // must not wait on it too.
+        store.down.store(false, Ordering::SeqCst);
+        let later = tokio::spawn({
+            let auth = auth.clone();
+            async move { auth.authenticate(hash).await }
+        });
+        while reads() < 2 {
+            tokio::task::yield_now().await;
+        }
+        for request in waiting {
+            let answer = tokio::time::timeout(Duration::from_secs(10), request)
+                .await
+                .expect("a waiter was left behind the later read");
+            assert_eq!(answer.unwrap().err(), Some(AuthError::Unavailable));
+        }
+        assert_eq!(reads(), 2);
+        assert_eq!(auth.cached_keys(), 0);
+        store.gate.add_permits(1);
+        assert!(later.await.unwrap().is_ok());
+        assert_eq!(auth.cached_keys(), 1);
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_on_a_read_that_finds_nothing_share_it() {
+        let hash = KeyHash::of("wfb_nobody");
+        let store = GatedStore::new(Vec::new(), 0);
+        let auth = auth_over(store.clone(), Duration::from_secs(60));
         let waiting: Vec<_> = (0..5)
             .map(|_| {
                 let auth = auth.clone();
@@ -822,15 +941,11 @@ mod tests {
         }
         store.gate.add_permits(100);
         for request in waiting {
-            assert_eq!(request.await.unwrap().err(), Some(AuthError::Unavailable));
+            assert_eq!(request.await.unwrap().err(), Some(AuthError::InvalidKey));
         }
-        // One store read failed for all five; nothing was cached.
         assert_eq!(store.reads.load(Ordering::SeqCst), 1);
-        assert_eq!(auth.cached_keys(), 0);
-        // A request that comes after the failure tries the store again.
-        store.down.store(false, Ordering::SeqCst);
-        assert!(auth.authenticate(hash).await.is_ok());
-        assert_eq!(store.reads.load(Ordering::SeqCst), 2);
+        // The hand-over leaves nothing in the key cache.
+        assert_eq!(auth.keys.len(), 0);
     }
 
     #[test]
