@@ -264,47 +264,51 @@ pub async fn fixed_rate(port: u16, auth: &Auth, rate: u32, seconds: u32) -> Samp
     use std::sync::atomic::{AtomicU64, Ordering};
     const CONNECTIONS: usize = 64;
     let total = u64::from(rate) * u64::from(seconds);
-    let next = Arc::new(AtomicU64::new(0));
-    let (started, start) = tokio::sync::watch::channel(None);
-    let warm = Arc::new(tokio::sync::Barrier::new(CONNECTIONS + 1));
-    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
-    let mut tasks = Vec::new();
-    for c in 0..CONNECTIONS {
-        let (next, auth, warm, mut start) =
-            (next.clone(), auth.clone(), warm.clone(), start.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut sender = connect(port).await;
-            // Keys past the measured ones, so a rotation longer than the
-            // run (f's) gets no cache hits from the warm-up.
-            let unmeasured = total as usize + c;
-            let _ = send(&mut sender, port, request(port, &auth, unmeasured)).await;
-            warm.wait().await;
-            let start: tokio::time::Instant = start
-                .wait_for(Option::is_some)
-                .await
-                .ok()
-                .and_then(|s| *s)
-                .expect("the run starts");
-            let (mut lat, mut non_2xx, mut errors) = (Vec::new(), 0u64, 0u64);
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= total {
-                    break;
-                }
-                tokio::time::sleep_until(start + interval.mul_f64(n as f64)).await;
-                match send(&mut sender, port, request(port, &auth, n as usize)).await {
-                    Some((took, ok)) => {
-                        lat.push(took);
-                        non_2xx += u64::from(!ok);
-                    }
-                    None => errors += 1,
-                }
-            }
-            (lat, non_2xx, errors)
-        }));
+    // Warm-up, joined before anything is timed (a failed connection fails
+    // the run here instead of leaving the others waiting).
+    let warming: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let auth = auth.clone();
+            tokio::spawn(async move {
+                let mut sender = connect(port).await;
+                // Keys past the measured ones, so a rotation longer than
+                // the run (f's) gets no cache hits from the warm-up.
+                let unmeasured = total as usize + c;
+                let _ = send(&mut sender, port, request(port, &auth, unmeasured)).await;
+                sender
+            })
+        })
+        .collect();
+    let mut senders = Vec::with_capacity(CONNECTIONS);
+    for w in warming {
+        senders.push(w.await.expect("warm-up connection"));
     }
-    warm.wait().await;
-    let begin = tokio::time::Instant::now();
-    let _ = started.send(Some(begin));
-    gather(tasks, begin.into_std()).await
+    let next = Arc::new(AtomicU64::new(0));
+    let start = tokio::time::Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|mut sender| {
+            let (next, auth) = (next.clone(), auth.clone());
+            tokio::spawn(async move {
+                let (mut lat, mut non_2xx, mut errors) = (Vec::new(), 0u64, 0u64);
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= total {
+                        break;
+                    }
+                    tokio::time::sleep_until(start + interval.mul_f64(n as f64)).await;
+                    match send(&mut sender, port, request(port, &auth, n as usize)).await {
+                        Some((took, ok)) => {
+                            lat.push(took);
+                            non_2xx += u64::from(!ok);
+                        }
+                        None => errors += 1,
+                    }
+                }
+                (lat, non_2xx, errors)
+            })
+        })
+        .collect();
+    gather(tasks, start.into_std()).await
 }
