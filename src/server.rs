@@ -96,8 +96,20 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let admin_task = tokio::spawn(serve_admin(admin_listener, admin, stopped.clone()));
     let usage_task = UsageHandle::spawn(usage, store.clone(), config.usage.flush_interval);
 
-    let mut workers = Vec::with_capacity(sockets.len());
+    let mut running = Running {
+        listen_addr,
+        admin_addr,
+        gateway: gateway.clone(),
+        store: store.clone(),
+        worker_threads: Vec::with_capacity(sockets.len()),
+        stop,
+        workers: Vec::with_capacity(sockets.len()),
+        admin_task,
+        usage_task,
+        shutdown_timeout: config.shutdown_timeout,
+    };
     let mut starting = Vec::with_capacity(sockets.len());
+    let mut failed = None;
     for (i, socket) in sockets.into_iter().enumerate() {
         let (done, finished) = oneshot::channel();
         let (started, ready) = oneshot::channel::<Result<Option<u32>, String>>();
@@ -107,7 +119,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         let header_timeout = config.limits.header_read_timeout;
         let policy = config.worker_policy;
         let shutdown_timeout = config.shutdown_timeout;
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("keygate-worker-{i}"))
             .spawn(move || {
                 crate::metrics::set_thread_shard(i + 1);
@@ -126,9 +138,20 @@ pub async fn start(config: Config) -> Result<Running, String> {
                         return;
                     }
                 };
+                let listener = {
+                    let _inside = runtime.enter();
+                    TcpListener::from_std(socket)
+                };
+                let listener = match listener {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = started.send(Err(format!("cannot register listener: {e}")));
+                        return;
+                    }
+                };
                 let _ = started.send(Ok(crate::sched::thread_id()));
                 runtime.block_on(worker(
-                    socket,
+                    listener,
                     gateway,
                     tls,
                     stopped,
@@ -136,46 +159,44 @@ pub async fn start(config: Config) -> Result<Running, String> {
                     shutdown_timeout,
                 ));
                 let _ = done.send(());
-            })
-            .map_err(|e| format!("cannot start worker thread: {e}"))?;
-        workers.push(finished);
-        starting.push(ready);
+            });
+        match spawned {
+            Ok(_) => {
+                running.workers.push(finished);
+                starting.push(ready);
+            }
+            Err(e) => {
+                failed = Some(format!("cannot start worker thread: {e}"));
+                break;
+            }
+        }
     }
-    // "Serving" means every worker is named, scheduled and running.
-    // When one cannot start, the others and the admin listener stop too.
-    let mut worker_threads = Vec::with_capacity(starting.len());
+    // "Serving" means every worker is named, scheduled, listening and
+    // running. When one cannot start, everything started stops again.
     for ready in starting {
         let started = ready
             .await
             .unwrap_or_else(|_| Err("a worker thread died while starting".to_string()));
         match started {
-            Ok(id) => worker_threads.extend(id),
+            Ok(id) => running.worker_threads.extend(id),
             Err(e) => {
-                let _ = stop.send(true);
-                return Err(e);
+                failed.get_or_insert(e);
             }
         }
+    }
+    if let Some(e) = failed {
+        running.shutdown().await;
+        return Err(e);
     }
     tracing::info!(
         listen = %listen_addr,
         admin = %admin_addr,
-        workers = workers.len(),
-        store = store.kind(),
+        workers = running.workers.len(),
+        store = running.store.kind(),
         tls = config.tls.is_some(),
         "keygate serving"
     );
-    Ok(Running {
-        listen_addr,
-        admin_addr,
-        gateway,
-        store,
-        worker_threads,
-        stop,
-        workers,
-        admin_task,
-        usage_task,
-        shutdown_timeout: config.shutdown_timeout,
-    })
+    Ok(running)
 }
 
 impl Running {
@@ -274,20 +295,13 @@ fn bind_reuseport(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListene
 }
 
 async fn worker(
-    socket: std::net::TcpListener,
+    listener: TcpListener,
     gateway: Arc<Gateway>,
     tls: Option<TlsAcceptor>,
     mut stopped: watch::Receiver<bool>,
     header_timeout: Duration,
     shutdown_timeout: Duration,
 ) {
-    let listener = match TcpListener::from_std(socket) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot register listener");
-            return;
-        }
-    };
     let forwarder = Arc::new(gateway.forwarder());
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     // HTTP/2 peers that vanish are found by PING; one connection may not
