@@ -336,10 +336,9 @@ impl Auth {
     }
 
     fn front_key(&self, hash: &KeyHash) -> Option<Arc<Principal>> {
-        let now = uptime_ms();
         self.with_front(|front| {
             let entry = front.keys.get(hash)?;
-            if live(entry.loaded, self.key_ttl, now) && self.key_valid(hash, entry.epoch) {
+            if self.key_usable(hash, entry) {
                 return Some(entry.value.clone());
             }
             front.keys.remove(hash);
