@@ -37,6 +37,17 @@ pub enum WorkerPolicy {
     Normal,
 }
 
+/// Where the kernel may run the data-plane threads (Linux; elsewhere
+/// anywhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerAffinity {
+    /// One worker per CPU, each kept on its own, when there are as many
+    /// workers as CPUs the process may use; otherwise as `Unpinned` (`none`).
+    Auto,
+    /// Any of the process's CPUs, as the kernel sees fit (`none`).
+    Unpinned,
+}
+
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -46,6 +57,8 @@ pub struct Config {
     pub workers: usize,
     /// The kernel scheduling policy of those threads.
     pub worker_policy: WorkerPolicy,
+    /// Whether each of those threads keeps to one CPU.
+    pub worker_cpu_affinity: WorkerAffinity,
     pub tls: Option<TlsFiles>,
     pub store: StoreConfig,
     pub admin: AdminConfig,
@@ -212,6 +225,7 @@ struct Raw {
     upstream: Option<String>,
     workers: Option<usize>,
     worker_policy: Option<String>,
+    worker_cpu_affinity: Option<String>,
     tls: Option<RawTls>,
     store: Option<RawStore>,
     admin: Option<RawAdmin>,
@@ -394,6 +408,15 @@ impl Config {
             Some(other) => {
                 return err(format!(
                     "worker_policy: expected batch or normal, got {other:?}"
+                ));
+            }
+        };
+        let worker_cpu_affinity = match raw.worker_cpu_affinity.as_deref() {
+            None | Some("auto") => WorkerAffinity::Auto,
+            Some("none") => WorkerAffinity::Unpinned,
+            Some(other) => {
+                return err(format!(
+                    "worker_cpu_affinity: expected auto or none, got {other:?}"
                 ));
             }
         };
@@ -593,6 +616,7 @@ impl Config {
             upstream,
             workers,
             worker_policy,
+            worker_cpu_affinity,
             tls,
             store,
             admin,
@@ -812,6 +836,10 @@ mod tests {
             Path::new("/etc/keygate/data/admin.token")
         );
         assert!(c.cors.is_some());
+        assert_eq!(c.worker_policy, WorkerPolicy::Batch);
+        assert_eq!(c.worker_cpu_affinity, WorkerAffinity::Auto);
+        let off = parse("worker_cpu_affinity: none\n").unwrap();
+        assert_eq!(off.worker_cpu_affinity, WorkerAffinity::Unpinned);
     }
 
     #[test]
@@ -858,6 +886,7 @@ mod tests {
             ("log:\n  format: xml\n", "log.format"),
             ("headers:\n  user_id: \"bad header\"\n", "headers.user_id"),
             ("worker_policy: fifo\n", "worker_policy"),
+            ("worker_cpu_affinity: 0-1\n", "worker_cpu_affinity"),
             ("listen: [1, 2]\n", "line 1"),
             ("usage:\n  flush_interval: 0s\n", "usage.flush_interval"),
             (

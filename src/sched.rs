@@ -9,10 +9,17 @@
 //! running thread finishes its slice and a worker handles them in one go
 //! (README, "Performance").
 //!
-//! This is the crate's one `unsafe` block (`lib.rs` denies the rest): the
-//! call has no safe wrapper that fits. rustix leaves `sched_setscheduler`
-//! out, and the thread-priority crate sets the thread's nice value along
-//! with the policy, which would undo an operator's `nice`.
+//! The kernel may also put two workers on one CPU for a while, where they
+//! take turns while the other CPU runs the rest: side by side with nginx
+//! that cost keygate 10–20 % of its rate for as long as it lasted. With as
+//! many workers as CPUs, each worker keeps to its own CPU (`sched_setaffinity`,
+//! `worker_cpu_affinity: auto`).
+//!
+//! These are the crate's only `unsafe` blocks (`lib.rs` denies the rest):
+//! the calls have no safe wrapper that fits. rustix leaves
+//! `sched_setscheduler` out, and the thread-priority crate sets the
+//! thread's nice value along with the policy, which would undo an
+//! operator's `nice`. The CPU lists are read from `/proc`.
 #![allow(unsafe_code)]
 
 /// Puts the calling thread under `SCHED_BATCH` (Linux; a no-op elsewhere).
@@ -29,6 +36,75 @@ pub fn batch_this_thread() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Keeps the calling thread on CPU `cpu` (Linux; a no-op elsewhere).
+pub fn pin_this_thread(cpu: usize) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(std::io::Error::other(format!("no CPU {cpu}")));
+        }
+        // SAFETY: `set` is a plain bit array, zeroed, then one bit below
+        // CPU_SETSIZE (checked above) set; its size is passed with it, and
+        // pid 0 names the calling thread.
+        let rc = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cpu;
+    Ok(())
+}
+
+/// The CPUs each worker keeps to: the CPUs this process may use, one per
+/// worker, when there are as many of them as workers (and more than one).
+/// Otherwise `None`: pinning fewer workers than CPUs would leave CPUs idle
+/// that the kernel could have used, and several workers on one CPU could
+/// not move off it when it is busy.
+pub fn one_per_cpu(workers: usize, allowed: &[usize]) -> Option<&[usize]> {
+    (workers > 1 && allowed.len() == workers).then_some(allowed)
+}
+
+/// The CPUs the calling thread may run on (Linux: `Cpus_allowed_list` in
+/// `/proc/thread-self/status`).
+pub fn allowed_cpus() -> Option<Vec<usize>> {
+    cpus_in_status(&std::fs::read_to_string("/proc/thread-self/status").ok()?)
+}
+
+/// The CPUs thread `tid` of this process may run on.
+pub fn cpus_of(tid: u32) -> Option<Vec<usize>> {
+    cpus_in_status(&std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?)
+}
+
+fn cpus_in_status(status: &str) -> Option<Vec<usize>> {
+    let list = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))?;
+    cpu_list(list.trim())
+}
+
+/// Parses a kernel CPU list such as `0-3,8,10-11`.
+fn cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((first, last)) => {
+                let (first, last): (usize, usize) = (first.parse().ok()?, last.parse().ok()?);
+                if first > last || last >= 1 << 16 {
+                    return None;
+                }
+                cpus.extend(first..=last);
+            }
+            None => cpus.push(part.parse().ok()?),
+        }
+    }
+    Some(cpus)
 }
 
 /// The calling thread's kernel id, from `/proc/thread-self` (Linux).
@@ -66,5 +142,40 @@ mod tests {
         assert_eq!(moved, Some(libc::SCHED_BATCH as u32));
         assert_ne!(main_policy, None);
         assert_eq!(policy_of(own_tid()), main_policy);
+    }
+
+    #[test]
+    fn cpu_lists_parse_like_the_kernel_writes_them() {
+        assert_eq!(cpu_list("0"), Some(vec![0]));
+        assert_eq!(cpu_list("0-3,8,10-11"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(cpu_list(""), None);
+        assert_eq!(cpu_list("3-1"), None);
+        assert_eq!(cpu_list("0-x"), None);
+        let status = "Name:\tx\nCpus_allowed:\t3\nCpus_allowed_list:\t0-1\n";
+        assert_eq!(cpus_in_status(status), Some(vec![0, 1]));
+    }
+
+    #[test]
+    fn workers_are_pinned_only_one_per_cpu() {
+        assert_eq!(one_per_cpu(2, &[0, 1]), Some(&[0, 1][..]));
+        assert_eq!(one_per_cpu(2, &[4, 6]), Some(&[4, 6][..]));
+        assert_eq!(one_per_cpu(1, &[0]), None);
+        assert_eq!(one_per_cpu(2, &[0, 1, 2, 3]), None);
+        assert_eq!(one_per_cpu(4, &[0, 1]), None);
+    }
+
+    #[test]
+    fn a_pinned_thread_keeps_to_its_cpu_and_others_do_not() {
+        let allowed = allowed_cpus().unwrap();
+        let last = *allowed.last().unwrap();
+        let pinned = std::thread::spawn(move || {
+            pin_this_thread(last).unwrap();
+            allowed_cpus()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(pinned, Some(vec![last]));
+        assert_eq!(allowed_cpus(), Some(allowed));
+        assert!(pin_this_thread(1 << 20).is_err());
     }
 }

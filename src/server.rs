@@ -5,7 +5,7 @@
 
 use crate::admin::{self, Admin};
 use crate::auth::Auth;
-use crate::config::{Config, StoreConfig, WorkerPolicy};
+use crate::config::{Config, StoreConfig, WorkerAffinity, WorkerPolicy};
 use crate::invalidate::Invalidator;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Forwarder, Gateway};
@@ -108,9 +108,16 @@ pub async fn start(config: Config) -> Result<Running, String> {
         usage_task,
         shutdown_timeout: config.shutdown_timeout,
     };
+    let cpus = match config.worker_cpu_affinity {
+        WorkerAffinity::Auto => crate::sched::allowed_cpus().and_then(|allowed| {
+            crate::sched::one_per_cpu(sockets.len(), &allowed).map(<[usize]>::to_vec)
+        }),
+        WorkerAffinity::Unpinned => None,
+    };
     let mut starting = Vec::with_capacity(sockets.len());
     let mut failed = None;
     for (i, socket) in sockets.into_iter().enumerate() {
+        let cpu = cpus.as_ref().map(|cpus| cpus[i]);
         let (done, finished) = oneshot::channel();
         let (started, ready) = oneshot::channel::<Result<Option<u32>, String>>();
         let gateway = gateway.clone();
@@ -127,6 +134,11 @@ pub async fn start(config: Config) -> Result<Running, String> {
                     && let Err(e) = crate::sched::batch_this_thread()
                 {
                     tracing::warn!(error = %e, "cannot set SCHED_BATCH; workers keep the default policy");
+                }
+                if let Some(cpu) = cpu
+                    && let Err(e) = crate::sched::pin_this_thread(cpu)
+                {
+                    tracing::warn!(error = %e, cpu, "cannot keep a worker to its CPU; the kernel places it");
                 }
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -192,6 +204,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         listen = %listen_addr,
         admin = %admin_addr,
         workers = running.workers.len(),
+        pinned = cpus.is_some(),
         store = running.store.kind(),
         tls = config.tls.is_some(),
         "keygate serving"

@@ -793,3 +793,38 @@ async fn worker_threads_run_under_sched_batch_unless_told_otherwise() {
     assert_eq!(policies(&normal), [0]);
     drop((gw, normal));
 }
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn workers_keep_one_cpu_each_when_there_is_one_per_cpu() {
+    fn cpus(gw: &Gw) -> Vec<Vec<usize>> {
+        let threads = &gw.running.as_ref().unwrap().worker_threads;
+        threads
+            .iter()
+            .map(|tid| keygate::sched::cpus_of(*tid).expect("worker is alive"))
+            .collect()
+    }
+    let allowed = keygate::sched::allowed_cpus().unwrap();
+    let upstream = Upstream::start().await;
+    let start = |workers: usize, extra: &'static str| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path(), &embedded(&dir), &upstream.url(), extra);
+        c.workers = workers;
+        async move { (Gw::start(c).await, dir) }
+    };
+
+    let (one_each, _d1) = start(allowed.len(), "").await;
+    let (told_not_to, _d2) = start(allowed.len(), "worker_cpu_affinity: none\n").await;
+    let (more_than_cpus, _d3) = start(allowed.len() + 1, "").await;
+    if allowed.len() > 1 {
+        let pinned: Vec<Vec<usize>> = allowed.iter().map(|cpu| vec![*cpu]).collect();
+        assert_eq!(cpus(&one_each), pinned);
+    } else {
+        assert_eq!(cpus(&one_each), std::slice::from_ref(&allowed));
+    }
+    assert!(cpus(&told_not_to).iter().all(|c| *c == allowed));
+    assert!(cpus(&more_than_cpus).iter().all(|c| *c == allowed));
+    assert_eq!(cpus(&more_than_cpus).len(), allowed.len() + 1);
+    // Pinned workers serve.
+    assert_eq!(one_each.webhook("wf", None).await.0, 401);
+}
