@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Rounds of each variant; `KEYGATE_BENCH_ROUNDS` overrides.
-const ROUNDS: usize = 3;
-const SECONDS: u32 = 4;
+const ROUNDS: usize = 5;
+const SECONDS: u32 = 3;
 const CONNECTIONS: u32 = 64;
 const ROUND_ROBIN_KEYS: usize = 10_000;
 const MEMORY_KEYS: usize = 1_000_000;
