@@ -1,4 +1,5 @@
-//! The kernel scheduling policy of the data-plane threads.
+//! How the kernel schedules the data-plane threads: their policy and the
+//! CPUs they may run on.
 //!
 //! Under the default policy a thread woken by a socket event preempts
 //! whatever runs on its CPU. On a machine the proxy shares (with the load,
@@ -15,12 +16,15 @@
 //! many workers as CPUs, each worker keeps to its own CPU (`sched_setaffinity`,
 //! `worker_cpu_affinity: auto`).
 //!
-//! These are the crate's only `unsafe` blocks (`lib.rs` denies the rest):
-//! the calls have no safe wrapper that fits. rustix leaves
+//! Setting the policy is the crate's one `unsafe` block (`lib.rs` denies
+//! the rest): the call has no safe wrapper that fits. rustix leaves
 //! `sched_setscheduler` out, and the thread-priority crate sets the
 //! thread's nice value along with the policy, which would undo an
-//! operator's `nice`. The CPU lists are read from `/proc`.
+//! operator's `nice`. CPU affinity goes through rustix's safe calls.
 #![allow(unsafe_code)]
+
+#[cfg(target_os = "linux")]
+use rustix::thread::{CpuSet, Pid, sched_getaffinity, sched_setaffinity};
 
 /// Puts the calling thread under `SCHED_BATCH` (Linux; a no-op elsewhere).
 pub fn batch_this_thread() -> std::io::Result<()> {
@@ -42,20 +46,12 @@ pub fn batch_this_thread() -> std::io::Result<()> {
 pub fn pin_this_thread(cpu: usize) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
-        if cpu >= libc::CPU_SETSIZE as usize {
+        if cpu >= CpuSet::MAX_CPU {
             return Err(std::io::Error::other(format!("no CPU {cpu}")));
         }
-        // SAFETY: `set` is a plain bit array, zeroed, then one bit below
-        // CPU_SETSIZE (checked above) set; its size is passed with it, and
-        // pid 0 names the calling thread.
-        let rc = unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let mut set = CpuSet::new();
+        set.set(cpu);
+        sched_setaffinity(None, &set)?;
     }
     #[cfg(not(target_os = "linux"))]
     let _ = cpu;
@@ -71,40 +67,32 @@ pub fn one_per_cpu(workers: usize, allowed: &[usize]) -> Option<&[usize]> {
     (workers > 1 && allowed.len() == workers).then_some(allowed)
 }
 
-/// The CPUs the calling thread may run on (Linux: `Cpus_allowed_list` in
-/// `/proc/thread-self/status`).
+/// The online CPUs the calling thread may run on (Linux).
 pub fn allowed_cpus() -> Option<Vec<usize>> {
-    cpus_in_status(&std::fs::read_to_string("/proc/thread-self/status").ok()?)
+    #[cfg(target_os = "linux")]
+    return cpus_in(sched_getaffinity(None).ok()?);
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
-/// The CPUs thread `tid` of this process may run on.
+/// The online CPUs thread `tid` of this process may run on (Linux).
 pub fn cpus_of(tid: u32) -> Option<Vec<usize>> {
-    cpus_in_status(&std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?)
-}
-
-fn cpus_in_status(status: &str) -> Option<Vec<usize>> {
-    let list = status
-        .lines()
-        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))?;
-    cpu_list(list.trim())
-}
-
-/// Parses a kernel CPU list such as `0-3,8,10-11`.
-fn cpu_list(list: &str) -> Option<Vec<usize>> {
-    let mut cpus = Vec::new();
-    for part in list.split(',') {
-        match part.split_once('-') {
-            Some((first, last)) => {
-                let (first, last): (usize, usize) = (first.parse().ok()?, last.parse().ok()?);
-                if first > last || last >= 1 << 16 {
-                    return None;
-                }
-                cpus.extend(first..=last);
-            }
-            None => cpus.push(part.parse().ok()?),
-        }
+    #[cfg(target_os = "linux")]
+    return cpus_in(sched_getaffinity(Some(Pid::from_raw(i32::try_from(tid).ok()?)?)).ok()?);
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = tid;
+        None
     }
-    Some(cpus)
+}
+
+#[cfg(target_os = "linux")]
+fn cpus_in(set: CpuSet) -> Option<Vec<usize>> {
+    Some(
+        (0..CpuSet::MAX_CPU)
+            .filter(|cpu| set.is_set(*cpu))
+            .collect(),
+    )
 }
 
 /// The calling thread's kernel id, from `/proc/thread-self` (Linux).
@@ -142,17 +130,6 @@ mod tests {
         assert_eq!(moved, Some(libc::SCHED_BATCH as u32));
         assert_ne!(main_policy, None);
         assert_eq!(policy_of(own_tid()), main_policy);
-    }
-
-    #[test]
-    fn cpu_lists_parse_like_the_kernel_writes_them() {
-        assert_eq!(cpu_list("0"), Some(vec![0]));
-        assert_eq!(cpu_list("0-3,8,10-11"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
-        assert_eq!(cpu_list(""), None);
-        assert_eq!(cpu_list("3-1"), None);
-        assert_eq!(cpu_list("0-x"), None);
-        let status = "Name:\tx\nCpus_allowed:\t3\nCpus_allowed_list:\t0-1\n";
-        assert_eq!(cpus_in_status(status), Some(vec![0, 1]));
     }
 
     #[test]

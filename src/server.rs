@@ -119,7 +119,9 @@ pub async fn start(config: Config) -> Result<Running, String> {
     for (i, socket) in sockets.into_iter().enumerate() {
         let cpu = cpus.as_ref().map(|cpus| cpus[i]);
         let (done, finished) = oneshot::channel();
-        let (started, ready) = oneshot::channel::<Result<Option<u32>, String>>();
+        // A started worker reports its thread id and whether it keeps to
+        // its CPU.
+        let (started, ready) = oneshot::channel::<Result<(Option<u32>, bool), String>>();
         let gateway = gateway.clone();
         let tls = tls.clone();
         let stopped = stopped.clone();
@@ -135,11 +137,14 @@ pub async fn start(config: Config) -> Result<Running, String> {
                 {
                     tracing::warn!(error = %e, "cannot set SCHED_BATCH; workers keep the default policy");
                 }
-                if let Some(cpu) = cpu
-                    && let Err(e) = crate::sched::pin_this_thread(cpu)
-                {
-                    tracing::warn!(error = %e, cpu, "cannot keep a worker to its CPU; the kernel places it");
-                }
+                let pinned = match cpu.map(crate::sched::pin_this_thread) {
+                    Some(Ok(())) => true,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, cpu, "cannot keep a worker to its CPU; the kernel places it");
+                        false
+                    }
+                    None => false,
+                };
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -161,7 +166,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
                         return;
                     }
                 };
-                let _ = started.send(Ok(crate::sched::thread_id()));
+                let _ = started.send(Ok((crate::sched::thread_id(), pinned)));
                 runtime.block_on(worker(
                     listener,
                     gateway,
@@ -185,12 +190,16 @@ pub async fn start(config: Config) -> Result<Running, String> {
     }
     // "Serving" means every worker is named, scheduled, listening and
     // running. When one cannot start, everything started stops again.
+    let mut pinned = 0;
     for ready in starting {
         let started = ready
             .await
             .unwrap_or_else(|_| Err("a worker thread died while starting".to_string()));
         match started {
-            Ok(id) => running.worker_threads.extend(id),
+            Ok((id, on_own_cpu)) => {
+                running.worker_threads.extend(id);
+                pinned += usize::from(on_own_cpu);
+            }
             Err(e) => {
                 failed.get_or_insert(e);
             }
@@ -204,7 +213,7 @@ pub async fn start(config: Config) -> Result<Running, String> {
         listen = %listen_addr,
         admin = %admin_addr,
         workers = running.workers.len(),
-        pinned = cpus.is_some(),
+        pinned_to_cpus = pinned,
         store = running.store.kind(),
         tls = config.tls.is_some(),
         "keygate serving"
