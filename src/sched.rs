@@ -70,7 +70,7 @@ pub fn one_per_cpu(workers: usize, allowed: &[usize]) -> Option<&[usize]> {
 /// The online CPUs the calling thread may run on (Linux).
 pub fn allowed_cpus() -> Option<Vec<usize>> {
     #[cfg(target_os = "linux")]
-    return cpus_in(sched_getaffinity(None).ok()?);
+    return sched_getaffinity(None).ok().map(cpus_in);
     #[cfg(not(target_os = "linux"))]
     None
 }
@@ -78,7 +78,9 @@ pub fn allowed_cpus() -> Option<Vec<usize>> {
 /// The online CPUs thread `tid` of this process may run on (Linux).
 pub fn cpus_of(tid: u32) -> Option<Vec<usize>> {
     #[cfg(target_os = "linux")]
-    return cpus_in(sched_getaffinity(Some(Pid::from_raw(i32::try_from(tid).ok()?)?)).ok()?);
+    return sched_getaffinity(Some(Pid::from_raw(i32::try_from(tid).ok()?)?))
+        .ok()
+        .map(cpus_in);
     #[cfg(not(target_os = "linux"))]
     {
         let _ = tid;
@@ -87,12 +89,10 @@ pub fn cpus_of(tid: u32) -> Option<Vec<usize>> {
 }
 
 #[cfg(target_os = "linux")]
-fn cpus_in(set: CpuSet) -> Option<Vec<usize>> {
-    Some(
-        (0..CpuSet::MAX_CPU)
-            .filter(|cpu| set.is_set(*cpu))
-            .collect(),
-    )
+fn cpus_in(set: CpuSet) -> Vec<usize> {
+    (0..CpuSet::MAX_CPU)
+        .filter(|cpu| set.is_set(*cpu))
+        .collect()
 }
 
 /// The calling thread's kernel id, from `/proc/thread-self` (Linux).
