@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -133,9 +134,12 @@ pub fn valid_user_id(s: &str) -> bool {
     (1..=256).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Workflow ids sit in a URL path segment: unreserved characters only.
+/// Workflow ids sit in a URL path segment: unreserved characters only,
+/// and never a dot segment, which an engine could resolve to another path.
 pub fn valid_workflow_id(s: &str) -> bool {
     (1..=256).contains(&s.len())
+        && s != "."
+        && s != ".."
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
 }
@@ -150,8 +154,37 @@ fn refuse_user_id(user_id: &str) -> Option<AdminResponse> {
     })
 }
 
-fn valid_name(s: &str) -> bool {
-    s.chars().count() <= 128 && !s.chars().any(char::is_control)
+/// Names are shown in listings, logs and terminals: printable text only.
+/// Control characters, text-direction overrides and isolates (which can
+/// make a name read as another, "Trojan Source"), zero-width characters
+/// and line or paragraph separators are refused.
+pub fn valid_name(s: &str) -> bool {
+    s.chars().count() <= 128 && !s.chars().any(deceptive)
+}
+
+/// The message for a name [`valid_name`] refuses.
+pub const NAME_RULE: &str = "name must be at most 128 characters, without control, zero-width, line-separator or text-direction characters";
+
+fn deceptive(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{200B}'..='\u{200F}'   // zero-width space, joiners, LRM, RLM
+            | '\u{2028}' | '\u{2029}' // line and paragraph separators
+            | '\u{202A}'..='\u{202E}' // embeddings and overrides
+            | '\u{2060}'..='\u{2064}' // word joiner, invisible operators
+            | '\u{2066}'..='\u{2069}' // isolates
+            | '\u{061C}'               // Arabic letter mark
+            | '\u{FEFF}') // zero-width no-break space
+}
+
+/// The refusal for a key id that is really a key: the key is never echoed.
+fn refuse_key_as_id(id: &str) -> Option<AdminResponse> {
+    (id.starts_with(key::KEY_SCHEME) || id.starts_with("sk-")).then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "that looks like a key, not a key id; use `keys list` to find the id",
+        )
+    })
 }
 
 impl Admin {
@@ -186,7 +219,8 @@ impl Admin {
         subtle::ConstantTimeEq::ct_eq(&digest[..], &self.token_hash[..]).into()
     }
 
-    pub async fn handle(&self, request: Request<Incoming>) -> AdminResponse {
+    /// Answers one admin request; `caller` is logged with every change.
+    pub async fn handle(&self, request: Request<Incoming>, caller: SocketAddr) -> AdminResponse {
         let path = request.uri().path().to_owned();
         let method = request.method().clone();
         match (&method, path.as_str()) {
@@ -225,12 +259,20 @@ impl Admin {
         };
         let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
         match (method, segments.as_slice()) {
-            (Method::POST, ["keys"]) => self.create_key(request).await,
+            (Method::GET, ["instance"]) => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "pid": std::process::id(),
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "store": self.store.kind(),
+                }),
+            ),
+            (Method::POST, ["keys"]) => self.create_key(request, caller).await,
             (Method::GET, ["keys"]) => {
                 let user = query_param(request.uri().query().unwrap_or(""), "userId");
                 self.list_keys(user).await
             }
-            (Method::DELETE, ["keys", id]) => self.revoke_key(id).await,
+            (Method::DELETE, ["keys", id]) => self.revoke_key(id, caller).await,
             (Method::GET, ["workflows"]) => match self.store.list_workflows().await {
                 Ok(list) => json(
                     StatusCode::OK,
@@ -246,9 +288,9 @@ impl Admin {
             },
             (Method::PUT, ["workflows", id]) => {
                 let id = (*id).to_owned();
-                self.set_owner(&id, request).await
+                self.set_owner(&id, request, caller).await
             }
-            (Method::DELETE, ["workflows", id]) => self.remove_owner(id).await,
+            (Method::DELETE, ["workflows", id]) => self.remove_owner(id, caller).await,
             (_, ["keys"] | ["keys", _] | ["workflows"] | ["workflows", _]) => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed")
             }
@@ -275,7 +317,7 @@ impl Admin {
         }
     }
 
-    async fn create_key(&self, request: Request<Incoming>) -> AdminResponse {
+    async fn create_key(&self, request: Request<Incoming>, caller: SocketAddr) -> AdminResponse {
         let body: CreateKey = match read_json(request).await {
             Ok(b) => b,
             Err(r) => return r,
@@ -285,10 +327,7 @@ impl Admin {
         }
         let name = body.name.unwrap_or_default();
         if !valid_name(&name) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "name must be at most 128 characters, without control characters",
-            );
+            return error(StatusCode::BAD_REQUEST, NAME_RULE);
         }
         let (key, id) = match (NewKey::generate(), key::random_id("key")) {
             (Ok(k), Ok(id)) => (k, id),
@@ -313,7 +352,7 @@ impl Admin {
         }
         // A hash tried before it existed may sit in the negative cache.
         self.auth.invalidate_key(record.hash).await;
-        tracing::info!(id = %record.id, user = %record.user_id, key = %record.prefix, "key created");
+        tracing::info!(id = %record.id, user = %record.user_id, key = %record.prefix, %caller, "key created");
         json(
             StatusCode::CREATED,
             &CreatedKey {
@@ -345,12 +384,15 @@ impl Admin {
         }
     }
 
-    async fn revoke_key(&self, id: &str) -> AdminResponse {
+    async fn revoke_key(&self, id: &str, caller: SocketAddr) -> AdminResponse {
+        if let Some(refused) = refuse_key_as_id(id) {
+            return refused;
+        }
         match self.store.revoke_key(id).await {
             Ok(record) => {
                 self.auth.invalidate_key(record.hash).await;
                 let propagated = self.invalidator.key_revoked(record.hash).await;
-                tracing::info!(id = %record.id, user = %record.user_id, key = %record.prefix, propagated, "key revoked");
+                tracing::info!(id = %record.id, user = %record.user_id, key = %record.prefix, propagated, %caller, "key revoked");
                 let mut body =
                     serde_json::json!({"id": record.id, "revoked": true, "propagated": propagated});
                 if !propagated {
@@ -386,11 +428,16 @@ impl Admin {
         }
     }
 
-    async fn set_owner(&self, workflow: &str, request: Request<Incoming>) -> AdminResponse {
+    async fn set_owner(
+        &self,
+        workflow: &str,
+        request: Request<Incoming>,
+        caller: SocketAddr,
+    ) -> AdminResponse {
         if !valid_workflow_id(workflow) {
             return error(
                 StatusCode::BAD_REQUEST,
-                "workflow id must be 1 to 256 of A-Z a-z 0-9 - _ . ~",
+                "workflow id must be 1 to 256 of A-Z a-z 0-9 - _ . ~, and not . or ..",
             );
         }
         let body: SetOwner = match read_json(request).await {
@@ -406,7 +453,7 @@ impl Admin {
         }
         self.auth.invalidate_workflow(workflow).await;
         self.invalidator.workflow_changed(workflow).await;
-        tracing::info!(workflow, user = %body.user_id, "workflow owner set");
+        tracing::info!(workflow, user = %body.user_id, %caller, "workflow owner set");
         json(
             StatusCode::OK,
             &WorkflowView {
@@ -416,12 +463,12 @@ impl Admin {
         )
     }
 
-    async fn remove_owner(&self, workflow: &str) -> AdminResponse {
+    async fn remove_owner(&self, workflow: &str, caller: SocketAddr) -> AdminResponse {
         match self.store.remove_owner(workflow).await {
             Ok(()) => {
                 self.auth.invalidate_workflow(workflow).await;
                 self.invalidator.workflow_changed(workflow).await;
-                tracing::info!(workflow, "workflow owner removed");
+                tracing::info!(workflow, %caller, "workflow owner removed");
                 json(
                     StatusCode::OK,
                     &serde_json::json!({"workflowId": workflow, "removed": true}),
@@ -602,8 +649,41 @@ mod tests {
         assert!(!valid_user_id("has space"));
         assert!(!valid_user_id(""));
         assert!(valid_workflow_id("wf_AbC-1.2~"));
+        assert!(valid_workflow_id("..."));
         assert!(!valid_workflow_id("a/b"));
         assert!(!valid_workflow_id("a%2Fb"));
+        assert!(!valid_workflow_id("."));
+        assert!(!valid_workflow_id(".."));
+    }
+
+    #[test]
+    fn names_keep_printable_unicode_and_refuse_deceptive_characters() {
+        for good in [
+            "production",
+            "Prod – EU",
+            "clé de test",
+            "東京",
+            "🚀 deploy",
+            "",
+        ] {
+            assert!(valid_name(good), "{good:?}");
+        }
+        for bad in [
+            "tab\there",
+            "new\nline",
+            "bell\u{7}",
+            "admin\u{202E}txt.exe",
+            "a\u{2066}b\u{2069}",
+            "zero\u{200B}width",
+            "joiner\u{200D}",
+            "bom\u{FEFF}",
+            "line\u{2028}sep",
+            "para\u{2029}sep",
+            "\u{61C}mark",
+        ] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        assert!(!valid_name(&"x".repeat(129)));
     }
 
     #[test]

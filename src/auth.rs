@@ -1,17 +1,15 @@
 //! The key and owner checks, over caches in front of the store.
 //!
-//! Three caches: key hash → key (positive TTL), unknown hashes (a shorter
-//! negative TTL, and a cache of its own so a flood of random keys cannot
-//! evict valid ones), and workflow → owner. Concurrent misses for one entry
-//! share one store call, and its outcome: the key, "unknown", or a failure
-//! (503), handed to all of them at once.
+//! Three caches: key hash → key, unknown hashes (a cache of its own with a
+//! shorter TTL, so a flood of random keys cannot evict valid ones), and
+//! workflow → owner. Concurrent misses for one entry share one store call,
+//! and its outcome: the answer, "unknown", or a failure (503), handed to
+//! all of them at once.
 //!
-//! The key cache is the one that grows with the number of keys, so it is a
-//! `quick_cache` (entries inline in one table: 162 bytes of RSS per entry
-//! for a 32-byte key and a 24-byte value) rather than moka (eight
-//! allocations and 481 bytes per entry with a TTL); its TTL is checked on
-//! read. The negative and owner caches stay
-//! on moka, with its own TTLs.
+//! All three are `quick_cache` caches (entries inline in one table: 162
+//! bytes of RSS per entry for a 32-byte key and a 24-byte value, where moka
+//! took 481), with each entry's age checked on read. So their capacities
+//! and TTLs can change on a reload without emptying them.
 //!
 //! Invalidation is fenced: every cached value remembers the invalidation
 //! epoch at which its store read began, and an invalidation records the
@@ -23,13 +21,18 @@
 //! access for the eviction policy, which costs more than the rest of the
 //! check). A front entry is served under the same fence test as a cache
 //! entry, and never past the TTL of the store read it came from.
+//!
+//! Store reads made for one request share one deadline (the store's own
+//! timeout, see [`Budget`]): a hung store costs a request one timeout, not
+//! one per lookup.
 
-use crate::config::CacheConfig;
+use crate::clock::uptime_ms;
+use crate::config::{CacheConfig, CacheSize};
 use crate::key::KeyHash;
-use crate::metrics::Metrics;
+use crate::metrics::{Counters, Metrics};
 use crate::store::{KeyRecord, Store, StoreError};
 use dashmap::DashMap;
-use moka::future::Cache;
+use std::future::Future;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -128,6 +131,19 @@ pub enum AuthError {
     Unavailable,
 }
 
+/// One request's store deadline: set by its first store read, to the
+/// store's timeout from then, and shared by every read after it.
+#[derive(Debug, Default)]
+pub struct Budget(Option<tokio::time::Instant>);
+
+impl Budget {
+    fn until(&mut self, timeout: Duration) -> tokio::time::Instant {
+        *self
+            .0
+            .get_or_insert_with(|| tokio::time::Instant::now() + timeout)
+    }
+}
+
 #[derive(Clone)]
 struct Fenced<T> {
     value: T,
@@ -145,13 +161,6 @@ impl<T> Fenced<T> {
             loaded,
         }
     }
-}
-
-/// Whole milliseconds since the first call in this process.
-fn uptime_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let start = START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Most entries per thread and cache in the front copies (never more than
@@ -173,30 +182,39 @@ thread_local! {
 }
 
 /// Per-entry invalidation epochs, kept for as long as a stale value could
-/// still live in the cache (its TTL).
+/// still live in the cache (its TTL, which a reload may change).
 struct Fences<K> {
     epochs: DashMap<K, (u64, Instant)>,
     len: AtomicUsize,
-    keep_for: Duration,
+    /// Milliseconds a fence is kept: the entries' TTL and a margin.
+    keep_ms: AtomicU64,
 }
 
 impl<K: Hash + Eq + Clone> Fences<K> {
-    /// Fences for entries that live `ttl`. moka's entries count their TTL
-    /// from insertion, after the store read, so a fence is kept longer than
-    /// any read takes.
+    /// Fences for entries that live `ttl`. Entries count their TTL from
+    /// when their store read began, so a fence is kept longer than any
+    /// read takes.
     fn new(ttl: Duration) -> Self {
-        Fences {
+        let fences = Fences {
             epochs: DashMap::new(),
             len: AtomicUsize::new(0),
-            keep_for: ttl.saturating_add(FENCE_MARGIN),
-        }
+            keep_ms: AtomicU64::new(0),
+        };
+        fences.keep_for(ttl);
+        fences
+    }
+
+    fn keep_for(&self, ttl: Duration) {
+        let keep = ttl.saturating_add(FENCE_MARGIN);
+        self.keep_ms.store(ttl_ms(keep), Ordering::Relaxed);
     }
 
     fn raise(&self, key: K, epoch: u64) {
         let now = Instant::now();
         if self.epochs.len() >= 4096 {
+            let keep = Duration::from_millis(self.keep_ms.load(Ordering::Relaxed));
             self.epochs
-                .retain(|_, (_, at)| now.duration_since(*at) < self.keep_for);
+                .retain(|_, (_, at)| now.duration_since(*at) < keep);
         }
         self.epochs.insert(key, (epoch, now));
         self.len.store(self.epochs.len(), Ordering::Release);
@@ -212,43 +230,22 @@ impl<K: Hash + Eq + Clone> Fences<K> {
     }
 }
 
-pub struct Auth {
-    store: Arc<dyn Store>,
-    keys: quick_cache::sync::Cache<KeyHash, Slot, SlotWeight>,
-    /// Failed key reads so far (numbers [`Slot::Failed`]).
-    failures: AtomicU64,
-    unknown: Cache<KeyHash, u64>,
-    owners: Cache<String, Fenced<Option<Arc<str>>>>,
-    epoch: AtomicU64,
-    /// Entries read before this epoch are void (a whole-cache flush).
-    floor: AtomicU64,
-    key_fences: Fences<KeyHash>,
-    owner_fences: Fences<String>,
-    metrics: Arc<Metrics>,
-    /// Tells this `Auth`'s front copies from another's on the same thread.
-    id: u64,
-    key_ttl: u64,
-    owner_ttl: u64,
-    front_keys: usize,
-    front_owners: usize,
-}
-
-/// What the key cache holds for a hash. Only `Key` stays: the other two
-/// are how a read that found no key hands its outcome to every request
+/// What a cache holds for an entry. Only `Value` stays: the other two are
+/// how a read that found nothing to keep hands its outcome to every request
 /// waiting on it at once (a dropped placeholder would wake them one at a
 /// time, each to read the store again), and are removed right after.
 #[derive(Clone)]
-enum Slot {
-    Key(Fenced<Arc<Principal>>),
+enum Slot<T> {
+    Value(Fenced<T>),
     /// Not in the store, as read at this epoch.
     Unknown(u64),
-    /// The store read numbered so (see `Auth::failures`) failed.
+    /// The store read numbered so (see [`Entries::failures`]) failed.
     Failed(u64),
 }
 
-impl Slot {
-    /// Whether `self` is this same read outcome (never true of keys).
-    fn is_outcome(&self, other: &Slot) -> bool {
+impl<T> Slot<T> {
+    /// Whether `self` is this same read outcome (never true of values).
+    fn is_outcome(&self, other: &Slot<T>) -> bool {
         match (self, other) {
             (Slot::Unknown(a), Slot::Unknown(b)) | (Slot::Failed(a), Slot::Failed(b)) => a == b,
             _ => false,
@@ -256,66 +253,155 @@ impl Slot {
     }
 }
 
-/// Keys weigh one; passing outcomes weigh nothing, so they never evict a
-/// key.
+/// Values weigh one; passing outcomes weigh nothing, so they never evict a
+/// value.
 #[derive(Clone)]
 struct SlotWeight;
 
-impl quick_cache::Weighter<KeyHash, Slot> for SlotWeight {
-    fn weight(&self, _: &KeyHash, slot: &Slot) -> u64 {
-        u64::from(matches!(slot, Slot::Key(_)))
+impl<K, T> quick_cache::Weighter<K, Slot<T>> for SlotWeight {
+    fn weight(&self, _: &K, slot: &Slot<T>) -> u64 {
+        u64::from(matches!(slot, Slot::Value(_)))
     }
+}
+
+/// The right to read the store for one entry, waited on by the others.
+type Guard<'a, K, T> = quick_cache::sync::PlaceholderGuard<
+    'a,
+    K,
+    Slot<T>,
+    SlotWeight,
+    quick_cache::DefaultHashBuilder,
+    quick_cache::sync::DefaultLifecycle<K, Slot<T>>,
+>;
+
+/// One cache of store answers: its entries, the fences that void them,
+/// and its TTL.
+struct Entries<K, T> {
+    cache: quick_cache::sync::Cache<K, Slot<T>, SlotWeight>,
+    fences: Fences<K>,
+    /// Failed store reads so far (numbers [`Slot::Failed`]).
+    failures: AtomicU64,
+    ttl: AtomicU64,
+    /// Front copies kept per thread.
+    front: AtomicUsize,
+}
+
+impl<K: Hash + Eq + Clone, T: Clone> Entries<K, T> {
+    /// Entries that live `size.ttl`, fenced for `fenced` (at least that:
+    /// the keys' fences also void unknown-hash answers).
+    fn new(size: CacheSize, fenced: Duration) -> Entries<K, T> {
+        Entries {
+            cache: quick_cache::sync::Cache::with_weighter(
+                usize::try_from(size.capacity).unwrap_or(usize::MAX),
+                size.capacity,
+                SlotWeight,
+            ),
+            fences: Fences::new(fenced.max(size.ttl)),
+            failures: AtomicU64::new(0),
+            ttl: AtomicU64::new(ttl_ms(size.ttl)),
+            front: AtomicUsize::new(front_size(size)),
+        }
+    }
+
+    fn resize(&self, size: CacheSize, fenced: Duration) {
+        self.cache.set_capacity(size.capacity);
+        // Fences first, kept for the longer of the old and new TTLs: an
+        // entry read under the old one may still be cached.
+        let old = Duration::from_millis(self.ttl());
+        self.fences.keep_for(fenced.max(size.ttl).max(old));
+        self.ttl.store(ttl_ms(size.ttl), Ordering::Relaxed);
+        self.front.store(front_size(size), Ordering::Relaxed);
+    }
+
+    fn ttl(&self) -> u64 {
+        self.ttl.load(Ordering::Relaxed)
+    }
+
+    /// Gives a read's outcome to every request waiting on it, then takes
+    /// it out of the cache (in one step: nothing can cancel in between).
+    fn hand_over<Q>(&self, guard: Guard<'_, K, T>, key: &Q, outcome: Slot<T>)
+    where
+        Q: Hash + quick_cache::Equivalent<K> + ?Sized,
+    {
+        if guard.insert(outcome.clone()).is_ok() {
+            self.cache.remove_if(key, |slot| slot.is_outcome(&outcome));
+        }
+    }
+
+    /// Removes `entry` from the cache, unless a newer read replaced it.
+    fn drop_entry<Q>(&self, key: &Q, entry: &Fenced<T>)
+    where
+        Q: Hash + quick_cache::Equivalent<K> + ?Sized,
+    {
+        self.cache.remove_if(key, |slot| {
+            matches!(slot, Slot::Value(current)
+                if current.epoch == entry.epoch && current.loaded == entry.loaded)
+        });
+    }
+}
+
+fn front_size(size: CacheSize) -> usize {
+    size.capacity.min(FRONT_CAPACITY) as usize
+}
+
+pub struct Auth {
+    store: Arc<dyn Store>,
+    /// The store's own timeout: one request's reads share it.
+    store_timeout: Option<Duration>,
+    keys: Entries<KeyHash, Arc<Principal>>,
+    owners: Entries<String, Option<Arc<str>>>,
+    /// Hashes the store did not know, as read at an epoch.
+    unknown: quick_cache::sync::Cache<KeyHash, Fenced<()>>,
+    unknown_ttl: AtomicU64,
+    epoch: AtomicU64,
+    /// Entries read before this epoch are void (a whole-cache flush).
+    floor: AtomicU64,
+    metrics: Arc<Metrics>,
+    /// Tells this `Auth`'s front copies from another's on the same thread.
+    id: u64,
 }
 
 /// How much longer than an entry's TTL its fence is kept.
 const FENCE_MARGIN: Duration = Duration::from_secs(60);
 
-/// The right to read the store for one key, waited on by the others.
-type KeyGuard<'a> = quick_cache::sync::PlaceholderGuard<
-    'a,
-    KeyHash,
-    Slot,
-    SlotWeight,
-    quick_cache::DefaultHashBuilder,
-    quick_cache::sync::DefaultLifecycle<KeyHash, Slot>,
->;
-
 /// Reads that lose a race with an invalidation are retried this many times
 /// through the cache before going to the store directly.
 const RACE_RETRIES: usize = 3;
 
+/// A counter among [`Counters`].
+type Counter = fn(&Counters) -> &AtomicU64;
+
 impl Auth {
     pub fn new(store: Arc<dyn Store>, config: &CacheConfig, metrics: Arc<Metrics>) -> Auth {
+        let store_timeout = store.timeout();
         Auth {
             store,
-            keys: quick_cache::sync::Cache::with_weighter(
-                usize::try_from(config.keys.capacity).unwrap_or(usize::MAX),
-                config.keys.capacity,
-                SlotWeight,
+            store_timeout,
+            // Unknown hashes are fenced with the keys.
+            keys: Entries::new(config.keys, config.negative.ttl),
+            owners: Entries::new(config.owners, config.owners.ttl),
+            unknown: quick_cache::sync::Cache::new(
+                usize::try_from(config.negative.capacity).unwrap_or(usize::MAX),
             ),
-            failures: AtomicU64::new(0),
-            unknown: Cache::builder()
-                .max_capacity(config.negative.capacity)
-                .time_to_live(config.negative.ttl)
-                .build(),
-            owners: Cache::builder()
-                .max_capacity(config.owners.capacity)
-                .time_to_live(config.owners.ttl)
-                .build(),
+            unknown_ttl: AtomicU64::new(ttl_ms(config.negative.ttl)),
             epoch: AtomicU64::new(1),
             floor: AtomicU64::new(0),
-            key_fences: Fences::new(config.keys.ttl.max(config.negative.ttl)),
-            owner_fences: Fences::new(config.owners.ttl),
             metrics,
             id: {
                 static NEXT: AtomicU64 = AtomicU64::new(0);
                 NEXT.fetch_add(1, Ordering::Relaxed)
             },
-            key_ttl: ttl_ms(config.keys.ttl),
-            owner_ttl: ttl_ms(config.owners.ttl),
-            front_keys: config.keys.capacity.min(FRONT_CAPACITY) as usize,
-            front_owners: config.owners.capacity.min(FRONT_CAPACITY) as usize,
         }
+    }
+
+    /// Applies new cache capacities and TTLs in place (a reload): nothing
+    /// cached is lost, and no entry is served past the new TTL.
+    pub fn resize(&self, config: &CacheConfig) {
+        self.keys.resize(config.keys, config.negative.ttl);
+        self.owners.resize(config.owners, config.owners.ttl);
+        self.unknown.set_capacity(config.negative.capacity);
+        self.unknown_ttl
+            .store(ttl_ms(config.negative.ttl), Ordering::Relaxed);
     }
 
     fn with_front<R>(&self, f: impl FnOnce(&mut Front) -> R) -> R {
@@ -348,11 +434,12 @@ impl Auth {
     }
 
     fn keep_key(&self, hash: KeyHash, entry: &Fenced<Arc<Principal>>) {
-        if self.front_keys == 0 {
+        let most = self.keys.front.load(Ordering::Relaxed);
+        if most == 0 {
             return;
         }
         self.with_front(|front| {
-            if front.keys.len() >= self.front_keys {
+            if front.keys.len() >= most {
                 front.keys.clear();
             }
             front.keys.insert(hash, entry.clone());
@@ -360,10 +447,9 @@ impl Auth {
     }
 
     fn front_owner(&self, workflow: &str) -> Option<Option<Arc<str>>> {
-        let now = uptime_ms();
         self.with_front(|front| {
             let entry = front.owners.get(workflow)?;
-            if live(entry.loaded, self.owner_ttl, now) && self.owner_valid(workflow, entry.epoch) {
+            if self.owner_usable(workflow, entry) {
                 return Some(entry.value.clone());
             }
             front.owners.remove(workflow);
@@ -372,11 +458,12 @@ impl Auth {
     }
 
     fn keep_owner(&self, workflow: &str, entry: &Fenced<Option<Arc<str>>>) {
-        if self.front_owners == 0 {
+        let most = self.owners.front.load(Ordering::Relaxed);
+        if most == 0 {
             return;
         }
         self.with_front(|front| {
-            if front.owners.len() >= self.front_owners {
+            if front.owners.len() >= most {
                 front.owners.clear();
             }
             front.owners.insert(workflow.into(), entry.clone());
@@ -387,43 +474,77 @@ impl Auth {
         epoch >= self.floor.load(Ordering::Acquire)
     }
 
-    fn count(&self, counter: impl Fn(&crate::metrics::Counters) -> &AtomicU64) {
+    fn count(&self, counter: Counter) {
         counter(self.metrics.local()).fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether a key answer read at `epoch` may still be served.
     fn key_valid(&self, hash: &KeyHash, epoch: u64) -> bool {
-        self.fresh(epoch) && !self.key_fences.is_stale(hash, epoch)
+        self.fresh(epoch) && !self.keys.fences.is_stale(hash, epoch)
     }
 
     fn owner_valid(&self, workflow: &str, epoch: u64) -> bool {
-        self.fresh(epoch) && !self.owner_fences.is_stale(workflow, epoch)
+        self.fresh(epoch) && !self.owners.fences.is_stale(workflow, epoch)
+    }
+
+    /// Whether a cached key answer may be served now: within its TTL and
+    /// not void by an invalidation.
+    fn key_usable(&self, hash: &KeyHash, entry: &Fenced<Arc<Principal>>) -> bool {
+        live(entry.loaded, self.keys.ttl(), uptime_ms()) && self.key_valid(hash, entry.epoch)
+    }
+
+    fn owner_usable(&self, workflow: &str, entry: &Fenced<Option<Arc<str>>>) -> bool {
+        live(entry.loaded, self.owners.ttl(), uptime_ms())
+            && self.owner_valid(workflow, entry.epoch)
+    }
+
+    /// A store read under this request's deadline.
+    async fn read<T>(
+        &self,
+        budget: &mut Budget,
+        read: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match self.store_timeout {
+            None => read.await,
+            Some(timeout) => tokio::time::timeout_at(budget.until(timeout), read)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("timed out".into()))),
+        }
+    }
+
+    /// [`Auth::authenticate_within`] with a deadline of its own.
+    pub async fn authenticate(&self, hash: KeyHash) -> Result<Arc<Principal>, AuthError> {
+        self.authenticate_within(hash, &mut Budget::default()).await
     }
 
     /// Looks a key up by hash: cache, then store. A request that joins a
     /// store read begun before an invalidation of the same key does not take
     /// its answer: it reads again.
-    pub async fn authenticate(&self, hash: KeyHash) -> Result<Arc<Principal>, AuthError> {
+    pub async fn authenticate_within(
+        &self,
+        hash: KeyHash,
+        budget: &mut Budget,
+    ) -> Result<Arc<Principal>, AuthError> {
         if let Some(principal) = self.front_key(&hash) {
             self.count(|c| &c.key_cache_hits);
             return Ok(principal);
         }
         for _ in 0..RACE_RETRIES {
-            let failures_before = self.failures.load(Ordering::Acquire);
+            let failures_before = self.keys.failures.load(Ordering::Acquire);
             // Cached answers first, without a placeholder: a flood of one
             // unknown key must not queue its requests on one.
-            if let Some(slot) = self.keys.get(&hash)
-                && let Some(answer) = self.settle(&hash, slot, failures_before)
+            if let Some(slot) = self.keys.cache.get(&hash)
+                && let Some(answer) = self.settle_key(&hash, slot, failures_before)
             {
                 return answer;
             }
-            if self.known_unknown(&hash).await {
+            if self.known_unknown(&hash) {
                 return Err(AuthError::InvalidKey);
             }
             // Either the outcome of a read that was under way, or the right
             // to read the store for this key.
-            let guard = match self.keys.get_value_or_guard_async(&hash).await {
-                Ok(slot) => match self.settle(&hash, slot, failures_before) {
+            let guard = match self.keys.cache.get_value_or_guard_async(&hash).await {
+                Ok(slot) => match self.settle_key(&hash, slot, failures_before) {
                     Some(answer) => return answer,
                     None => continue,
                 },
@@ -432,64 +553,73 @@ impl Auth {
             self.count(|c| &c.key_cache_misses);
             let loaded = uptime_ms();
             let epoch = self.epoch.load(Ordering::Acquire);
-            match self.store.find_by_hash(hash).await {
+            match self.read(budget, self.store.find_by_hash(hash)).await {
                 Ok(Some(record)) => {
                     let found = Fenced::new(Arc::new(principal(record)), epoch, loaded);
                     // Not placed only if an invalidation removed the
                     // placeholder meanwhile; the fence below decides.
-                    let _ = guard.insert(Slot::Key(found.clone()));
+                    let _ = guard.insert(Slot::Value(found.clone()));
                     if self.key_valid(&hash, found.epoch) {
                         self.keep_key(hash, &found);
                         return Ok(found.value);
                     }
-                    self.drop_key_entry(&hash, &found);
+                    self.keys.drop_entry(&hash, &found);
                 }
                 Ok(None) => {
                     let unknown = self.key_valid(&hash, epoch);
                     if unknown {
-                        self.unknown.insert(hash, epoch).await;
+                        self.unknown.insert(hash, Fenced::new((), epoch, loaded));
                     }
-                    self.hand_over(guard, &hash, Slot::Unknown(epoch));
+                    self.keys.hand_over(guard, &hash, Slot::Unknown(epoch));
                     if unknown {
                         return Err(AuthError::InvalidKey);
                     }
                 }
                 Err(e) => {
-                    let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-                    self.hand_over(guard, &hash, Slot::Failed(n));
+                    let n = self.keys.failures.fetch_add(1, Ordering::AcqRel) + 1;
+                    self.keys.hand_over(guard, &hash, Slot::Failed(n));
                     return Err(self.store_failed(&e));
                 }
             }
         }
         // Invalidations kept racing the reads: ask the store, cache nothing.
-        match self.store.find_by_hash(hash).await {
+        match self.read(budget, self.store.find_by_hash(hash)).await {
             Ok(Some(record)) => Ok(Arc::new(principal(record))),
             Ok(None) => Err(AuthError::InvalidKey),
             Err(e) => Err(self.store_failed(&e)),
         }
     }
 
-    /// The answer a key cache slot gives this request, if any: a live key,
-    /// a live "unknown", or the failure of the read it waited on. A key
+    /// The answer a cache slot gives this request, if any: a live value, a
+    /// live "unknown", or the failure of the read it waited on. A value
     /// that may no longer be served is removed.
-    fn settle(
+    fn settle<K, Q, T>(
         &self,
-        hash: &KeyHash,
-        slot: Slot,
+        entries: &Entries<K, T>,
+        key: &Q,
+        slot: Slot<T>,
         failures_before: u64,
-    ) -> Option<Result<Arc<Principal>, AuthError>> {
+        valid: impl Fn(&Q, u64) -> bool,
+        hits: Counter,
+    ) -> Option<Result<Fenced<T>, AuthError>>
+    where
+        K: Hash + Eq + Clone,
+        Q: Hash + quick_cache::Equivalent<K> + ?Sized,
+        T: Clone,
+    {
         match slot {
-            Slot::Key(hit) if self.key_usable(hash, &hit) => {
-                self.count(|c| &c.key_cache_hits);
-                self.keep_key(*hash, &hit);
-                Some(Ok(hit.value))
+            Slot::Value(hit)
+                if live(hit.loaded, entries.ttl(), uptime_ms()) && valid(key, hit.epoch) =>
+            {
+                self.count(hits);
+                Some(Ok(hit))
             }
-            Slot::Key(stale) => {
-                self.drop_key_entry(hash, &stale);
+            Slot::Value(stale) => {
+                entries.drop_entry(key, &stale);
                 None
             }
-            Slot::Unknown(epoch) if self.key_valid(hash, epoch) => {
-                self.count(|c| &c.key_cache_hits);
+            Slot::Unknown(epoch) if valid(key, epoch) => {
+                self.count(hits);
                 Some(Err(AuthError::InvalidKey))
             }
             Slot::Unknown(_) => None,
@@ -503,75 +633,101 @@ impl Auth {
         }
     }
 
-    /// Gives a read's outcome to every request waiting on it, then takes
-    /// it out of the cache (in one step: nothing can cancel in between).
-    fn hand_over(&self, guard: KeyGuard<'_>, hash: &KeyHash, outcome: Slot) {
-        if guard.insert(outcome.clone()).is_ok() {
-            self.keys.remove_if(hash, |slot| slot.is_outcome(&outcome));
-        }
+    fn settle_key(
+        &self,
+        hash: &KeyHash,
+        slot: Slot<Arc<Principal>>,
+        failures_before: u64,
+    ) -> Option<Result<Arc<Principal>, AuthError>> {
+        let valid = |hash: &KeyHash, epoch| self.key_valid(hash, epoch);
+        let settled = self.settle(&self.keys, hash, slot, failures_before, valid, |c| {
+            &c.key_cache_hits
+        })?;
+        Some(settled.map(|hit| {
+            self.keep_key(*hash, &hit);
+            hit.value
+        }))
+    }
+
+    fn settle_owner(
+        &self,
+        workflow: &str,
+        slot: Slot<Option<Arc<str>>>,
+        failures_before: u64,
+    ) -> Option<Result<Option<Arc<str>>, AuthError>> {
+        let valid = |workflow: &str, epoch| self.owner_valid(workflow, epoch);
+        let settled = self.settle(&self.owners, workflow, slot, failures_before, valid, |c| {
+            &c.owner_cache_hits
+        })?;
+        Some(settled.map(|hit| {
+            self.keep_owner(workflow, &hit);
+            hit.value
+        }))
     }
 
     /// Whether the negative cache holds a live answer that `hash` is unknown.
-    async fn known_unknown(&self, hash: &KeyHash) -> bool {
-        if let Some(epoch) = self.unknown.get(hash).await {
-            if self.key_valid(hash, epoch) {
+    fn known_unknown(&self, hash: &KeyHash) -> bool {
+        if let Some(entry) = self.unknown.get(hash) {
+            let ttl = self.unknown_ttl.load(Ordering::Relaxed);
+            if live(entry.loaded, ttl, uptime_ms()) && self.key_valid(hash, entry.epoch) {
                 self.count(|c| &c.key_cache_hits);
                 return true;
             }
-            self.unknown.invalidate(hash).await;
+            self.unknown.remove(hash);
         }
         false
     }
 
-    /// Whether a cached key answer may be served now: within its TTL and
-    /// not void by an invalidation.
-    fn key_usable(&self, hash: &KeyHash, entry: &Fenced<Arc<Principal>>) -> bool {
-        live(entry.loaded, self.key_ttl, uptime_ms()) && self.key_valid(hash, entry.epoch)
-    }
-
-    /// Removes `entry` from the key cache, unless a newer read replaced it.
-    fn drop_key_entry(&self, hash: &KeyHash, entry: &Fenced<Arc<Principal>>) {
-        self.keys.remove_if(hash, |slot| {
-            matches!(slot, Slot::Key(current)
-                if current.epoch == entry.epoch && Arc::ptr_eq(&current.value, &entry.value))
-        });
+    /// [`Auth::owner_within`] with a deadline of its own.
+    pub async fn owner(&self, workflow: &str) -> Result<Option<Arc<str>>, AuthError> {
+        self.owner_within(workflow, &mut Budget::default()).await
     }
 
     /// The owner of a workflow, `None` if it has none.
-    pub async fn owner(&self, workflow: &str) -> Result<Option<Arc<str>>, AuthError> {
+    pub async fn owner_within(
+        &self,
+        workflow: &str,
+        budget: &mut Budget,
+    ) -> Result<Option<Arc<str>>, AuthError> {
         if let Some(owner) = self.front_owner(workflow) {
             self.count(|c| &c.owner_cache_hits);
             return Ok(owner);
         }
         for _ in 0..RACE_RETRIES {
-            if let Some(hit) = self.owners.get(workflow).await {
-                if self.owner_valid(workflow, hit.epoch) {
-                    self.count(|c| &c.owner_cache_hits);
-                    self.keep_owner(workflow, &hit);
-                    return Ok(hit.value);
-                }
-                self.owners.invalidate(workflow).await;
+            let failures_before = self.owners.failures.load(Ordering::Acquire);
+            if let Some(slot) = self.owners.cache.get(workflow)
+                && let Some(answer) = self.settle_owner(workflow, slot, failures_before)
+            {
+                return answer;
             }
+            let guard = match self.owners.cache.get_value_or_guard_async(workflow).await {
+                Ok(slot) => match self.settle_owner(workflow, slot, failures_before) {
+                    Some(answer) => return answer,
+                    None => continue,
+                },
+                Err(guard) => guard,
+            };
             self.count(|c| &c.owner_cache_misses);
-            let result = self
-                .owners
-                .try_get_with(workflow.to_owned(), async {
-                    let loaded = uptime_ms();
-                    let epoch = self.epoch.load(Ordering::Acquire);
-                    let owner = self.store.get_owner(workflow).await?;
-                    Ok::<_, StoreError>(Fenced::new(owner.map(Arc::from), epoch, loaded))
-                })
-                .await;
-            match result {
-                Ok(found) if self.owner_valid(workflow, found.epoch) => {
-                    self.keep_owner(workflow, &found);
-                    return Ok(found.value);
+            let loaded = uptime_ms();
+            let epoch = self.epoch.load(Ordering::Acquire);
+            match self.read(budget, self.store.get_owner(workflow)).await {
+                Ok(owner) => {
+                    let found = Fenced::new(owner.map(Arc::from), epoch, loaded);
+                    let _ = guard.insert(Slot::Value(found.clone()));
+                    if self.owner_valid(workflow, found.epoch) {
+                        self.keep_owner(workflow, &found);
+                        return Ok(found.value);
+                    }
+                    self.owners.drop_entry(workflow, &found);
                 }
-                Ok(_) => self.owners.invalidate(workflow).await,
-                Err(e) => return Err(self.store_failed(&e)),
+                Err(e) => {
+                    let n = self.owners.failures.fetch_add(1, Ordering::AcqRel) + 1;
+                    self.owners.hand_over(guard, workflow, Slot::Failed(n));
+                    return Err(self.store_failed(&e));
+                }
             }
         }
-        match self.store.get_owner(workflow).await {
+        match self.read(budget, self.store.get_owner(workflow)).await {
             Ok(owner) => Ok(owner.map(Arc::from)),
             Err(e) => Err(self.store_failed(&e)),
         }
@@ -591,17 +747,17 @@ impl Auth {
     /// served after it returns.
     pub async fn invalidate_key(&self, hash: KeyHash) {
         let epoch = self.next_epoch();
-        self.key_fences.raise(hash, epoch);
-        self.keys.remove(&hash);
-        self.unknown.invalidate(&hash).await;
+        self.keys.fences.raise(hash, epoch);
+        self.keys.cache.remove(&hash);
+        self.unknown.remove(&hash);
         self.count(|c| &c.invalidations);
     }
 
     /// Drops a workflow's owner (after it changed or was removed).
     pub async fn invalidate_workflow(&self, workflow: &str) {
         let epoch = self.next_epoch();
-        self.owner_fences.raise(workflow.to_owned(), epoch);
-        self.owners.invalidate(workflow).await;
+        self.owners.fences.raise(workflow.to_owned(), epoch);
+        self.owners.cache.remove(workflow);
         self.count(|c| &c.invalidations);
     }
 
@@ -610,15 +766,15 @@ impl Auth {
         let epoch = self.next_epoch();
         // Two flushes at once must not lower the floor.
         self.floor.fetch_max(epoch, Ordering::AcqRel);
-        self.keys.clear();
-        self.unknown.invalidate_all();
-        self.owners.invalidate_all();
+        self.keys.cache.clear();
+        self.unknown.clear();
+        self.owners.cache.clear();
         self.count(|c| &c.cache_flushes);
     }
 
     /// Number of cached valid keys (for the memory benchmark).
     pub fn cached_keys(&self) -> u64 {
-        self.keys.weight()
+        self.keys.cache.weight()
     }
 }
 
@@ -854,7 +1010,7 @@ mod tests {
         }
         // The one read fails.
         store.gate.add_permits(1);
-        while auth.failures.load(Ordering::SeqCst) == 0 {
+        while auth.keys.failures.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
         // A request that comes after the failure reads the store again,
@@ -904,7 +1060,7 @@ mod tests {
         }
         assert_eq!(store.reads.load(Ordering::SeqCst), 1);
         // The hand-over leaves nothing in the key cache.
-        assert_eq!(auth.keys.len(), 0);
+        assert_eq!(auth.keys.cache.len(), 0);
     }
 
     #[test]

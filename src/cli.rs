@@ -18,20 +18,43 @@ use std::time::Duration;
 #[command(
     name = "keygate",
     version,
-    about = "Authorization gateway for workflow webhooks"
+    about = "Authorization gateway for workflow webhooks",
+    long_about = "Authorization gateway for workflow webhooks.\n\nThe config is --config PATH, else ./keygate.yaml if it exists, else the built-in defaults (those of config.example.yaml). Every command but `serve` and `check` drives the running gateway's admin API, found through the same config."
 )]
 pub struct Cli {
-    /// Config file (YAML).
-    #[arg(long, global = true, default_value = "keygate.yaml")]
-    pub config: PathBuf,
+    /// Config file (YAML); default: ./keygate.yaml if it exists, else the built-in defaults.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The file a config is read from when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "keygate.yaml";
+
+impl Cli {
+    /// The config file to read, `None` for the built-in defaults.
+    pub fn config_path(&self) -> Option<PathBuf> {
+        match &self.config {
+            Some(path) => Some(path.clone()),
+            None => {
+                let default = PathBuf::from(DEFAULT_CONFIG);
+                default.exists().then_some(default)
+            }
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the gateway.
-    Serve,
+    /// Run the gateway (SIGHUP reloads the config, SIGTERM drains and stops).
+    Serve {
+        /// Replace the keygate running with this config without downtime: join its listeners, then tell it to drain and stop.
+        #[arg(long)]
+        takeover: bool,
+    },
+    /// Check the config and the files it names, then exit 0 (valid) or 1, like `nginx -t`.
+    Check,
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -42,37 +65,114 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum KeysCommand {
-    /// Create a key; prints it once.
+    /// Create a key and print it (shown this once: copy it now).
     Create {
-        #[arg(long)]
+        /// The user the key authenticates as (1 to 256 visible ASCII characters).
+        #[arg(long, value_parser = user_id)]
         user: String,
+        /// A label to tell the key apart in listings.
         #[arg(long)]
         name: Option<String>,
+        /// Print a JSON object with the id, name, prefix, creation time and key.
         #[arg(long)]
         json: bool,
     },
-    /// List a user's keys (never the keys themselves).
+    /// List a user's keys by prefix, never the keys themselves.
     List {
-        #[arg(long)]
+        /// Whose keys to list.
+        #[arg(long, value_parser = user_id)]
         user: String,
+        /// Print a JSON array.
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a key by id; takes effect at once.
-    Revoke { key_id: String },
+    /// Revoke a key by its id (see `keys list`); refused at once everywhere.
+    Revoke {
+        /// The key's id (`key_…`), not the key itself.
+        key_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum WorkflowsCommand {
     /// Register the user who owns a workflow.
-    SetOwner { workflow_id: String, user: String },
-    /// Remove a workflow's owner.
-    Remove { workflow_id: String },
+    SetOwner {
+        /// The workflow id, as in its webhook URL.
+        workflow_id: String,
+        /// The owning user's id.
+        #[arg(value_parser = user_id)]
+        user: String,
+    },
+    /// Remove a workflow's owner (its webhook then answers 404).
+    Remove {
+        /// The workflow id.
+        workflow_id: String,
+    },
     /// List workflows and their owners.
     List {
+        /// Print a JSON array.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A user id as the admin API takes it, checked before any call so the
+/// error names the flag.
+fn user_id(value: &str) -> Result<String, String> {
+    if crate::admin::valid_user_id(value) {
+        Ok(value.to_owned())
+    } else if value.is_empty() {
+        Err("a user id cannot be empty".into())
+    } else {
+        Err(
+            "a user id is 1 to 256 visible ASCII characters (no spaces or control characters)"
+                .into(),
+        )
+    }
+}
+
+/// What `keygate check` verifies beyond parsing: that the files the config
+/// names can be used. Returns a one-line summary.
+pub fn check(config: &Config) -> Result<String, String> {
+    if let Some(files) = &config.tls {
+        crate::tls::load(files)?;
+    }
+    let store = match &config.store {
+        crate::config::StoreConfig::Embedded { path } => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            if path.exists() {
+                std::fs::File::open(path)
+                    .map_err(|e| format!("store.embedded.path {}: {e}", path.display()))?;
+            } else if let Some(dir) = dir.filter(|d| d.exists())
+                && std::fs::metadata(dir).is_ok_and(|m| m.permissions().readonly())
+            {
+                return Err(format!(
+                    "store.embedded.path {}: its folder is read-only",
+                    path.display()
+                ));
+            }
+            format!("embedded store {}", path.display())
+        }
+        crate::config::StoreConfig::Redis(redis) => {
+            redis::Client::open(redis.url.as_str()).map_err(|e| format!("store.redis.url: {e}"))?;
+            "redis store".to_owned()
+        }
+    };
+    if config.admin.token.is_none() && config.admin.token_file.exists() {
+        read_token_file(&config.admin.token_file).map_err(|e| {
+            format!(
+                "admin.token_file {}: {e}",
+                config.admin.token_file.display()
+            )
+        })?;
+    }
+    Ok(format!(
+        "listen {}, admin {}, {store}, {} route{}",
+        config.listen,
+        config.admin.listen,
+        config.routes.len(),
+        if config.routes.len() == 1 { "" } else { "s" }
+    ))
 }
 
 /// A failure, worded as the one line the CLI prints.
@@ -176,9 +276,17 @@ impl AdminClient {
 
 /// Runs an admin command, returning what to print on stdout.
 pub async fn admin_command(config: &Config, command: Command) -> Result<String, CliError> {
+    // Never echo a secret, not even in an error.
+    if let Command::Keys(KeysCommand::Revoke { key_id }) = &command
+        && (key_id.starts_with(crate::key::KEY_SCHEME) || key_id.starts_with("sk-"))
+    {
+        return Err(CliError(
+            "that looks like a key, not a key id; use `keys list` to find the id".into(),
+        ));
+    }
     let client = AdminClient::from_config(config)?;
     match command {
-        Command::Serve => Err(CliError("serve is not an admin command".into())),
+        Command::Serve { .. } | Command::Check => Err(CliError("not an admin command".into())),
         Command::Keys(KeysCommand::Create { user, name, json }) => {
             let mut body = serde_json::json!({ "userId": user });
             if let Some(name) = name {

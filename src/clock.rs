@@ -11,6 +11,14 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Whole milliseconds of a monotonic clock since the first call in this
+/// process: for ages and deadlines kept in atomics.
+pub fn uptime_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// RFC 3339 in UTC with millisecond precision.
 pub fn rfc3339(ms: i64) -> String {
     let secs = ms.div_euclid(1000);

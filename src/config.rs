@@ -80,19 +80,19 @@ pub struct Upstream {
     pub authority: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
     Embedded { path: PathBuf },
     Redis(RedisConfig),
 }
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     pub url: String,
     /// Prepended to every Redis key, so several deployments can share a server.
@@ -101,7 +101,7 @@ pub struct RedisConfig {
     pub timeout: Duration,
 }
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
     /// A token set in config (usually `${ENV_VAR}`); when absent the server
@@ -157,7 +157,16 @@ pub struct CorsConfig {
 pub struct HeaderNames {
     pub user_id: HeaderName,
     pub key_id: HeaderName,
+    /// Client headers never forwarded: ones an engine behind keygate may
+    /// trust for routing or to skip its own checks (lower case).
+    pub strip: Vec<HeaderName>,
 }
+
+/// Client headers removed by default (`headers.strip`): Next.js's
+/// `x-middleware-subrequest` lets a request skip the engine's middleware
+/// (CVE-2025-29927); `X-Original-URL` / `X-Rewrite-URL` can make an engine
+/// route to a path keygate did not check.
+pub const DEFAULT_STRIP: [&str; 3] = ["x-middleware-subrequest", "x-original-url", "x-rewrite-url"];
 
 #[derive(Debug, Clone, Copy)]
 pub struct CacheSize {
@@ -172,10 +181,24 @@ pub struct CacheConfig {
     pub owners: CacheSize,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_body_bytes: u64,
+    /// Longest request head (and upstream response head, and trailer
+    /// section) accepted: 431 above it.
+    pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
+    /// Every write to a client must make progress within this (nginx's
+    /// `send_timeout`), or the connection is closed.
+    pub send_timeout: Duration,
+    /// Client connections open at once; more are refused at accept.
+    /// `None`: from the file-descriptor limit, when the server starts.
+    pub max_connections: Option<usize>,
+    /// Client connections from one address; 0 means no limit.
+    pub max_connections_per_ip: usize,
+    /// An HTTP/2 connection with no open stream for this long is closed
+    /// (GOAWAY), however many PINGs it answers.
+    pub h2_idle_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_response_timeout: Duration,
     /// Idle upstream connections kept per worker.
@@ -184,7 +207,7 @@ pub struct Limits {
     pub upstream_max_per_worker: usize,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UsageConfig {
     pub flush_interval: Duration,
     /// Keys with an unwritten `lastUsedAt` kept while the store is down.
@@ -208,7 +231,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: tracing::Level,
@@ -296,11 +319,12 @@ struct RawCors {
     max_age: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawHeaders {
     user_id: Option<String>,
     key_id: Option<String>,
+    strip: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -322,7 +346,12 @@ struct RawCacheSize {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_body_bytes: Option<u64>,
+    max_header_bytes: Option<usize>,
     header_read_timeout: Option<String>,
+    send_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    h2_idle_timeout: Option<String>,
     upstream_connect_timeout: Option<String>,
     upstream_response_timeout: Option<String>,
     upstream_idle_per_worker: Option<usize>,
@@ -382,7 +411,7 @@ impl Config {
         let raw: Raw = if text.trim().is_empty() {
             Raw::default()
         } else {
-            serde_saphyr::from_str(text).map_err(|e| ConfigError(yaml_error(&e)))?
+            parse_raw(text)?
         };
         Config::validate(raw, base, env)
     }
@@ -421,13 +450,13 @@ impl Config {
             }
         };
         let tls = raw.tls.map(|t| TlsFiles {
-            cert: base.join(t.cert),
-            key: base.join(t.key),
+            cert: resolve(base, t.cert),
+            key: resolve(base, t.key),
         });
 
         let store = match raw.store {
             None => StoreConfig::Embedded {
-                path: base.join("data/keygate.redb"),
+                path: resolve(base, "data/keygate.redb"),
             },
             Some(RawStore {
                 embedded: Some(_),
@@ -437,7 +466,7 @@ impl Config {
                 embedded: Some(e),
                 redis: None,
             }) => StoreConfig::Embedded {
-                path: base.join(e.path.as_deref().unwrap_or("data/keygate.redb")),
+                path: resolve(base, e.path.as_deref().unwrap_or("data/keygate.redb")),
             },
             Some(RawStore {
                 embedded: None,
@@ -466,11 +495,11 @@ impl Config {
 
         let admin_raw = raw.admin.unwrap_or_default();
         let token_file = match (&admin_raw.token_file, &store) {
-            (Some(p), _) => base.join(p),
+            (Some(p), _) => resolve(base, p),
             (None, StoreConfig::Embedded { path }) => {
                 path.parent().unwrap_or(base).join("admin.token")
             }
-            (None, StoreConfig::Redis(_)) => base.join("data/admin.token"),
+            (None, StoreConfig::Redis(_)) => resolve(base, "data/admin.token"),
         };
         let token = match admin_raw.token {
             None => None,
@@ -503,6 +532,12 @@ impl Config {
                 preserve_host: false,
             }],
             Some(list) if list.is_empty() => return err("routes: list at least one route"),
+            Some(list) if list.len() >= crate::metrics::ROUTE_SLOTS => {
+                return err(format!(
+                    "routes: at most {} routes",
+                    crate::metrics::ROUTE_SLOTS - 1
+                ));
+            }
             Some(list) => list
                 .into_iter()
                 .enumerate()
@@ -512,20 +547,25 @@ impl Config {
 
         let cors = cors(raw.cors)?;
 
-        let headers = match raw.headers {
-            None => HeaderNames {
-                user_id: HeaderName::from_static("x-user-id"),
-                key_id: HeaderName::from_static("x-api-key-id"),
-            },
-            Some(h) => HeaderNames {
-                user_id: header_name(
-                    "headers.user_id",
-                    h.user_id.as_deref().unwrap_or("X-User-Id"),
-                )?,
-                key_id: header_name(
-                    "headers.key_id",
-                    h.key_id.as_deref().unwrap_or("X-Api-Key-Id"),
-                )?,
+        let h = raw.headers.unwrap_or_default();
+        let headers = HeaderNames {
+            user_id: header_name(
+                "headers.user_id",
+                h.user_id.as_deref().unwrap_or("X-User-Id"),
+            )?,
+            key_id: header_name(
+                "headers.key_id",
+                h.key_id.as_deref().unwrap_or("X-Api-Key-Id"),
+            )?,
+            strip: match h.strip {
+                None => DEFAULT_STRIP
+                    .iter()
+                    .map(|name| HeaderName::from_static(name))
+                    .collect(),
+                Some(list) => list
+                    .iter()
+                    .map(|name| header_name("headers.strip", name))
+                    .collect::<Result<_, _>>()?,
             },
         };
         if headers.user_id == headers.key_id {
@@ -542,10 +582,19 @@ impl Config {
         let l = raw.limits.unwrap_or_default();
         let limits = Limits {
             max_body_bytes: l.max_body_bytes.unwrap_or(1024 * 1024),
+            max_header_bytes: l.max_header_bytes.unwrap_or(64 * 1024),
             header_read_timeout: duration(
                 "limits.header_read_timeout",
                 l.header_read_timeout.as_deref(),
                 "10s",
+            )?,
+            send_timeout: duration("limits.send_timeout", l.send_timeout.as_deref(), "10s")?,
+            max_connections: l.max_connections,
+            max_connections_per_ip: l.max_connections_per_ip.unwrap_or(0),
+            h2_idle_timeout: duration(
+                "limits.h2_idle_timeout",
+                l.h2_idle_timeout.as_deref(),
+                "60s",
             )?,
             upstream_connect_timeout: duration(
                 "limits.upstream_connect_timeout",
@@ -562,6 +611,23 @@ impl Config {
         };
         if limits.upstream_max_per_worker == 0 {
             return err("limits.upstream_max_per_worker: must be at least 1");
+        }
+        if !(1024..=1024 * 1024).contains(&limits.max_header_bytes) {
+            return err("limits.max_header_bytes: must be between 1024 and 1048576");
+        }
+        if limits.max_connections == Some(0) {
+            return err(
+                "limits.max_connections: must be at least 1 (leave it out for the default)",
+            );
+        }
+        for (field, value) in [
+            ("limits.header_read_timeout", limits.header_read_timeout),
+            ("limits.send_timeout", limits.send_timeout),
+            ("limits.h2_idle_timeout", limits.h2_idle_timeout),
+        ] {
+            if value.is_zero() {
+                return err(format!("{field}: must be more than 0"));
+            }
         }
 
         let u = raw.usage.unwrap_or_default();
@@ -633,16 +699,90 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The settings that differ between `self` (in force) and `new` but
+    /// take effect only after a restart: the listeners and their threads,
+    /// the store, the admin token, TLS being on or off, logging, the
+    /// last-used batcher and the shutdown timeout.
+    pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
+        let differs = [
+            ("listen", self.listen != new.listen),
+            ("workers", self.workers != new.workers),
+            ("worker_policy", self.worker_policy != new.worker_policy),
+            (
+                "worker_cpu_affinity",
+                self.worker_cpu_affinity != new.worker_cpu_affinity,
+            ),
+            ("tls", self.tls.is_some() != new.tls.is_some()),
+            ("store", self.store != new.store),
+            ("admin", self.admin != new.admin),
+            ("usage", self.usage != new.usage),
+            ("log", self.log != new.log),
+            (
+                "shutdown_timeout",
+                self.shutdown_timeout != new.shutdown_timeout,
+            ),
+        ];
+        differs
+            .into_iter()
+            .filter_map(|(name, differs)| differs.then_some(name))
+            .collect()
+    }
+
+    /// Takes the restart-only settings (see [`Config::needs_restart`]) from
+    /// `running`, so `self` describes what is in force after a reload.
+    pub fn keep_restart_only(&mut self, running: &Config) {
+        self.listen = running.listen;
+        self.workers = running.workers;
+        self.worker_policy = running.worker_policy;
+        self.worker_cpu_affinity = running.worker_cpu_affinity;
+        if self.tls.is_some() != running.tls.is_some() {
+            self.tls = running.tls.clone();
+        }
+        self.store = running.store.clone();
+        self.admin = running.admin.clone();
+        self.usage = running.usage;
+        self.log = running.log.clone();
+        self.shutdown_timeout = running.shutdown_timeout;
+    }
+}
+
+/// The raw shape of `text`. An error names the field it is about (a value
+/// of the wrong type, say) as well as its line.
+fn parse_raw(text: &str) -> Result<Raw, ConfigError> {
+    let mut field = None;
+    serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            if path != "." && !path.is_empty() {
+                field = Some(path);
+            }
+            e.into_inner()
+        })
+    })
+    .map_err(|e| {
+        let message = yaml_error(&e);
+        ConfigError(match field {
+            // An unknown key is named by the message itself.
+            Some(field) if !message.contains(&format!("`{}`", leaf(&field))) => {
+                format!("{field}: {message}")
+            }
+            _ => message,
+        })
+    })
+}
+
+/// The last part of a field path (`limits.send_timeout` → `send_timeout`).
+fn leaf(path: &str) -> &str {
+    path.rsplit('.').next().unwrap_or(path)
+}
+
 /// serde-saphyr reports the key and its line; keep its first line only, so
 /// the CLI can print a one-line error.
 fn yaml_error(e: &serde_saphyr::Error) -> String {
     let text = e.to_string();
-    let first = text
-        .lines()
-        .next()
-        .unwrap_or("invalid YAML")
-        .trim()
-        .to_owned();
+    let first = text.lines().next().unwrap_or("invalid YAML").trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first).to_owned();
     match e.location() {
         Some(loc) if !first.contains("line") => {
             format!("{first} (line {}, column {})", loc.line(), loc.column())
@@ -665,12 +805,32 @@ fn from_env(
     }
 }
 
+/// `base` joined with `path`, without `./` in the middle, so logs and
+/// errors show the path an operator would write.
+fn resolve(base: &Path, path: impl AsRef<Path>) -> PathBuf {
+    base.join(path).components().collect()
+}
+
+/// An IP address and port, or a host name that resolves to one (the first
+/// address it resolves to).
 fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value.parse().map_err(|_| {
-        ConfigError(format!(
-            "{field}: expected an address like 127.0.0.1:8080, got {value:?}"
-        ))
-    })
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    let expected = || format!("{field}: expected an address like 127.0.0.1:8080, got {value:?}");
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return err(expected());
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return err(expected());
+    }
+    use std::net::ToSocketAddrs;
+    match value.to_socket_addrs().map(|mut all| all.next()) {
+        Ok(Some(addr)) => Ok(addr),
+        Ok(None) | Err(_) => err(format!(
+            "{field}: cannot resolve {host:?}; give an IP address, like 127.0.0.1:{port}"
+        )),
+    }
 }
 
 fn upstream(field: &str, value: &str) -> Result<Upstream, ConfigError> {

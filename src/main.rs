@@ -3,14 +3,33 @@
 use clap::Parser;
 use keygate::cli::{Cli, Command, admin_command};
 use keygate::config::{Config, LogFormat};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli.config) {
+    let path = cli.config_path();
+    let loaded = match &path {
+        Some(path) => Config::load(path),
+        None => Config::from_yaml("", std::path::Path::new(".")),
+    };
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => return fail(&format!("config: {e}")),
     };
+    if let Command::Check = cli.command {
+        return match keygate::cli::check(&config) {
+            Ok(summary) => {
+                let shown = path.as_ref().map_or_else(
+                    || "built-in defaults".to_owned(),
+                    |p| p.display().to_string(),
+                );
+                println!("config OK: {shown} ({summary})");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&format!("config: {e}")),
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -20,17 +39,12 @@ fn main() -> ExitCode {
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
     match cli.command {
-        Command::Serve => {
+        Command::Serve { takeover } => {
             init_logging(&config);
-            match runtime.block_on(keygate::server::run(
-                config,
-                keygate::server::shutdown_signal,
-            )) {
+            let options = keygate::server::Options { takeover };
+            match runtime.block_on(keygate::server::run(config, path, options)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "keygate failed");
-                    fail(&e)
-                }
+                Err(e) => fail(&e),
             }
         }
         command => match runtime.block_on(admin_command(&config, command)) {
@@ -51,6 +65,7 @@ fn fail(message: &str) -> ExitCode {
 fn init_logging(config: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_max_level(config.log.level)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match config.log.format {
         LogFormat::Text => builder.try_init(),

@@ -1,9 +1,17 @@
 //! Counters behind `/metrics`, rendered as Prometheus text. Plain atomics:
 //! nothing here allocates or locks on the request path.
+//!
+//! Requests are counted per route label in a fixed number of slots: a
+//! reload may add routes (their labels take free slots) while requests on
+//! the old routes are still being counted; labels are never removed.
 
 use std::fmt::Write;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+/// Route labels the request counters have room for, `unmatched` included.
+pub const ROUTE_SLOTS: usize = 64;
 
 /// The outcome classes the request counter is split by.
 pub const OUTCOMES: [&str; 10] = [
@@ -39,10 +47,9 @@ struct Histogram {
 
 /// One thread's counters. Each data-plane worker writes its own shard, so
 /// the request path never contends on a cache line; `/metrics` sums them.
-#[derive(Default)]
 #[repr(align(128))]
 pub struct Counters {
-    requests: Vec<[AtomicU64; OUTCOMES.len()]>,
+    requests: Box<[[AtomicU64; OUTCOMES.len()]; ROUTE_SLOTS]>,
     latency: Histogram,
     pub key_cache_hits: AtomicU64,
     pub key_cache_misses: AtomicU64,
@@ -57,6 +64,38 @@ pub struct Counters {
     pub invalidations: AtomicU64,
     pub cache_flushes: AtomicU64,
     pub spoofed_headers: AtomicU64,
+    pub dropped_headers: AtomicU64,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            requests: Box::new(std::array::from_fn(|_| Default::default())),
+            latency: Histogram::default(),
+            key_cache_hits: AtomicU64::new(0),
+            key_cache_misses: AtomicU64::new(0),
+            owner_cache_hits: AtomicU64::new(0),
+            owner_cache_misses: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
+            usage_flushes_ok: AtomicU64::new(0),
+            usage_flushes_failed: AtomicU64::new(0),
+            usage_writes: AtomicU64::new(0),
+            usage_dropped: AtomicU64::new(0),
+            usage_pending: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            cache_flushes: AtomicU64::new(0),
+            spoofed_headers: AtomicU64::new(0),
+            dropped_headers: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Client connections: counted at accept and close, not per request.
+#[derive(Default)]
+pub struct ConnectionCounts {
+    pub open: AtomicU64,
+    /// Refused at accept, over `limits.max_connections(_per_ip)`.
+    pub refused: AtomicU64,
 }
 
 thread_local! {
@@ -70,10 +109,14 @@ pub fn set_thread_shard(index: usize) {
 }
 
 pub struct Metrics {
-    /// Route labels; the last one stands for requests that matched no route.
-    routes: Vec<String>,
+    /// Route labels by slot; slot 0 stands for requests that matched no
+    /// route.
+    routes: RwLock<Vec<String>>,
     shards: Vec<Counters>,
+    pub connections: ConnectionCounts,
 }
+
+const UNMATCHED: &str = "unmatched";
 
 impl Metrics {
     pub fn new(route_labels: impl IntoIterator<Item = String>) -> Metrics {
@@ -82,15 +125,33 @@ impl Metrics {
 
     /// `shards` is usually the number of data-plane workers plus one.
     pub fn with_shards(route_labels: impl IntoIterator<Item = String>, shards: usize) -> Metrics {
-        let mut routes: Vec<String> = route_labels.into_iter().collect();
-        routes.push("unmatched".to_owned());
-        let shards = (0..shards.max(1))
-            .map(|_| Counters {
-                requests: routes.iter().map(|_| Default::default()).collect(),
-                ..Counters::default()
-            })
-            .collect();
-        Metrics { routes, shards }
+        let metrics = Metrics {
+            routes: RwLock::new(vec![UNMATCHED.to_owned()]),
+            shards: (0..shards.max(1)).map(|_| Counters::default()).collect(),
+            connections: ConnectionCounts::default(),
+        };
+        for label in route_labels {
+            // Config validation keeps the routes within the slots.
+            let _ = metrics.register(&label);
+        }
+        metrics
+    }
+
+    /// The slot a route label is counted in, taking a free one for a new
+    /// label.
+    pub fn register(&self, label: &str) -> Result<usize, String> {
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = routes.iter().skip(1).position(|l| l == label) {
+            return Ok(slot + 1);
+        }
+        if routes.len() >= ROUTE_SLOTS {
+            return Err(format!(
+                "metrics: no room for route {label:?}: at most {} distinct routes since start; restart to count new ones",
+                ROUTE_SLOTS - 1
+            ));
+        }
+        routes.push(label.to_owned());
+        Ok(routes.len() - 1)
     }
 
     /// The calling thread's counters.
@@ -98,15 +159,15 @@ impl Metrics {
         &self.shards[SHARD.with(std::cell::Cell::get) % self.shards.len()]
     }
 
-    /// Index used for requests that matched no route.
+    /// The slot of requests that matched no route.
     pub fn unmatched(&self) -> usize {
-        self.routes.len() - 1
+        0
     }
 
-    pub fn observe(&self, route: usize, status: u16, elapsed: Duration) {
+    pub fn observe(&self, slot: usize, status: u16, elapsed: Duration) {
         let c = self.local();
-        let route = route.min(self.routes.len() - 1);
-        c.requests[route][outcome_index(status)].fetch_add(1, Relaxed);
+        let slot = if slot < ROUTE_SLOTS { slot } else { 0 };
+        c.requests[slot][outcome_index(status)].fetch_add(1, Relaxed);
         let secs = elapsed.as_secs_f64();
         if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
             c.latency.buckets[i].fetch_add(1, Relaxed);
@@ -124,8 +185,9 @@ impl Metrics {
 
     /// Requests counted for one route label and outcome (for tests and the bench).
     pub fn requests(&self, route: &str, outcome: &str) -> u64 {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
         let (Some(r), Some(o)) = (
-            self.routes.iter().position(|l| l == route),
+            routes.iter().position(|l| l == route),
             OUTCOMES.iter().position(|l| *l == outcome),
         ) else {
             return 0;
@@ -137,7 +199,14 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP keygate_requests_total Requests by route and outcome.\n");
         out.push_str("# TYPE keygate_requests_total counter\n");
-        for (r, route) in self.routes.iter().enumerate() {
+        let routes = self
+            .routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // Configured routes first, `unmatched` last.
+        let order = (1..routes.len()).chain([0]);
+        for (r, route) in order.map(|r| (r, &routes[r])) {
             for (o, outcome) in OUTCOMES.iter().enumerate() {
                 let _ = writeln!(
                     out,
@@ -169,7 +238,7 @@ impl Metrics {
         );
         let _ = writeln!(out, "keygate_request_duration_seconds_count {count}");
         type Field = fn(&Counters) -> &AtomicU64;
-        let counters: [(&str, &str, Field); 13] = [
+        let counters: [(&str, &str, Field); 14] = [
             (
                 "keygate_key_cache_hits_total",
                 "Key lookups answered by the cache.",
@@ -231,6 +300,11 @@ impl Metrics {
                 |c| &c.spoofed_headers,
             ),
             (
+                "keygate_dropped_headers_total",
+                "Client headers not forwarded: names with `_`, and names on headers.strip.",
+                |c| &c.dropped_headers,
+            ),
+            (
                 "keygate_last_used_pending",
                 "Keys with a lastUsedAt not yet written.",
                 |c| &c.usage_pending,
@@ -248,6 +322,16 @@ impl Metrics {
                 self.sum(field)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP keygate_connections_open Client connections open.\n# TYPE keygate_connections_open gauge\nkeygate_connections_open {}",
+            self.connections.open.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP keygate_connections_refused_total Client connections refused at accept (connection limits).\n# TYPE keygate_connections_refused_total counter\nkeygate_connections_refused_total {}",
+            self.connections.refused.load(Relaxed)
+        );
         out
     }
 }
@@ -276,12 +360,13 @@ mod tests {
     #[test]
     fn shards_add_up() {
         let m = Metrics::with_shards(["/w".to_owned()], 3);
+        let slot = m.register("/w").unwrap();
         std::thread::scope(|s| {
             for shard in 0..3 {
                 let m = &m;
                 s.spawn(move || {
                     set_thread_shard(shard);
-                    m.observe(0, 200, Duration::from_millis(1));
+                    m.observe(slot, 200, Duration::from_millis(1));
                     m.local().key_cache_hits.fetch_add(1, Relaxed);
                 });
             }
@@ -291,10 +376,27 @@ mod tests {
     }
 
     #[test]
+    fn routes_added_later_take_free_slots_and_old_ones_keep_theirs() {
+        let m = Metrics::new(["/a/{workflow}".to_owned()]);
+        let a = m.register("/a/{workflow}").unwrap();
+        let b = m.register("/b/{workflow}").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(m.register("/a/{workflow}"), Ok(a));
+        m.observe(b, 200, Duration::ZERO);
+        assert_eq!(m.requests("/b/{workflow}", "2xx"), 1);
+        for i in 0..ROUTE_SLOTS {
+            let _ = m.register(&format!("/r{i}/{{workflow}}"));
+        }
+        assert!(m.register("/one-too-many/{workflow}").is_err());
+        assert_eq!(m.register("/a/{workflow}"), Ok(a));
+    }
+
+    #[test]
     fn render_counts_requests_and_latency() {
         let m = Metrics::new(["/w/{workflow}".to_owned()]);
-        m.observe(0, 200, Duration::from_micros(300));
-        m.observe(0, 401, Duration::from_millis(3));
+        let slot = m.register("/w/{workflow}").unwrap();
+        m.observe(slot, 200, Duration::from_micros(300));
+        m.observe(slot, 401, Duration::from_millis(3));
         m.observe(m.unmatched(), 404, Duration::from_millis(3));
         assert_eq!(m.requests("/w/{workflow}", "2xx"), 1);
         let text = m.render();

@@ -1,32 +1,83 @@
 //! TLS for the data plane: rustls with the ring provider, PEM files parsed
-//! by rustls-pki-types, ALPN offering h2 then http/1.1.
+//! by rustls-pki-types, ALPN offering h2 then http/1.1. The certificate is
+//! held by [`Certs`], so a reload serves a renewed one to new connections
+//! without a restart.
 
 use crate::config::TlsFiles;
-use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{Error, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio_rustls::TlsAcceptor;
 
-pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+/// The certificate new connections are served, replaceable in place.
+#[derive(Debug)]
+pub struct Certs {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl Certs {
+    /// Reads the files and puts their certificate in force; on an error the
+    /// one in force stays.
+    pub fn reload(&self, files: &TlsFiles) -> Result<(), String> {
+        let key = load(files)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The certificate chain and key in `files`, checked to belong together;
+/// each kind of fault is named for the file it is in.
+pub fn load(files: &TlsFiles) -> Result<CertifiedKey, String> {
+    let cert_file = files.cert.display();
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|iter| iter.collect::<Result<_, _>>())
-        .map_err(|e| format!("tls.cert {}: {e}", files.cert.display()))?;
+        .map_err(|e| format!("tls.cert {cert_file}: {e}"))?;
     if certs.is_empty() {
-        return Err(format!(
-            "tls.cert {}: no certificate found",
-            files.cert.display()
-        ));
+        return Err(format!("tls.cert {cert_file}: no certificate found"));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| format!("tls.key {}: {e}", files.key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let key_file = files.key.display();
+    let key =
+        PrivateKeyDer::from_pem_file(&files.key).map_err(|e| format!("tls.key {key_file}: {e}"))?;
+    CertifiedKey::from_der(certs, key, &provider()).map_err(|e| match e {
+        Error::InconsistentKeys(_) => {
+            format!("tls: the key in {key_file} does not belong to the certificate in {cert_file}")
+        }
+        Error::InvalidCertificate(_) | Error::NoCertificatesPresented => {
+            format!("tls.cert {cert_file}: not a valid certificate ({e})")
+        }
+        Error::General(_) => format!("tls.key {key_file}: not a usable private key ({e})"),
+        other => format!("tls: {other}"),
+    })
+}
+
+/// An acceptor serving what `certs` holds.
+pub fn acceptor(files: &TlsFiles) -> Result<(TlsAcceptor, Arc<Certs>), String> {
+    let certs = Arc::new(Certs {
+        current: RwLock::new(Arc::new(load(files)?)),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("tls: {e}"))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("tls: certificate and key do not fit: {e}"))?;
+        .with_cert_resolver(certs.clone());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), certs))
 }

@@ -254,6 +254,7 @@ async fn configured_routes_fit_other_engines() {
     let (_, key) = gw.create_key("alice").await;
     gw.set_owner("wf9", "alice").await;
     let req = Request::builder()
+        .header("host", "gateway.test")
         .method("PUT")
         .uri("/hooks/wf9")
         .header("authorization", bearer(&key))
@@ -355,6 +356,7 @@ async fn large_streamed_bodies_pass_under_a_raised_limit_and_get_413_over_it() {
     let (gw, key) = alice_owns_wf(&dir, &upstream.url(), extra).await;
     let post = |body| {
         Request::builder()
+            .header("host", "gateway.test")
             .method("POST")
             .uri("/api/workflows/wf/webhook")
             .header("authorization", bearer(&key))
@@ -370,6 +372,7 @@ async fn large_streamed_bodies_pass_under_a_raised_limit_and_get_413_over_it() {
 
     // Over the limit with a declared length: refused up front.
     let big = Request::builder()
+        .header("host", "gateway.test")
         .method("POST")
         .uri("/api/workflows/wf/webhook")
         .header("authorization", bearer(&key))
@@ -540,6 +543,7 @@ async fn thousand_requests_make_a_handful_of_last_used_writes() {
     tokio::spawn(conn);
     for _ in 0..1000 {
         let req = Request::builder()
+            .header("host", "gateway.test")
             .method("POST")
             .uri("/api/workflows/wf/webhook")
             .header("authorization", &auth)
@@ -609,6 +613,7 @@ async fn shutdown_lets_in_flight_requests_finish() {
     let auth = bearer(&key);
     let in_flight = tokio::spawn(async move {
         let req = Request::builder()
+            .header("host", "gateway.test")
             .method("POST")
             .uri("/api/workflows/wf/webhook")
             .header("authorization", auth)
@@ -672,6 +677,7 @@ async fn upstream_connections_are_bounded_and_requests_wait_for_one() {
             let (listen, auth) = (gw.listen, bearer(&key));
             tokio::spawn(async move {
                 let req = Request::builder()
+                    .header("host", "gateway.test")
                     .method("POST")
                     .uri("/api/workflows/wf/webhook")
                     .header("authorization", auth)
@@ -722,6 +728,7 @@ async fn admin_paths_are_percent_decoded_and_bad_input_is_explained() {
         "{v}"
     );
     let req = Request::builder()
+        .header("host", "gateway.test")
         .method("GET")
         .uri("/admin/v1/workflows")
         .header("authorization", "Bearer wrong-token")

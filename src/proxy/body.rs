@@ -6,8 +6,10 @@ use super::wire::{Decoded, Decoder, Framing, WireError};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -59,17 +61,41 @@ impl Body for ProxyBody {
 
 /// The upstream's response body, read from its connection as hyper asks
 /// for it; the connection goes back to the pool when the body has been read
-/// to the end (and not before), if it may be reused.
+/// to the end (and not before), if it may be reused. An upstream that sends
+/// none of it for `idle` ends it with an error (hyper resets the stream).
 pub struct OriginBody {
     /// `None` once the body has ended.
     conn: Option<Conn>,
     decoder: Decoder,
     reusable: bool,
     size_hint: SizeHint,
+    idle: Duration,
+    /// Armed while waiting for the upstream; re-armed after each read.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A read has come in since `stall` was armed.
+    progressed: bool,
 }
 
+/// The upstream sent none of a body for `limits.upstream_response_timeout`.
+#[derive(Debug)]
+pub struct Stalled;
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream response body stalled")
+    }
+}
+
+impl std::error::Error for Stalled {}
+
 impl OriginBody {
-    pub fn new(conn: Conn, framing: Framing, reusable: bool) -> OriginBody {
+    pub fn new(
+        conn: Conn,
+        framing: Framing,
+        reusable: bool,
+        idle: Duration,
+        max_head: usize,
+    ) -> OriginBody {
         let size_hint = match framing {
             Framing::Empty => SizeHint::with_exact(0),
             Framing::Length(n) => SizeHint::with_exact(n),
@@ -77,9 +103,12 @@ impl OriginBody {
         };
         let mut body = OriginBody {
             conn: Some(conn),
-            decoder: Decoder::new(framing),
+            decoder: Decoder::new(framing, max_head),
             reusable,
             size_hint,
+            idle,
+            stall: None,
+            progressed: false,
         };
         if body.decoder.is_done() {
             body.end();
@@ -118,15 +147,32 @@ impl OriginBody {
                     self.end();
                     return Poll::Ready(None);
                 }
-                Decoded::NeedMore => match std::task::ready!(conn.poll_read_more(cx)) {
-                    Ok(0) => {
+                Decoded::NeedMore => match conn.poll_read_more(cx) {
+                    Poll::Pending => {
+                        let idle = self.idle;
+                        let stall = self
+                            .stall
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                        if std::mem::take(&mut self.progressed) {
+                            stall
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + self.idle);
+                        }
+                        if stall.as_mut().poll(cx).is_ready() {
+                            tracing::warn!("upstream response body stalled");
+                            self.conn = None;
+                            return Poll::Ready(Some(Err(Box::new(Stalled))));
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok(0)) => {
                         if let Err(e) = self.decoder.eof() {
                             self.conn = None;
                             return Poll::Ready(Some(Err(Box::new(e))));
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
+                    Poll::Ready(Ok(_)) => self.progressed = true,
+                    Poll::Ready(Err(e)) => {
                         self.conn = None;
                         return Poll::Ready(Some(Err(Box::new(e))));
                     }

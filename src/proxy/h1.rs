@@ -1,20 +1,26 @@
 //! The HTTP/1.1 side facing clients. One task per connection reads a request
 //! head, runs the gateway's checks, and drives the upstream exchange itself:
 //! the request goes upstream and the answer comes back in as few writes as
-//! the bodies allow, with no task or channel in between. This is what
-//! brought keygate's forwarding rate from 0.75 × nginx's to parity (README,
+//! the bodies allow, with no task or channel in between (README,
 //! "Performance"); HTTP/2 stays with hyper.
+//!
+//! Every write to the client must make progress within
+//! `limits.send_timeout`, so a client that stops reading cannot hold the
+//! connection (or the upstream connection behind it). An idle keep-alive
+//! connection holds no buffer: its buffers go back to a per-thread spare
+//! list until the client sends again.
 
 use super::reject::Reject;
 use super::upstream::{Answer, BodySource, SourceError};
 use super::wire::{self, Decoded, Decoder, Fields, Framing, RequestHead, WireError};
 use super::{
-    Authorization, Checked, ConnInfo, Facts, Forwarder, Gateway, Trace, Upstreamed,
+    Authorization, Checked, ConnInfo, Facts, Forwarder, Gateway, Trace, Upstreamed, WorkerGateway,
     body::ProxyBody, headers,
 };
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::HeaderMap;
 use http::{Method, Response, StatusCode, Version};
+use std::cell::RefCell;
 use std::future::Future;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -27,19 +33,105 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// least), so the client can read the answer; past it the connection closes.
 const DRAIN_MIN: u64 = 64 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(10);
+/// What a connection reads into at a time.
+const READ_CHUNK: usize = 8 * 1024;
 
-/// The client's connection: its stream, what has been read from it, and the
-/// output being put together.
-pub struct Client<IO> {
-    io: IO,
-    buf: BytesMut,
+/// A client connection's byte stream, and how to wait for it to have
+/// something to read without holding a buffer.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Resolves when a read would find bytes (or the end). A stream that
+    /// cannot tell (TLS, which buffers inside) resolves at once.
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl ClientIo for tokio::net::TcpStream {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        tokio::net::TcpStream::readable(self)
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for tokio_rustls::server::TlsStream<IO> {
+    fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+/// The buffers a connection uses while it has a request to read or answer.
+pub struct Buffers {
+    /// What has been read from the client.
+    pub buf: BytesMut,
+    /// The output being put together.
     out: Vec<u8>,
     /// The head being sent upstream.
     up: Vec<u8>,
     /// Where the current request head's fields lie in `buf`.
     fields: Fields,
+}
+
+/// Spare buffer sets kept per worker thread: taken by a connection that
+/// has bytes to read, given back when it goes idle, so idle connections
+/// cost no buffer and busy ones no allocation.
+const SPARE_SETS: usize = 256;
+/// Buffers that grew past this are freed rather than kept spare.
+const SPARE_MAX_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Buffers>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Buffers {
+    fn empty() -> Buffers {
+        Buffers {
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            up: Vec::new(),
+            fields: Fields::default(),
+        }
+    }
+
+    /// A set from this thread's spares, or a new one.
+    pub fn take() -> Buffers {
+        SPARE
+            .with(|spare| spare.borrow_mut().pop())
+            .unwrap_or_else(|| Buffers {
+                buf: BytesMut::with_capacity(READ_CHUNK),
+                out: Vec::with_capacity(4 * 1024),
+                up: Vec::with_capacity(1024),
+                fields: Fields::default(),
+            })
+    }
+
+    /// Gives a set back to this thread's spares (what it holds is dropped).
+    pub fn give_back(mut self) {
+        if self.out.capacity() > SPARE_MAX_BYTES
+            || self.up.capacity() > SPARE_MAX_BYTES
+            || self.buf.capacity() > SPARE_MAX_BYTES
+        {
+            return;
+        }
+        self.buf.clear();
+        self.out.clear();
+        self.up.clear();
+        SPARE.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < SPARE_SETS {
+                spare.push(self);
+            }
+        });
+    }
+}
+
+/// The client's connection: its stream and, while it is busy, its buffers.
+pub struct Client<IO> {
+    io: IO,
+    bufs: Buffers,
+    /// `bufs` is the empty set: the buffers are with the spares.
+    parked: bool,
     /// The request being answered is HTTP/1.0.
     http10: bool,
+    /// Bound on every write to the client.
+    send_timeout: Duration,
+    max_head: usize,
 }
 
 /// Where a request goes once its head has been read.
@@ -96,68 +188,84 @@ enum Head {
 }
 
 /// Serves requests on one connection until it closes, fails, or the
-/// gateway stops. `buf` holds bytes already read from `io`.
-pub async fn serve<IO>(
-    gateway: &Gateway,
-    forwarder: &Forwarder,
+/// gateway stops. `bufs.buf` holds bytes already read from `io`. Each
+/// request is served by the gateway current when its head arrives (a
+/// reload takes effect on the next request).
+pub async fn serve<IO: ClientIo>(
+    worker: &WorkerGateway,
     info: &ConnInfo,
     io: IO,
-    buf: BytesMut,
+    bufs: Buffers,
     mut stopped: watch::Receiver<bool>,
-    header_timeout: Duration,
-) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send,
-{
+) {
+    let mut current = worker.snapshot();
     let mut client = Client {
         io,
-        buf,
-        out: Vec::with_capacity(4 * 1024),
-        up: Vec::with_capacity(1024),
-        fields: Fields::default(),
+        bufs,
+        parked: false,
         http10: false,
+        send_timeout: current.gateway.limits.send_timeout,
+        max_head: current.gateway.limits.max_header_bytes,
     };
     let mut deadline = Deadline::new();
-    while !*stopped.borrow() {
+    loop {
+        if !worker.is_current(current.generation) {
+            current = worker.snapshot();
+        }
+        let limits = current.gateway.limits;
+        client.send_timeout = limits.send_timeout;
+        client.max_head = limits.max_header_bytes;
         let head = match client
-            .read_head(&mut deadline, header_timeout, &mut stopped)
+            .read_head(&mut deadline, limits.header_read_timeout, &mut stopped)
             .await
         {
             Head::Request(head) => head,
             Head::Gone => break,
             Head::Bad(e) => {
-                client.answer_malformed(gateway, info, e).await;
+                client
+                    .answer_malformed(&current.gateway, info, e, &mut deadline)
+                    .await;
                 break;
             }
         };
-        let keep_alive = exchange(gateway, forwarder, info, &mut client, &mut deadline, head).await;
+        // Boxed, so an idle connection's task holds only the small state
+        // of waiting for the next head.
+        let keep_alive = Box::pin(exchange(
+            &current.gateway,
+            &current.forwarder,
+            info,
+            &mut client,
+            &mut deadline,
+            head,
+            &stopped,
+        ))
+        .await;
         if !keep_alive {
             break;
         }
     }
-    let _ = client.io.shutdown().await;
+    let _ = tokio::time::timeout(client.send_timeout, client.io.shutdown()).await;
+    client.park();
 }
 
 /// Answers one request; returns whether the connection may carry another.
-async fn exchange<IO>(
+async fn exchange<IO: ClientIo>(
     gateway: &Gateway,
     forwarder: &Forwarder,
     info: &ConnInfo,
     client: &mut Client<IO>,
     deadline: &mut Deadline,
     head: RequestHead,
-) -> bool
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let keep_alive = head.keep_alive;
+    stopped: &watch::Receiver<bool>,
+) -> bool {
     client.http10 = head.version == Version::HTTP_10;
     let head_request = head.method == Method::HEAD;
-    let mut up = std::mem::take(&mut client.up);
+    let mut up = std::mem::take(&mut client.bufs.up);
     up.clear();
     // Everything decided from the head, while it is still in the buffer.
     let (trace, next) = {
-        let bytes = &client.buf[..head.len];
-        let fields = || client.fields.of(bytes);
+        let bytes = &client.bufs.buf[..head.len];
+        let fields = || client.bufs.fields.of(bytes);
         let find = |name: &[u8]| {
             fields()
                 .find(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -199,10 +307,9 @@ where
                     original_host,
                     route,
                     principal: &principal,
-                    trace: &trace,
                     framing: head.framing,
                 };
-                match gateway.upstream_head(&mut up, up_head, fields()) {
+                match gateway.upstream_head(&mut up, up_head, fields(), &mut trace) {
                     Ok(pool) => Next::Forward { route, pool },
                     Err(reject) => Next::Refuse(reject),
                 }
@@ -215,13 +322,18 @@ where
         };
         (trace, next)
     };
-    client.buf.advance(head.len);
+    client.bufs.buf.advance(head.len);
     let mut body = ClientBody {
-        decoder: Decoder::new(head.framing),
+        decoder: Decoder::new(head.framing, client.max_head),
         left: gateway.limits.max_body_bytes,
         send_continue: head.expect_continue,
         malformed: false,
         client,
+    };
+    // While the gateway drains, an answer keeps the connection only for a
+    // request that has already arrived whole; the last one says close.
+    let keep = |client: &mut Client<IO>| {
+        head.keep_alive && (!*stopped.borrow() || client.next_head_buffered())
     };
     // Each arm counts the request before its answer's head goes out, so a
     // client that has read the answer also sees it in the metrics.
@@ -237,44 +349,54 @@ where
             match sent {
                 Ok(answer) => {
                     gateway.finish(&trace, answer.head.status.as_u16());
+                    let keep = keep(body.client);
                     let idle = gateway.limits.upstream_response_timeout;
-                    pass_on(&mut body, answer, &trace, keep_alive, deadline, idle).await
+                    pass_on(&mut body, answer, &trace, keep, deadline, idle).await
                 }
                 Err(reject) => {
                     gateway.finish(&trace, reject.status().as_u16());
-                    body.refuse(reject.into_response(), &trace, keep_alive, head_request)
-                        .await
+                    body.refuse(
+                        reject.into_response(),
+                        &trace,
+                        &keep,
+                        head_request,
+                        deadline,
+                    )
+                    .await
                 }
             }
         }
         Next::Preflight => {
             let response = gateway.preflight();
             gateway.finish(&trace, response.status().as_u16());
-            body.refuse(response, &trace, keep_alive, false).await
+            body.refuse(response, &trace, &keep, false, deadline).await
         }
         Next::Refuse(reject) => {
             gateway.finish(&trace, reject.status().as_u16());
-            body.refuse(reject.into_response(), &trace, keep_alive, head_request)
-                .await
+            body.refuse(
+                reject.into_response(),
+                &trace,
+                &keep,
+                head_request,
+                deadline,
+            )
+            .await
         }
     };
-    body.client.up = up;
+    body.client.bufs.up = up;
     keep_alive
 }
 
 /// Writes the upstream's answer to the client as it arrives. Returns
 /// whether the client connection may be kept.
-async fn pass_on<IO>(
+async fn pass_on<IO: ClientIo>(
     body: &mut ClientBody<'_, IO>,
     answer: Answer,
     trace: &Trace,
     keep_alive: bool,
     deadline: &mut Deadline,
     idle: Duration,
-) -> bool
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send,
-{
+) -> bool {
     let Answer {
         head,
         mut conn,
@@ -292,26 +414,29 @@ where
         && request_complete
         && body.decoder.is_done()
         && out_framing != Framing::UntilClose;
-    client.out.clear();
+    client.bufs.out.clear();
     let connection = client.connection(keep);
     headers::write_client_response(
-        &mut client.out,
+        &mut client.bufs.out,
         head.status,
         conn.fields.of(&conn.buf[..head.len]),
-        out_framing,
+        headers::Body {
+            framing: out_framing,
+            declared: head.content_length,
+        },
         connection,
         trace.request_id.as_bytes(),
     );
     conn.buf.advance(head.len);
-    let mut decoder = Decoder::new(head.framing);
+    let mut decoder = Decoder::new(head.framing, client.max_head);
     let chunked = out_framing == Framing::Chunked;
     let complete = loop {
         match decoder.decode(&mut conn.buf) {
-            Ok(Decoded::Data(data)) if chunked => wire::encode_chunk(&mut client.out, &data),
-            Ok(Decoded::Data(data)) => client.out.extend_from_slice(&data),
+            Ok(Decoded::Data(data)) if chunked => wire::encode_chunk(&mut client.bufs.out, &data),
+            Ok(Decoded::Data(data)) => client.bufs.out.extend_from_slice(&data),
             Ok(Decoded::End) => break true,
             Ok(Decoded::NeedMore) => {
-                if !client.flush_within(deadline, idle).await {
+                if !client.flush(deadline).await {
                     break false;
                 }
                 let read = deadline
@@ -341,20 +466,20 @@ where
                 break false;
             }
         }
-        if client.out.len() >= WRITE_BATCH && !client.flush_within(deadline, idle).await {
+        if client.bufs.out.len() >= WRITE_BATCH && !client.flush(deadline).await {
             break false;
         }
     };
     if !complete {
         // The head has gone out: the only honest signal left is to close
         // without the end of the body.
-        client.flush_within(deadline, idle).await;
+        client.flush(deadline).await;
         return false;
     }
     if chunked {
-        client.out.extend_from_slice(wire::LAST_CHUNK);
+        client.bufs.out.extend_from_slice(wire::LAST_CHUNK);
     }
-    if !client.flush_within(deadline, idle).await {
+    if !client.flush(deadline).await {
         return false;
     }
     if head.keep_alive && request_complete {
@@ -363,13 +488,35 @@ where
     keep
 }
 
-impl<IO> Client<IO>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send,
-{
+impl<IO: ClientIo> Client<IO> {
     async fn read_more(&mut self) -> std::io::Result<usize> {
-        self.buf.reserve(8 * 1024);
-        self.io.read_buf(&mut self.buf).await
+        self.unpark();
+        self.bufs.buf.reserve(READ_CHUNK);
+        self.io.read_buf(&mut self.bufs.buf).await
+    }
+
+    /// Gives the buffers back to the spares while there is nothing in them.
+    fn park(&mut self) {
+        if !self.parked && self.bufs.buf.is_empty() {
+            std::mem::replace(&mut self.bufs, Buffers::empty()).give_back();
+            self.parked = true;
+        }
+    }
+
+    fn unpark(&mut self) {
+        if self.parked {
+            self.bufs = Buffers::take();
+            self.parked = false;
+        }
+    }
+
+    /// Whether a whole request head is already waiting in the buffer.
+    fn next_head_buffered(&mut self) -> bool {
+        !self.bufs.buf.is_empty()
+            && matches!(
+                wire::parse_request(&self.bufs.buf, &mut self.bufs.fields, self.max_head),
+                Ok(Some(_))
+            )
     }
 
     /// The `Connection` header that says whether the connection stays open,
@@ -393,40 +540,39 @@ where
     ) {
         let connection = self.connection(keep);
         headers::write_client_response(
-            &mut self.out,
+            &mut self.bufs.out,
             status,
             headers::fields_of(headers),
-            framing,
+            framing.into(),
             connection,
             request_id,
         );
     }
 
-    /// [`Client::flush`] that gives up when the client takes none of it for
-    /// `idle` (nginx's `send_timeout`): a client that stops reading cannot
-    /// hold the upstream connection. False when the output did not all go.
-    async fn flush_within(&mut self, deadline: &mut Deadline, idle: Duration) -> bool {
-        match deadline.until(Instant::now() + idle, self.flush()).await {
+    /// Writes the output, giving up when the client takes none of it for
+    /// `send_timeout` (nginx's `send_timeout`): a client that stops reading
+    /// cannot hold the connection, nor the upstream connection behind it.
+    /// False when the output did not all go.
+    async fn flush(&mut self, deadline: &mut Deadline) -> bool {
+        if self.bufs.out.is_empty() {
+            return true;
+        }
+        let at = Instant::now() + self.send_timeout;
+        let written = deadline.until(at, self.io.write_all(&self.bufs.out)).await;
+        self.bufs.out.clear();
+        match written {
             Some(Ok(())) => true,
             Some(Err(_)) => false,
             None => {
-                tracing::debug!("client stopped reading the response");
+                tracing::debug!("client stopped reading its answer");
                 false
             }
         }
     }
 
-    async fn flush(&mut self) -> std::io::Result<()> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        let written = self.io.write_all(&self.out).await;
-        self.out.clear();
-        written
-    }
-
     /// The next request head, whole within `timeout` of starting to wait
-    /// for it (however the bytes trickle in).
+    /// for it (however the bytes trickle in). While nothing has arrived the
+    /// connection holds no buffer.
     async fn read_head(
         &mut self,
         deadline: &mut Deadline,
@@ -435,14 +581,26 @@ where
     ) -> Head {
         let at = Instant::now() + timeout;
         loop {
-            if !self.buf.is_empty() {
-                match wire::parse_request(&self.buf, &mut self.fields) {
+            if !self.bufs.buf.is_empty() {
+                match wire::parse_request(&self.bufs.buf, &mut self.bufs.fields, self.max_head) {
                     Ok(Some(head)) => return Head::Request(head),
                     Ok(None) => {}
                     Err(e) => return Head::Bad(e),
                 }
             }
-            let idle = self.buf.is_empty();
+            let idle = self.parked || self.bufs.buf.is_empty();
+            if idle {
+                self.park();
+                let ready = tokio::select! {
+                    biased;
+                    ready = deadline.until(at, self.io.readable()) => ready,
+                    _ = stopped.changed() => return Head::Gone,
+                };
+                match ready {
+                    Some(Ok(())) => {}
+                    Some(Err(_)) | None => return Head::Gone,
+                }
+            }
             let read = tokio::select! {
                 biased;
                 read = deadline.until(at, self.read_more()) => read,
@@ -460,9 +618,10 @@ where
         &mut self,
         response: Response<ProxyBody>,
         request_id: &[u8],
-        close: bool,
+        keep: bool,
         head_request: bool,
-    ) {
+        deadline: &mut Deadline,
+    ) -> bool {
         let (parts, body) = response.into_parts();
         let bytes = match body {
             ProxyBody::Full(bytes) => bytes.unwrap_or_default(),
@@ -473,41 +632,38 @@ where
         } else {
             Framing::Length(bytes.len() as u64)
         };
-        self.out.clear();
-        self.write_head(parts.status, &parts.headers, request_id, framing, !close);
+        self.unpark();
+        self.bufs.out.clear();
+        self.write_head(parts.status, &parts.headers, request_id, framing, keep);
         if !head_request {
-            self.out.extend_from_slice(&bytes);
+            self.bufs.out.extend_from_slice(&bytes);
         }
-        let _ = self.flush().await;
+        self.flush(deadline).await
     }
 
     /// 400, 431 or 501 for a request that could not be read; the
     /// connection closes after it.
-    async fn answer_malformed(&mut self, gateway: &Gateway, info: &ConnInfo, error: WireError) {
+    async fn answer_malformed(
+        &mut self,
+        gateway: &Gateway,
+        info: &ConnInfo,
+        error: WireError,
+        deadline: &mut Deadline,
+    ) {
         tracing::debug!(peer = %info.peer, error = %error, "malformed request");
-        let body = format!(
-            r#"{{"error":"Bad request","detail":"{}"}}"#,
-            error.message()
-        );
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        let request_id = gateway.request_ids.next();
-        let request_id = request_id.as_bytes();
-        self.out.clear();
-        self.write_head(
-            error.status(),
-            &headers,
-            request_id,
-            Framing::Length(body.len() as u64),
-            false,
-        );
-        self.out.extend_from_slice(body.as_bytes());
+        let reject = Reject::Malformed(error);
+        let status = reject.status().as_u16();
         let metrics = &gateway.metrics;
-        metrics.observe(metrics.unmatched(), error.status().as_u16(), Duration::ZERO);
-        let _ = self.flush().await;
+        metrics.observe(metrics.unmatched(), status, Duration::ZERO);
+        let request_id = gateway.request_ids.next();
+        self.answer(
+            reject.into_response(),
+            request_id.as_bytes(),
+            false,
+            false,
+            deadline,
+        )
+        .await;
     }
 }
 
@@ -522,16 +678,16 @@ struct ClientBody<'a, IO> {
     malformed: bool,
 }
 
-impl<IO> BodySource for ClientBody<'_, IO>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send,
-{
+impl<IO: ClientIo> BodySource for ClientBody<'_, IO> {
     async fn next(&mut self) -> Result<Option<Bytes>, SourceError> {
         loop {
-            let decoded = self.decoder.decode(&mut self.client.buf).map_err(|e| {
-                self.malformed = true;
-                SourceError::Aborted(e)
-            })?;
+            let decoded = self
+                .decoder
+                .decode(&mut self.client.bufs.buf)
+                .map_err(|e| {
+                    self.malformed = true;
+                    SourceError::Aborted(e)
+                })?;
             match decoded {
                 Decoded::Data(data) => {
                     let len = data.len() as u64;
@@ -544,11 +700,15 @@ where
                 Decoded::End => return Ok(None),
                 Decoded::NeedMore => {
                     if std::mem::take(&mut self.send_continue) {
-                        self.client
-                            .io
-                            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                            .await
-                            .map_err(|_| SourceError::Aborted(WireError::Truncated))?;
+                        let client = &mut *self.client;
+                        let sent = tokio::time::timeout(
+                            client.send_timeout,
+                            client.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n"),
+                        )
+                        .await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            return Err(SourceError::Aborted(WireError::Truncated));
+                        }
                     }
                     match self.client.read_more().await {
                         Ok(0) | Err(_) => {
@@ -567,38 +727,44 @@ where
     }
 }
 
-impl<IO> ClientBody<'_, IO>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send,
-{
+impl<IO: ClientIo> ClientBody<'_, IO> {
     /// Answers a request that goes no further, then reads and drops its body
-    /// (bounded) so the client can read the answer. Returns whether the
-    /// connection may be kept.
+    /// (bounded) so the client can read the answer. `keep` says whether the
+    /// connection may then carry another request, once the body has been
+    /// read to its end; returns whether it may.
     async fn refuse(
         &mut self,
         response: Response<ProxyBody>,
         trace: &Trace,
-        keep_alive: bool,
+        keep: &impl Fn(&mut Client<IO>) -> bool,
         head_request: bool,
+        deadline: &mut Deadline,
     ) -> bool {
         // A body that is not all here yet is drained, and the connection
         // closed after it; one that waits for `100 Continue` is never sent.
-        let mut leftover = Decoder::new(Framing::Empty);
+        let mut leftover = Decoder::new(Framing::Empty, self.client.max_head);
         std::mem::swap(&mut leftover, &mut self.decoder);
-        let whole = drain_buffered(&mut leftover, &mut self.client.buf) == Some(true);
-        let keep = keep_alive && whole;
-        self.client
-            .answer(response, trace.request_id.as_bytes(), !keep, head_request)
+        let whole = drain_buffered(&mut leftover, &mut self.client.bufs.buf) == Some(true);
+        let keep = whole && keep(self.client);
+        let sent = self
+            .client
+            .answer(
+                response,
+                trace.request_id.as_bytes(),
+                keep,
+                head_request,
+                deadline,
+            )
             .await;
-        if !whole && !self.send_continue && !self.malformed {
+        if sent && !whole && !self.send_continue && !self.malformed {
             let limit = self.left.saturating_mul(2).max(DRAIN_MIN);
             let _ = tokio::time::timeout(DRAIN_TIME, self.drain(leftover, limit)).await;
         }
-        keep
+        keep && sent
     }
 
     async fn drain(&mut self, mut decoder: Decoder, mut limit: u64) {
-        while limit > 0 && drain_buffered(&mut decoder, &mut self.client.buf) == Some(false) {
+        while limit > 0 && drain_buffered(&mut decoder, &mut self.client.bufs.buf) == Some(false) {
             match self.client.read_more().await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => limit = limit.saturating_sub(n as u64),

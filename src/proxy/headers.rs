@@ -9,6 +9,7 @@
 use super::wire::{self, Framing};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1),
@@ -94,7 +95,7 @@ pub fn fields_of(headers: &HeaderMap) -> impl Iterator<Item = Field<'_>> + Clone
         .into_iter()
 }
 
-/// What the gateway injects into a forwarded request.
+/// What the gateway injects into a forwarded request, and what it removes.
 pub struct Injected<'a> {
     pub user_header: &'a HeaderName,
     pub user_id: &'a str,
@@ -109,13 +110,26 @@ pub struct Injected<'a> {
     /// What to send as `Host`.
     pub upstream_host: &'a [u8],
     pub request_id: &'a [u8],
+    /// Client headers that are never forwarded (`headers.strip`).
+    pub strip: &'a [HeaderName],
+}
+
+/// What [`write_upstream_request`] left out of a client's request.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Removed {
+    /// Client-sent copies (or look-alikes) of the injected identity headers.
+    pub spoofed: usize,
+    /// Names with `_` (nginx's `underscores_in_headers off`: CGI-style
+    /// engines read `Content_Length` as `Content-Length`) and names on the
+    /// strip list.
+    pub dropped: usize,
 }
 
 /// Writes the head a permitted request goes upstream with: the client's
-/// fields less hop-by-hop ones, framing ones and any copy of the identity
-/// headers, then the trusted identity, `X-Forwarded-*`, `Host` and
-/// `X-Request-Id`, then `framing`. Returns how many spoofed identity headers
-/// were dropped, so the caller can log and count them.
+/// fields less hop-by-hop ones, framing ones, any copy of the identity
+/// headers, names with `_` and names on the strip list, then the trusted
+/// identity, `X-Forwarded-*`, `Host` and `X-Request-Id`, then `framing`.
+/// Returns what was removed, so the caller can log and count it.
 pub fn write_upstream_request<'a>(
     out: &mut Vec<u8>,
     method: &Method,
@@ -123,7 +137,7 @@ pub fn write_upstream_request<'a>(
     fields: impl Iterator<Item = Field<'a>> + Clone,
     inject: &Injected<'_>,
     framing: Framing,
-) -> usize {
+) -> Removed {
     let named = connection_named(fields.clone());
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
@@ -133,7 +147,7 @@ pub fn write_upstream_request<'a>(
         inject.user_header.as_str().as_bytes(),
         inject.key_header.as_str().as_bytes(),
     ];
-    let mut spoofed = 0;
+    let mut removed = Removed::default();
     for (name, value) in fields.clone() {
         if named.is_hop_by_hop(name)
             || [
@@ -151,7 +165,11 @@ pub fn write_upstream_request<'a>(
         }
         // CGI-style engines read `X_User_Id` as `X-User-Id`: look-alikes go too.
         if identity.iter().any(|h| same_but_underscores(name, h)) {
-            spoofed += 1;
+            removed.spoofed += 1;
+            continue;
+        }
+        if name.contains(&b'_') || inject.strip.iter().any(|h| is(name, h.as_str())) {
+            removed.dropped += 1;
             continue;
         }
         if is(name, "authorization") && !inject.forward_authorization {
@@ -184,27 +202,44 @@ pub fn write_upstream_request<'a>(
     field(out, b"x-request-id", inject.request_id);
     wire::write_framing(out, framing);
     out.extend_from_slice(b"\r\n");
-    spoofed
+    removed
+}
+
+/// How an answer's body goes to an HTTP/1.1 client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Body {
+    pub framing: Framing,
+    /// For a bodiless answer to HEAD: the length the body would have had.
+    pub declared: Option<u64>,
+}
+
+impl From<Framing> for Body {
+    fn from(framing: Framing) -> Body {
+        Body {
+            framing,
+            declared: None,
+        }
+    }
 }
 
 /// Writes the head of an upstream's response for an HTTP/1.1 client: its
 /// fields less hop-by-hop and framing ones, `X-Request-Id` and `Date` when
-/// the upstream sent none, then `framing` and `connection`.
+/// the upstream sent none, then the framing and `connection`. The length
+/// is always keygate's own, written once: a bodiless answer to HEAD keeps
+/// the length it describes, a 204 or 304 carries none.
 pub fn write_client_response<'a>(
     out: &mut Vec<u8>,
     status: StatusCode,
     fields: impl Iterator<Item = Field<'a>> + Clone,
-    framing: Framing,
+    body: Body,
     connection: Option<&str>,
     request_id: &[u8],
 ) {
     let named = connection_named(fields.clone());
-    // A bodiless answer keeps the length it describes (HEAD, 304).
-    let keep_length = framing == Framing::Empty && status != StatusCode::NO_CONTENT;
     wire::write_status_line(out, status);
     let (mut has_id, mut has_date) = (false, false);
     for (name, value) in fields.clone() {
-        if named.is_hop_by_hop(name) || (!keep_length && is(name, "content-length")) {
+        if named.is_hop_by_hop(name) || is(name, "content-length") {
             continue;
         }
         has_id |= is(name, "x-request-id");
@@ -217,7 +252,13 @@ pub fn write_client_response<'a>(
     if !has_date {
         crate::clock::http_date(|date| field(out, b"date", date));
     }
-    wire::write_framing(out, framing);
+    wire::write_framing(out, body.framing);
+    let lengthless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if let (Framing::Empty, Some(n), false) = (body.framing, body.declared, lengthless) {
+        let _ = write!(out, "content-length: {n}\r\n");
+    }
     if let Some(connection) = connection {
         field(out, b"connection", connection.as_bytes());
     }
@@ -341,15 +382,26 @@ mod tests {
             original_host: Some(b"gw.example"),
             upstream_host: b"127.0.0.1:3000",
             request_id: RID,
+            strip: &STRIP,
         }
     }
 
+    static STRIP: [HeaderName; 2] = [
+        HeaderName::from_static("x-middleware-subrequest"),
+        HeaderName::from_static("x-original-url"),
+    ];
+
     /// The upstream head for `fields`, parsed back into a header map.
     fn forwarded(fields: &[(&str, &str)], fwd_auth: bool) -> (HeaderMap, usize) {
+        let (map, removed) = forwarded_with(fields, fwd_auth);
+        (map, removed.spoofed)
+    }
+
+    fn forwarded_with(fields: &[(&str, &str)], fwd_auth: bool) -> (HeaderMap, Removed) {
         let user = HeaderName::from_static("x-user-id");
         let key = HeaderName::from_static("x-api-key-id");
         let mut out = Vec::new();
-        let spoofed = write_upstream_request(
+        let removed = write_upstream_request(
             &mut out,
             &Method::POST,
             b"/p?q=1",
@@ -358,7 +410,9 @@ mod tests {
             Framing::Length(2),
         );
         let mut fields = wire::Fields::default();
-        let head = wire::parse_request(&out, &mut fields).unwrap().unwrap();
+        let head = wire::parse_request(&out, &mut fields, wire::MAX_HEAD)
+            .unwrap()
+            .unwrap();
         assert_eq!(head.len, out.len());
         assert_eq!(head.target(&out), "/p?q=1");
         assert_eq!(head.framing, Framing::Length(2));
@@ -369,7 +423,7 @@ mod tests {
                 HeaderValue::from_bytes(v).unwrap(),
             );
         }
-        (map, spoofed)
+        (map, removed)
     }
 
     #[test]
@@ -387,10 +441,35 @@ mod tests {
         );
         assert_eq!(removed, 5);
         assert!(!h.contains_key("x_user_id") && !h.contains_key("x-api_key-id"));
-        assert_eq!(h["x_other"], "kept");
         assert_eq!(h.get_all("x-user-id").iter().count(), 1);
         assert_eq!(h["x-user-id"], "user_1");
         assert_eq!(h["x-api-key-id"], "key_1");
+    }
+
+    #[test]
+    fn names_with_underscores_and_listed_names_are_dropped() {
+        let (h, removed) = forwarded_with(
+            &[
+                ("Transfer_Encoding", "chunked"),
+                ("Content_Length", "5"),
+                ("x_other", "1"),
+                ("X-Middleware-Subrequest", "middleware"),
+                ("x-original-url", "/admin"),
+                ("x-kept", "1"),
+            ],
+            false,
+        );
+        assert_eq!(
+            removed,
+            Removed {
+                spoofed: 0,
+                dropped: 5
+            }
+        );
+        assert!(h.keys().all(|n| !n.as_str().contains('_')), "{h:?}");
+        assert!(!h.contains_key("x-middleware-subrequest") && !h.contains_key("x-original-url"));
+        assert_eq!(h["x-kept"], "1");
+        assert_eq!(h[header::CONTENT_LENGTH], "2");
     }
 
     #[test]
@@ -467,7 +546,7 @@ mod tests {
             &mut out,
             StatusCode::OK,
             fields.iter().copied(),
-            Framing::Length(5),
+            Framing::Length(5).into(),
             Some("close"),
             RID,
         );
@@ -480,6 +559,36 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("Keep-Alive") && !text.contains("Content-Length"));
+    }
+
+    #[test]
+    fn answer_lengths_are_keygates_own_and_bodiless_ones_carry_none() {
+        let head = |status: u16, fields: &[(&[u8], &[u8])], body: Body| {
+            let mut out = Vec::new();
+            write_client_response(
+                &mut out,
+                StatusCode::from_u16(status).unwrap(),
+                fields.iter().copied(),
+                body,
+                None,
+                RID,
+            );
+            String::from_utf8(out).unwrap().to_ascii_lowercase()
+        };
+        let doubled: [(&[u8], &[u8]); 1] = [(b"Content-Length", b"5, 5")];
+        let head_answer = Body {
+            framing: Framing::Empty,
+            declared: Some(5),
+        };
+        let text = head(200, &doubled, head_answer);
+        assert_eq!(text.matches("content-length").count(), 1, "{text}");
+        assert!(text.contains("content-length: 5\r\n"), "{text}");
+        for bodiless in [204, 304] {
+            let text = head(bodiless, &doubled, head_answer);
+            assert!(!text.contains("content-length"), "{text}");
+        }
+        let text = head(200, &doubled, Framing::Length(5).into());
+        assert_eq!(text.matches("content-length").count(), 1, "{text}");
     }
 
     #[test]

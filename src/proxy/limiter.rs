@@ -25,7 +25,7 @@ const MAX_TRACKED: usize = 262_144;
 
 /// Whom a failure counts against: the address, or for IPv6 its /64, since
 /// one host can use a whole /64.
-fn client(ip: IpAddr) -> IpAddr {
+pub(crate) fn client(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),

@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod h1;
+pub mod h2;
 pub mod headers;
 pub mod limiter;
 pub mod reject;
@@ -15,18 +16,16 @@ use crate::config::{Config, HeaderNames, Limits};
 use crate::key::{self, KeyHash, Presented};
 use crate::metrics::Metrics;
 use crate::usage::Usage;
-use body::{IncomingSource, OriginBody, ProxyBody};
-use bytes::Buf;
-use headers::{Injected, X_REQUEST_ID};
+use body::ProxyBody;
+use headers::Injected;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
-use hyper::body::{Body as _, Incoming};
+use http::{Method, Response, StatusCode};
 use limiter::Limiter;
 use reject::Reject;
 use route::{Matched, Router};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use upstream::{Answer, ForwardError, Pool, SourceError};
 use wire::Framing;
@@ -47,6 +46,8 @@ pub struct Gateway {
     route_upstreams: Vec<(usize, HeaderValue)>,
     /// Distinct upstream authorities; each worker keeps a pool per entry.
     upstreams: Vec<String>,
+    /// Per route: the slot its requests are counted in.
+    route_slots: Vec<usize>,
     pub(crate) request_ids: headers::RequestIds,
 }
 
@@ -124,9 +125,11 @@ pub(crate) struct Upstreamed<'a> {
     pub original_host: Option<&'a [u8]>,
     pub route: usize,
     pub principal: &'a Principal,
-    pub trace: &'a Trace,
     pub framing: Framing,
 }
+
+/// `Trace::route` of a request that matched no route.
+const NO_ROUTE: usize = usize::MAX;
 
 /// Per-request facts for the metrics and the access log.
 pub(crate) struct Trace {
@@ -135,7 +138,93 @@ pub(crate) struct Trace {
     principal: Option<Arc<Principal>>,
     method: Method,
     started: Instant,
+    /// Client headers left out of the forwarded request (`_` in the name,
+    /// or on `headers.strip`).
+    dropped: usize,
     pub(crate) request_id: headers::RequestId,
+}
+
+/// The gateway in force: replaced whole when the config is reloaded, and
+/// picked up by each worker at its next request.
+pub struct Live {
+    generation: AtomicU64,
+    current: RwLock<Arc<Gateway>>,
+}
+
+impl Live {
+    pub fn new(gateway: Arc<Gateway>) -> Live {
+        Live {
+            generation: AtomicU64::new(1),
+            current: RwLock::new(gateway),
+        }
+    }
+
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts `gateway` in force for every request that starts from now on.
+    pub fn replace(&self, gateway: Arc<Gateway>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = gateway;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// One worker's view of the live gateway, with the worker's own upstream
+/// pools for it.
+pub struct WorkerGateway {
+    live: Arc<Live>,
+    current: Mutex<Snapshot>,
+}
+
+/// The gateway a request is served by, and the pools it forwards over.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub gateway: Arc<Gateway>,
+    pub forwarder: Arc<Forwarder>,
+}
+
+impl WorkerGateway {
+    pub fn new(live: Arc<Live>) -> WorkerGateway {
+        let generation = live.generation.load(Ordering::Acquire);
+        let gateway = live.gateway();
+        let forwarder = Arc::new(gateway.forwarder(None));
+        WorkerGateway {
+            live,
+            current: Mutex::new(Snapshot {
+                generation,
+                gateway,
+                forwarder,
+            }),
+        }
+    }
+
+    /// Whether a snapshot taken at `generation` is still the one in force:
+    /// one atomic read, so each request can ask.
+    pub fn is_current(&self, generation: u64) -> bool {
+        self.live.generation.load(Ordering::Acquire) == generation
+    }
+
+    /// The gateway in force and this worker's pools for it (pools whose
+    /// upstream and bounds did not change are kept across a reload).
+    pub fn snapshot(&self) -> Snapshot {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = self.live.generation.load(Ordering::Acquire);
+        if current.generation != generation {
+            let gateway = self.live.gateway();
+            let forwarder = Arc::new(gateway.forwarder(Some(&current.forwarder)));
+            *current = Snapshot {
+                generation,
+                gateway,
+                forwarder,
+            };
+        }
+        current.clone()
+    }
 }
 
 impl Gateway {
@@ -146,6 +235,11 @@ impl Gateway {
         metrics: Arc<Metrics>,
     ) -> Result<Gateway, String> {
         let router = Router::new(&config.routes, config.cors.is_some())?;
+        let route_slots = config
+            .routes
+            .iter()
+            .map(|r| metrics.register(&r.path))
+            .collect::<Result<_, _>>()?;
         let mut upstreams: Vec<String> = Vec::new();
         let mut route_upstreams = Vec::new();
         for route in &config.routes {
@@ -187,81 +281,41 @@ impl Gateway {
             access_log: config.log.access,
             route_upstreams,
             upstreams,
+            route_slots,
             request_ids: headers::RequestIds::default(),
         })
     }
 
-    /// A fresh set of upstream pools, for one worker runtime.
-    pub fn forwarder(&self) -> Forwarder {
+    /// A set of upstream pools for one worker runtime, keeping the pools
+    /// of `previous` that fit (same upstream, same bounds).
+    pub fn forwarder(&self, previous: Option<&Forwarder>) -> Forwarder {
+        let limits = &self.limits;
         Forwarder {
             pools: self
                 .upstreams
                 .iter()
-                .map(|a| {
-                    Pool::new(
-                        a.clone(),
-                        self.limits.upstream_idle_per_worker,
-                        self.limits.upstream_max_per_worker,
-                        self.limits.upstream_connect_timeout,
-                    )
+                .map(|authority| {
+                    let fresh = Pool::new(
+                        authority.clone(),
+                        limits.upstream_idle_per_worker,
+                        limits.upstream_max_per_worker,
+                        limits.upstream_connect_timeout,
+                    );
+                    previous
+                        .and_then(|f| f.pools.iter().find(|p| p.same_as(&fresh)))
+                        .cloned()
+                        .unwrap_or(fresh)
                 })
                 .collect(),
         }
     }
 
-    /// Answers one HTTP/2 request; never fails (every error becomes a
-    /// response). HTTP/1.1 requests take [`h1::serve`].
-    pub async fn handle(
-        &self,
-        forwarder: &Forwarder,
-        conn: &ConnInfo,
-        request: Request<Incoming>,
-    ) -> Response<ProxyBody> {
-        let (parts, body) = request.into_parts();
-        let mut trace = self.begin(
-            &parts.method,
-            parts.headers.get(&X_REQUEST_ID).map(HeaderValue::as_bytes),
-        );
-        let facts = Facts {
-            method: &parts.method,
-            path: parts.uri.path(),
-            authorization: Authorization::of(
-                parts
-                    .headers
-                    .get_all(header::AUTHORIZATION)
-                    .iter()
-                    .map(HeaderValue::as_bytes),
-            ),
-            content_length: wire::content_length(headers::fields_of(&parts.headers))
-                .ok()
-                .flatten(),
-        };
-        let mut response = match self.check(&facts, conn, &mut trace).await {
-            Ok(Checked::Forward { route, principal }) => {
-                let forwarded = self
-                    .forward(forwarder, conn, &parts, body, route, &principal, &trace)
-                    .await;
-                match forwarded {
-                    Ok(response) => response,
-                    Err(reject) => reject.into_response(),
-                }
-            }
-            Ok(Checked::Preflight) => {
-                body::discard(body, self.limits.max_body_bytes);
-                self.preflight()
-            }
-            Err(reject) => {
-                body::discard(body, self.limits.max_body_bytes);
-                self.refused(&reject, conn, &trace);
-                reject.into_response()
-            }
-        };
-        response
-            .headers_mut()
-            .entry(X_REQUEST_ID.clone())
-            .or_insert_with(|| trace.request_id.to_header_value());
-        self.finish(&trace, response.status().as_u16());
-        response
+    /// A route's label for logs and metrics.
+    pub(crate) fn route_label(&self, route: usize) -> &str {
+        self.router
+            .routes()
+            .get(route)
+            .map_or("-", |r| r.label.as_str())
     }
 
     /// Starts a request's trace: its clock, and its request id (the
@@ -271,11 +325,12 @@ impl Gateway {
             .and_then(headers::RequestId::from_client)
             .unwrap_or_else(|| self.request_ids.next());
         Trace {
-            route: self.metrics.unmatched(),
+            route: NO_ROUTE,
             workflow: None,
             principal: None,
             method: method.clone(),
             started: Instant::now(),
+            dropped: 0,
             request_id,
         }
     }
@@ -296,13 +351,16 @@ impl Gateway {
     /// Counts the request and writes its access log line.
     pub(crate) fn finish(&self, trace: &Trace, status: u16) {
         let elapsed = trace.started.elapsed();
-        self.metrics.observe(trace.route, status, elapsed);
+        let slot = self
+            .route_slots
+            .get(trace.route)
+            .copied()
+            .unwrap_or(self.metrics.unmatched());
+        self.metrics.observe(slot, status, elapsed);
         if self.access_log {
-            let route = self
-                .router
-                .routes()
-                .get(trace.route)
-                .map_or("-", |r| r.label.as_str());
+            let route = self.route_label(trace.route);
+            // Microsecond resolution is all a latency needs.
+            let latency_ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
             tracing::info!(
                 target: "keygate::access",
                 method = %trace.method,
@@ -310,9 +368,10 @@ impl Gateway {
                 workflow = trace.workflow.as_deref().unwrap_or("-"),
                 outcome = crate::metrics::OUTCOMES[crate::metrics::outcome_index(status)],
                 status,
-                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                latency_ms,
                 request_id = trace.request_id.as_str(),
                 key = trace.principal.as_ref().map_or("-", |p| p.prefix()),
+                dropped_headers = trace.dropped,
             );
         }
     }
@@ -353,11 +412,13 @@ impl Gateway {
         if let Some(retry_after) = self.limiter.blocked(conn.peer.ip(), trace.started) {
             return Err(Reject::TooManyFailures { retry_after });
         }
-        let (principal, hash) = self.authenticate(&facts.authorization).await?;
+        // One deadline for every store read this request makes.
+        let mut budget = crate::auth::Budget::default();
+        let (principal, hash) = self.authenticate(&facts.authorization, &mut budget).await?;
         if self.access_log {
             trace.principal = Some(principal.clone());
         }
-        match self.auth.owner(workflow).await {
+        match self.auth.owner_within(workflow, &mut budget).await {
             Ok(Some(owner)) if *owner == *principal.user_id() => {}
             Ok(Some(_)) => return Err(Reject::Forbidden),
             Ok(None) => return Err(Reject::WorkflowNotFound),
@@ -385,76 +446,6 @@ impl Gateway {
         })
     }
 
-    /// Sends a permitted HTTP/2 request upstream; the response streams back.
-    #[allow(clippy::too_many_arguments)]
-    async fn forward(
-        &self,
-        forwarder: &Forwarder,
-        conn: &ConnInfo,
-        parts: &http::request::Parts,
-        body: Incoming,
-        route: usize,
-        principal: &Principal,
-        trace: &Trace,
-    ) -> Result<Response<ProxyBody>, Reject> {
-        let framing = match body.size_hint().exact() {
-            Some(0) if body.is_end_stream() && parts.method != Method::POST => Framing::Empty,
-            Some(n) => Framing::Length(n),
-            None => Framing::Chunked,
-        };
-        let original_host = parts
-            .headers
-            .get(header::HOST)
-            .map(HeaderValue::as_bytes)
-            .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let mut head = Vec::with_capacity(1024);
-        let pool = self.upstream_head(
-            &mut head,
-            Upstreamed {
-                conn,
-                method: &parts.method,
-                target: target.as_bytes(),
-                original_host,
-                route,
-                principal,
-                trace,
-                framing,
-            },
-            headers::fields_of(&parts.headers),
-        )?;
-        let mut source = IncomingSource::new(body, self.limits.max_body_bytes);
-        let sent = tokio::time::timeout(
-            self.limits.upstream_response_timeout,
-            forwarder.pools[pool].send(&mut head, framing, &mut source, &parts.method),
-        )
-        .await
-        .ok();
-        let Answer {
-            head,
-            mut conn,
-            request_complete,
-        } = self.forward_outcome(route, sent)?;
-        let headers = conn.fields.header_map(&conn.buf[..head.len]);
-        conn.buf.advance(head.len);
-        let Ok(mut headers) = headers else {
-            tracing::warn!(route = %self.router.routes()[route].label, "upstream sent a header HTTP/2 cannot carry");
-            return Err(Reject::BadGateway);
-        };
-        headers
-            .entry(X_REQUEST_ID.clone())
-            .or_insert_with(|| trace.request_id.to_header_value());
-        let reusable = head.keep_alive && request_complete;
-        let mut response = Response::new(ProxyBody::Upstream(OriginBody::new(
-            conn,
-            head.framing,
-            reusable,
-        )));
-        *response.status_mut() = head.status;
-        *response.headers_mut() = headers;
-        Ok(response)
-    }
-
     /// Writes the head a permitted request goes upstream with (see
     /// [`headers::write_upstream_request`]). Returns the pool to send it on.
     pub(crate) fn upstream_head<'a>(
@@ -462,6 +453,7 @@ impl Gateway {
         out: &mut Vec<u8>,
         up: Upstreamed<'_>,
         fields: impl Iterator<Item = headers::Field<'a>> + Clone,
+        trace: &mut Trace,
     ) -> Result<usize, Reject> {
         let route = &self.router.routes()[up.route];
         let (pool_index, upstream_host) = &self.route_upstreams[up.route];
@@ -480,7 +472,7 @@ impl Gateway {
             );
             return Err(Reject::Internal);
         }
-        let spoofed = headers::write_upstream_request(
+        let removed = headers::write_upstream_request(
             out,
             up.method,
             up.target,
@@ -495,21 +487,28 @@ impl Gateway {
                 tls: up.conn.tls,
                 original_host: up.original_host,
                 upstream_host: host,
-                request_id: up.trace.request_id.as_bytes(),
+                request_id: trace.request_id.as_bytes(),
+                strip: &self.headers.strip,
             },
             up.framing,
         );
-        if spoofed > 0 {
-            self.metrics
-                .local()
+        let counters = self.metrics.local();
+        if removed.spoofed > 0 {
+            counters
                 .spoofed_headers
-                .fetch_add(spoofed as u64, Ordering::Relaxed);
+                .fetch_add(removed.spoofed as u64, Ordering::Relaxed);
             tracing::warn!(
                 peer = %up.conn.peer.ip(),
                 key = up.principal.prefix(),
-                removed = spoofed,
+                removed = removed.spoofed,
                 "removed client-sent identity headers"
             );
+        }
+        if removed.dropped > 0 {
+            counters
+                .dropped_headers
+                .fetch_add(removed.dropped as u64, Ordering::Relaxed);
+            trace.dropped = removed.dropped;
         }
         Ok(*pool_index)
     }
@@ -521,14 +520,14 @@ impl Gateway {
         route: usize,
         sent: Option<Result<Answer, ForwardError>>,
     ) -> Result<Answer, Reject> {
-        let label = &self.router.routes()[route].label;
+        let label = self.route_label(route);
         match sent {
             Some(Ok(answer)) => Ok(answer),
             None => Err(Reject::GatewayTimeout),
             Some(Err(ForwardError::Body(SourceError::TooLarge))) => Err(Reject::PayloadTooLarge),
             Some(Err(ForwardError::Body(SourceError::Aborted(e)))) => {
                 tracing::debug!(route = %label, error = %e, "client body ended early");
-                Err(Reject::BadRequest)
+                Err(Reject::Malformed(e))
             }
             Some(Err(ForwardError::ConnectTimeout)) => {
                 tracing::warn!(route = %label, "upstream connect timed out");
@@ -545,6 +544,7 @@ impl Gateway {
     async fn authenticate(
         &self,
         authorization: &Authorization<'_>,
+        budget: &mut crate::auth::Budget,
     ) -> Result<(Arc<Principal>, KeyHash), Reject> {
         let value = match authorization {
             Authorization::Missing => return Err(Reject::MissingAuthorization),
@@ -558,7 +558,7 @@ impl Gateway {
             Presented::Malformed => return Err(Reject::InvalidFormat),
         };
         let hash = KeyHash::of(key);
-        match self.auth.authenticate(hash).await {
+        match self.auth.authenticate_within(hash, budget).await {
             Ok(principal) => Ok((principal, hash)),
             Err(AuthError::InvalidKey) => Err(Reject::InvalidKey),
             Err(AuthError::Unavailable) => Err(Reject::StoreUnavailable),

@@ -2,8 +2,10 @@
 //! and headers, as DESIGN.md's table lists them.
 
 use super::body::ProxyBody;
+use super::wire::WireError;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
+use std::borrow::Cow;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,8 +29,9 @@ pub enum Reject {
         retry_after: Duration,
     },
     StoreUnavailable,
-    /// The request body broke HTTP/1.1 framing or was cut short.
-    BadRequest,
+    /// The request broke HTTP/1.1 (its head, or its body's framing), or
+    /// was cut short: 400, or 431 / 501 as the fault says.
+    Malformed(WireError),
     PayloadTooLarge,
     BadGateway,
     GatewayTimeout,
@@ -51,16 +54,23 @@ impl Reject {
             }
             Reject::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reject::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Reject::BadRequest => StatusCode::BAD_REQUEST,
+            Reject::Malformed(e) => e.status(),
             Reject::BadGateway => StatusCode::BAD_GATEWAY,
             Reject::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    /// The JSON body: `{"error": ...}`, plus a hint for integration keys.
-    pub fn body(&self) -> &'static str {
-        match self {
+    /// The JSON body: `{"error": ...}`, plus a `detail` for integration
+    /// keys and malformed requests.
+    pub fn body(&self) -> Cow<'static, str> {
+        let fixed = match self {
+            Reject::Malformed(e) => {
+                return Cow::Owned(format!(
+                    r#"{{"error":"Bad request","detail":"{}"}}"#,
+                    e.message()
+                ));
+            }
             Reject::NoRoute => r#"{"error":"Not found"}"#,
             Reject::MethodNotAllowed { .. } => r#"{"error":"Method not allowed"}"#,
             Reject::MissingAuthorization => r#"{"error":"Missing Authorization header"}"#,
@@ -77,15 +87,18 @@ impl Reject {
             Reject::KeyRateExceeded { .. } => r#"{"error":"Rate limit exceeded for this API key"}"#,
             Reject::StoreUnavailable => r#"{"error":"Service temporarily unavailable"}"#,
             Reject::PayloadTooLarge => r#"{"error":"Request body too large"}"#,
-            Reject::BadRequest => r#"{"error":"Bad request"}"#,
             Reject::BadGateway => r#"{"error":"Upstream unavailable"}"#,
             Reject::GatewayTimeout => r#"{"error":"Upstream timed out"}"#,
             Reject::Internal => r#"{"error":"Internal error"}"#,
-        }
+        };
+        Cow::Borrowed(fixed)
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {
-        let body = self.body();
+        let body = match self.body() {
+            Cow::Borrowed(fixed) => bytes::Bytes::from_static(fixed.as_bytes()),
+            Cow::Owned(text) => bytes::Bytes::from(text),
+        };
         let mut response = Response::new(ProxyBody::full(body));
         *response.status_mut() = self.status();
         let h = response.headers_mut();
@@ -168,10 +181,30 @@ mod tests {
             (Reject::GatewayTimeout, 504, "Upstream timed out"),
             (Reject::NoRoute, 404, "Not found"),
             (Reject::Internal, 500, "Internal error"),
+            (
+                Reject::Malformed(WireError::Malformed("no Host header")),
+                400,
+                "Bad request",
+            ),
+            (
+                Reject::Malformed(WireError::HeadTooLarge),
+                431,
+                "Bad request",
+            ),
+            (
+                Reject::Malformed(WireError::TrailersTooLarge),
+                431,
+                "Bad request",
+            ),
+            (
+                Reject::Malformed(WireError::UnsupportedCoding),
+                501,
+                "Bad request",
+            ),
         ];
         for (reject, status, message) in table {
             assert_eq!(reject.status().as_u16(), status, "{reject:?}");
-            let json: serde_json::Value = serde_json::from_str(reject.body()).unwrap();
+            let json: serde_json::Value = serde_json::from_str(&reject.body()).unwrap();
             assert_eq!(json["error"], message, "{reject:?}");
             let response = reject.clone().into_response();
             assert_eq!(

@@ -40,12 +40,29 @@ impl Pattern {
         })
     }
 
-    /// The workflow id if `path` (without query) fits the pattern.
+    /// The workflow id if `path` (without query) fits the pattern. A dot
+    /// segment (`.`, `..`, or either percent-encoded) is never an id: an
+    /// engine that resolves dot segments would route it elsewhere.
     pub fn matches<'p>(&self, path: &'p str) -> Option<&'p str> {
         let rest = path.strip_prefix(self.before.as_str())?;
         let id = rest.strip_suffix(self.after.as_str())?;
-        (!id.is_empty() && !id.contains('/')).then_some(id)
+        (!id.is_empty() && !id.contains('/') && !is_dot_segment(id)).then_some(id)
     }
+}
+
+/// `.` or `..`, with any of the dots written `%2e` or `%2E`.
+pub fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', b'e' | b'E', tail @ ..] => tail,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 pub struct Route {
@@ -146,6 +163,25 @@ mod tests {
         assert_eq!(p.matches("/api/workflows/a/b/webhook"), None);
         assert_eq!(p.matches("/api/workflows/a/webhook/x"), None);
         assert_eq!(p.matches("/api/workflow/a/webhook"), None);
+    }
+
+    #[test]
+    fn dot_segments_are_never_workflow_ids() {
+        let p = Pattern::parse("/api/workflows/{workflow}/webhook").unwrap();
+        for dots in [".", "..", "%2e", "%2E", "%2e%2E", ".%2e", "%2e."] {
+            assert_eq!(
+                p.matches(&format!("/api/workflows/{dots}/webhook")),
+                None,
+                "{dots}"
+            );
+        }
+        for id in ["...", ".a", "a.", "%2e%2e%2e", "%2f", "wf.1"] {
+            assert_eq!(
+                p.matches(&format!("/api/workflows/{id}/webhook")),
+                Some(id),
+                "{id}"
+            );
+        }
     }
 
     #[test]

@@ -183,6 +183,15 @@ impl Pool {
         }
     }
 
+    /// Whether `other` would be the same pool: same upstream, same bounds.
+    pub fn same_as(&self, other: &Pool) -> bool {
+        let (a, b) = (&self.inner, &other.inner);
+        a.authority == b.authority
+            && a.max_idle == b.max_idle
+            && a.max_open == b.max_open
+            && a.connect_timeout == b.connect_timeout
+    }
+
     /// Sends a request head (already written for the upstream, in `head`,
     /// which is used up as the output buffer) and its body, and reads the
     /// response head, which stays at the front of the connection's buffer.
@@ -306,7 +315,7 @@ async fn write_request<S: BodySource>(
 /// Reads the final response head, passing over interim (1xx) responses.
 async fn read_head(conn: &mut Conn, method: &Method) -> Result<ResponseHead, ForwardError> {
     loop {
-        match wire::parse_response(&conn.buf, method, &mut conn.fields)
+        match wire::parse_response(&conn.buf, method, &mut conn.fields, wire::MAX_HEAD)
             .map_err(ForwardError::BadResponse)?
         {
             Some(head) => {

@@ -10,11 +10,12 @@ use http::{Method, StatusCode, Version};
 use std::io::Write;
 use std::ops::Range;
 
-/// Longest request or response head accepted (nginx's large buffers: 32k).
+/// Longest request or response head accepted by default
+/// (`limits.max_header_bytes`).
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one head.
 pub const MAX_HEADERS: usize = 100;
-/// Longest chunk-size line or trailer section.
+/// Longest chunk-size line (size and extensions) or trailer line.
 const MAX_CHUNK_LINE: usize = 4096;
 
 /// How a message body is delimited.
@@ -33,6 +34,8 @@ pub enum Framing {
 pub enum WireError {
     Malformed(&'static str),
     HeadTooLarge,
+    /// The trailer section of a chunked body is over the head limit.
+    TrailersTooLarge,
     /// A transfer coding other than `chunked`.
     UnsupportedCoding,
     /// The connection ended inside a message.
@@ -43,7 +46,9 @@ impl WireError {
     /// The status for a client whose request had this fault.
     pub fn status(self) -> StatusCode {
         match self {
-            WireError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            WireError::HeadTooLarge | WireError::TrailersTooLarge => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             WireError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
             WireError::Malformed(_) | WireError::Truncated => StatusCode::BAD_REQUEST,
         }
@@ -53,6 +58,7 @@ impl WireError {
         match self {
             WireError::Malformed(what) => what,
             WireError::HeadTooLarge => "request head too large",
+            WireError::TrailersTooLarge => "trailer section too large",
             WireError::UnsupportedCoding => "unsupported transfer coding",
             WireError::Truncated => "connection closed mid-message",
         }
@@ -92,12 +98,13 @@ impl Fields {
         );
     }
 
-    /// The fields as a header map, hop-by-hop ones left out (for HTTP/2).
+    /// The fields as a header map, hop-by-hop ones and `Content-Length`
+    /// left out (for HTTP/2, whose framing says the length).
     pub fn header_map(&self, head: &[u8]) -> Result<HeaderMap, WireError> {
         let named = headers::connection_named(self.of(head));
         let mut map = HeaderMap::with_capacity(self.0.len());
         for (name, value) in self.of(head) {
-            if named.is_hop_by_hop(name) {
+            if named.is_hop_by_hop(name) || name.eq_ignore_ascii_case(b"content-length") {
                 continue;
             }
             let name = HeaderName::from_bytes(name)
@@ -139,6 +146,9 @@ pub struct ResponseHead {
     pub len: usize,
     pub status: StatusCode,
     pub framing: Framing,
+    /// The one length the `Content-Length` fields agree on, if any (what a
+    /// bodiless answer to HEAD describes).
+    pub content_length: Option<u64>,
     /// The upstream allows the connection to be used again.
     pub keep_alive: bool,
 }
@@ -162,22 +172,29 @@ fn offset(whole: &[u8], part: &[u8]) -> Range<usize> {
 fn head_len(
     verdict: httparse::Result<usize>,
     buffered: usize,
+    max_head: usize,
     malformed: &'static str,
 ) -> Result<Option<usize>, WireError> {
     match verdict {
-        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => Ok(Some(len)),
-        Ok(httparse::Status::Partial) if buffered <= MAX_HEAD => Ok(None),
+        Ok(httparse::Status::Complete(len)) if len <= max_head => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buffered <= max_head => Ok(None),
         Ok(_) | Err(httparse::Error::TooManyHeaders) => Err(WireError::HeadTooLarge),
         Err(_) => Err(WireError::Malformed(malformed)),
     }
 }
 
-/// Parses a request head at the front of `buf` (left in place), its fields
-/// into `fields`: `Ok(None)` when more bytes are needed.
-pub fn parse_request(buf: &[u8], fields: &mut Fields) -> Result<Option<RequestHead>, WireError> {
+/// Parses a request head of at most `max_head` bytes at the front of `buf`
+/// (left in place), its fields into `fields`: `Ok(None)` when more bytes
+/// are needed.
+pub fn parse_request(
+    buf: &[u8],
+    fields: &mut Fields,
+    max_head: usize,
+) -> Result<Option<RequestHead>, WireError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut slots);
-    let Some(len) = head_len(parsed.parse(buf), buf.len(), "malformed request head")? else {
+    let verdict = parsed.parse(buf);
+    let Some(len) = head_len(verdict, buf.len(), max_head, "malformed request head")? else {
         return Ok(None);
     };
     let version = version(parsed.version);
@@ -186,13 +203,7 @@ pub fn parse_request(buf: &[u8], fields: &mut Fields) -> Result<Option<RequestHe
     let target = offset(buf, parsed.path.unwrap_or_default().as_bytes());
     fields.locate(buf, parsed.headers);
     let all = || fields.of(buf);
-    if all()
-        .filter(|(n, _)| n.eq_ignore_ascii_case(b"host"))
-        .count()
-        > 1
-    {
-        return Err(WireError::Malformed("more than one Host header"));
-    }
+    check_host(version, all())?;
     let content_length = content_length(all())?;
     let framing = match (transfer_coding(all()), content_length) {
         (Some(_), Some(_)) => {
@@ -226,16 +237,71 @@ pub fn parse_request(buf: &[u8], fields: &mut Fields) -> Result<Option<RequestHe
     }))
 }
 
-/// Parses a response head to a request made with `method` at the front of
-/// `buf` (left in place), its fields into `fields`.
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`, and its
+/// value is a host with an optional port. Read strictly: a value an
+/// engine could take for two hosts, or for user info, is refused.
+fn check_host<'a>(
+    version: Version,
+    fields: impl Iterator<Item = Field<'a>>,
+) -> Result<(), WireError> {
+    let mut hosts = fields.filter(|(n, _)| n.eq_ignore_ascii_case(b"host"));
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err(WireError::Malformed("more than one Host header")),
+        (None, _) if version == Version::HTTP_11 => Err(WireError::Malformed("no Host header")),
+        (None, _) => Ok(()),
+        (Some((_, value)), None) if valid_host(value) => Ok(()),
+        (Some(_), None) => Err(WireError::Malformed("invalid Host header")),
+    }
+}
+
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2), with a registered name held to
+/// letters, digits and `-._~` (and percent-escapes), and the empty value
+/// RFC 9112 allows.
+pub fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = match value {
+        [b'[', rest @ ..] => match rest.iter().position(|b| *b == b']') {
+            Some(end) => {
+                let literal = &rest[..end];
+                let ok = !literal.is_empty()
+                    && literal
+                        .iter()
+                        .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+                if !ok {
+                    return false;
+                }
+                (&b""[..], &rest[end + 1..])
+            }
+            None => return false,
+        },
+        _ => match value.iter().position(|b| *b == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &b""[..]),
+        },
+    };
+    let port_ok = match port {
+        [] => true,
+        [b':', digits @ ..] => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    port_ok
+        && host
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'%'))
+}
+
+/// Parses a response head of at most `max_head` bytes, to a request made
+/// with `method`, at the front of `buf` (left in place), its fields into
+/// `fields`.
 pub fn parse_response(
     buf: &[u8],
     method: &Method,
     fields: &mut Fields,
+    max_head: usize,
 ) -> Result<Option<ResponseHead>, WireError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut slots);
-    let Some(len) = head_len(parsed.parse(buf), buf.len(), "malformed response head")? else {
+    let verdict = parsed.parse(buf);
+    let Some(len) = head_len(verdict, buf.len(), max_head, "malformed response head")? else {
         return Ok(None);
     };
     let version = version(parsed.version);
@@ -247,7 +313,8 @@ pub fn parse_response(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || method == Method::HEAD;
-    let framing = match (bodiless, transfer_coding(all()), content_length(all())?) {
+    let content_length = content_length(all())?;
+    let framing = match (bodiless, transfer_coding(all()), content_length) {
         (true, _, _) => Framing::Empty,
         // A response with both is refused: it is how smuggling starts.
         (false, Some(_), Some(_)) => {
@@ -266,6 +333,7 @@ pub fn parse_response(
         len,
         status,
         framing,
+        content_length,
         keep_alive,
     }))
 }
@@ -342,9 +410,15 @@ pub enum Decoded {
 }
 
 /// Takes a body out of a read buffer as it arrives, undoing chunked coding.
+/// Chunk extensions and trailer fields are read and dropped; what they may
+/// take in all is bounded by the head limit, so a body cannot smuggle
+/// unbounded data past the body limit in them.
 #[derive(Debug)]
 pub struct Decoder {
     state: State,
+    /// Bytes of chunk extensions, and of trailer lines, still allowed.
+    extensions_left: usize,
+    trailers_left: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,14 +433,20 @@ enum State {
 }
 
 impl Decoder {
-    pub fn new(framing: Framing) -> Decoder {
+    /// A decoder for a body of `framing`, whose chunk extensions and
+    /// trailer section may each take at most `max_head` bytes.
+    pub fn new(framing: Framing, max_head: usize) -> Decoder {
         let state = match framing {
             Framing::Empty | Framing::Length(0) => State::Done,
             Framing::Length(n) => State::Length(n),
             Framing::Chunked => State::ChunkSize,
             Framing::UntilClose => State::UntilClose,
         };
-        Decoder { state }
+        Decoder {
+            state,
+            extensions_left: max_head,
+            trailers_left: max_head,
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -402,7 +482,11 @@ impl Decoder {
                     let Some(line) = take_line(buf)? else {
                         return Ok(Decoded::NeedMore);
                     };
-                    let size = chunk_size(&line)?;
+                    let (size, extensions) = chunk_size(&line)?;
+                    self.extensions_left = self
+                        .extensions_left
+                        .checked_sub(extensions)
+                        .ok_or(WireError::Malformed("chunk extensions too large"))?;
                     self.state = if size == 0 {
                         State::Trailers
                     } else {
@@ -422,9 +506,18 @@ impl Decoder {
                 State::Trailers => {
                     // Trailer fields are read and dropped: nothing here or
                     // upstream relies on them.
-                    let Some(line) = take_line(buf)? else {
-                        return Ok(Decoded::NeedMore);
+                    let line = match take_line(buf) {
+                        Ok(Some(line)) => line,
+                        Ok(None) => return Ok(Decoded::NeedMore),
+                        Err(WireError::Malformed("chunk line too long")) => {
+                            return Err(WireError::TrailersTooLarge);
+                        }
+                        Err(e) => return Err(e),
                     };
+                    self.trailers_left = self
+                        .trailers_left
+                        .checked_sub(line.len() + 2)
+                        .ok_or(WireError::TrailersTooLarge)?;
                     if line.is_empty() {
                         self.state = State::Done;
                     }
@@ -446,9 +539,11 @@ impl Decoder {
     }
 }
 
-/// One CRLF-terminated line without its CRLF; a bare LF is refused.
+/// One CRLF-terminated line of at most `MAX_CHUNK_LINE` bytes, without its
+/// CRLF; a bare LF is refused.
 fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, WireError> {
-    let Some(lf) = buf.iter().position(|b| *b == b'\n') else {
+    let window = &buf[..buf.len().min(MAX_CHUNK_LINE + 2)];
+    let Some(lf) = window.iter().position(|b| *b == b'\n') else {
         if buf.len() > MAX_CHUNK_LINE {
             return Err(WireError::Malformed("chunk line too long"));
         }
@@ -462,8 +557,9 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, WireError> {
     Ok(Some(line))
 }
 
-/// `1*HEXDIG [ chunk-ext ]`; extensions are ignored.
-fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
+/// `1*HEXDIG [ chunk-ext ]`: the size, and how many bytes of extensions
+/// came with it (they are otherwise ignored).
+fn chunk_size(line: &[u8]) -> Result<(u64, usize), WireError> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     let rest = &line[digits..];
     if digits == 0
@@ -473,9 +569,10 @@ fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
     {
         return Err(WireError::Malformed("malformed chunk size"));
     }
-    Ok(line[..digits].iter().fold(0u64, |n, d| {
+    let size = line[..digits].iter().fold(0u64, |n, d| {
         n * 16 + u64::from((*d as char).to_digit(16).unwrap_or(0))
-    }))
+    });
+    Ok((size, rest.len()))
 }
 
 /// Appends `data` to `out` in the framing a body is sent with.
@@ -516,7 +613,7 @@ mod tests {
     use super::*;
 
     fn request(text: &str) -> Result<Option<RequestHead>, WireError> {
-        parse_request(text.as_bytes(), &mut Fields::default())
+        parse_request(text.as_bytes(), &mut Fields::default(), MAX_HEAD)
     }
 
     fn framing_of(text: &str) -> Result<Framing, WireError> {
@@ -527,7 +624,7 @@ mod tests {
     fn a_head_is_found_and_what_follows_is_not_read() {
         let buf = b"POST /x?y HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\nbodyGET";
         let mut at = Fields::default();
-        let head = parse_request(buf, &mut at).unwrap().unwrap();
+        let head = parse_request(buf, &mut at, MAX_HEAD).unwrap().unwrap();
         assert_eq!(&buf[head.len..], b"bodyGET");
         assert_eq!(head.target(buf), "/x?y");
         let fields: Vec<_> = at.of(buf).collect();
@@ -628,6 +725,10 @@ mod tests {
         assert_eq!(request(&huge).unwrap_err(), WireError::HeadTooLarge);
         let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
         assert_eq!(
+            parse_request(huge.as_bytes(), &mut Fields::default(), 1024).unwrap_err(),
+            WireError::HeadTooLarge
+        );
+        assert_eq!(
             request(&format!("GET / HTTP/1.1\r\n{many}\r\n")).unwrap_err(),
             WireError::HeadTooLarge
         );
@@ -636,18 +737,20 @@ mod tests {
     #[test]
     fn keep_alive_and_expect_continue() {
         let head = |text: &str| request(text).unwrap().unwrap();
-        assert!(head("GET / HTTP/1.1\r\n\r\n").keep_alive);
-        assert!(!head("GET / HTTP/1.1\r\nConnection: upgrade, Close\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.1\r\nHost: x\r\n\r\n").keep_alive);
+        assert!(
+            !head("GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade, Close\r\n\r\n").keep_alive
+        );
         assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive);
-        assert!(head("POST / HTTP/1.1\r\nExpect: 100-Continue\r\n\r\n").expect_continue);
+        assert!(head("POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\n\r\n").expect_continue);
         assert!(!head("POST / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").expect_continue);
     }
 
     #[test]
     fn response_framing() {
         let framing = |text: &str, method: Method| {
-            parse_response(text.as_bytes(), &method, &mut Fields::default())
+            parse_response(text.as_bytes(), &method, &mut Fields::default(), MAX_HEAD)
                 .map(|r| r.expect("complete"))
                 .map(|h| (h.framing, h.keep_alive))
         };
@@ -695,8 +798,16 @@ mod tests {
     }
 
     fn decode_all(framing: Framing, input: &[u8]) -> Result<(Vec<u8>, bool), WireError> {
+        decode_all_with(framing, input, MAX_HEAD)
+    }
+
+    fn decode_all_with(
+        framing: Framing,
+        input: &[u8],
+        max_head: usize,
+    ) -> Result<(Vec<u8>, bool), WireError> {
         // Feed one byte at a time: every state must cope with partial input.
-        let mut decoder = Decoder::new(framing);
+        let mut decoder = Decoder::new(framing, max_head);
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         for byte in input {
@@ -744,16 +855,99 @@ mod tests {
     }
 
     #[test]
+    fn http11_requests_need_exactly_one_valid_host() {
+        let with = |fields: &str| request(&format!("POST / HTTP/1.1\r\n{fields}\r\n"));
+        for good in [
+            "Host: gw\r\n",
+            "Host: gw.example:8080\r\n",
+            "Host: 127.0.0.1\r\n",
+            "Host: [::1]:443\r\n",
+            "Host: \r\n",
+        ] {
+            assert!(with(good).unwrap().is_some(), "{good:?}");
+        }
+        assert_eq!(
+            with("").unwrap_err(),
+            WireError::Malformed("no Host header")
+        );
+        for bad in [
+            "Host: gw, evil\r\n",
+            "Host: gw evil\r\n",
+            "Host: user@gw\r\n",
+            "Host: gw:port\r\n",
+            "Host: gw:80:80\r\n",
+            "Host: [::1\r\n",
+            "Host: gw/x\r\n",
+        ] {
+            assert_eq!(
+                with(bad).unwrap_err(),
+                WireError::Malformed("invalid Host header"),
+                "{bad:?}"
+            );
+        }
+        // HTTP/1.0 may leave it out.
+        assert!(request("POST / HTTP/1.0\r\n\r\n").unwrap().is_some());
+    }
+
+    #[test]
+    fn chunk_extensions_and_trailers_are_bounded() {
+        // Each chunk line is at most a few KiB, whether or not its end has
+        // arrived yet.
+        let long = format!("1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(5000));
+        let mut decoder = Decoder::new(Framing::Chunked, MAX_HEAD);
+        let mut buf = BytesMut::from(long.as_bytes());
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Err(WireError::Malformed("chunk line too long"))
+        );
+        // Many short extensions add up to the head limit at most.
+        let chunk = format!("1;{}\r\nx\r\n", "e".repeat(1000));
+        let body = chunk.repeat(100) + "0\r\n\r\n";
+        assert_eq!(
+            decode_all_with(Framing::Chunked, body.as_bytes(), 64 * 1024),
+            Err(WireError::Malformed("chunk extensions too large"))
+        );
+        assert_eq!(
+            decode_all_with(Framing::Chunked, body.as_bytes(), 1 << 20).map(|(d, _)| d.len()),
+            Ok(100)
+        );
+        // So do trailer lines.
+        let trailer = format!("X-T: {}\r\n", "t".repeat(1000));
+        let body = format!("1\r\nx\r\n0\r\n{}\r\n", trailer.repeat(100));
+        assert_eq!(
+            decode_all_with(Framing::Chunked, body.as_bytes(), 64 * 1024),
+            Err(WireError::TrailersTooLarge)
+        );
+        assert_eq!(WireError::TrailersTooLarge.status(), 431);
+        let one = format!("1\r\nx\r\n0\r\nX: {}\r\n\r\n", "t".repeat(5000));
+        assert_eq!(
+            decode_all_with(Framing::Chunked, one.as_bytes(), MAX_HEAD),
+            Err(WireError::TrailersTooLarge)
+        );
+    }
+
+    #[test]
+    fn responses_report_their_declared_length() {
+        let head = parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
+            &Method::HEAD,
+            &mut Fields::default(),
+            MAX_HEAD,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (head.framing, head.content_length),
+            (Framing::Empty, Some(5))
+        );
+    }
+
+    #[test]
     fn eof_ends_only_close_delimited_bodies() {
-        assert_eq!(Decoder::new(Framing::UntilClose).eof(), Ok(()));
-        assert_eq!(
-            Decoder::new(Framing::Length(3)).eof(),
-            Err(WireError::Truncated)
-        );
-        assert_eq!(
-            Decoder::new(Framing::Chunked).eof(),
-            Err(WireError::Truncated)
-        );
+        let decoder = |framing| Decoder::new(framing, MAX_HEAD);
+        assert_eq!(decoder(Framing::UntilClose).eof(), Ok(()));
+        assert_eq!(decoder(Framing::Length(3)).eof(), Err(WireError::Truncated));
+        assert_eq!(decoder(Framing::Chunked).eof(), Err(WireError::Truncated));
     }
 
     #[test]

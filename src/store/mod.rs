@@ -113,6 +113,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Succeeds when the store answers; backs `/readyz`.
     fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// How long one request's lookups may wait on this store in all before
+    /// they count as failed (503); `None` for a local store, which either
+    /// answers or fails.
+    fn timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Stored form of a key record, shared by both stores so they agree on the

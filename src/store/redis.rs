@@ -143,9 +143,10 @@ impl RedisStore {
         format!("{}owners", self.prefix)
     }
 
-    /// Runs one store operation with a deadline, so a stalled Redis becomes
-    /// a 503 rather than a hung request; retries once on a stale connection
-    /// when that is safe.
+    /// Runs one store operation within one deadline (`timeout`), so a
+    /// stalled Redis becomes a 503 rather than a hung request, and a
+    /// reconnect or a retry does not stretch it; retries once on a stale
+    /// connection when that is safe.
     async fn run<T, F, Fut>(&self, retry: Retry, op: F) -> Result<T, StoreError>
     where
         F: Fn(ConnectionManager) -> Fut,
@@ -153,16 +154,18 @@ impl RedisStore {
     {
         let attempt = || async {
             let conn = self.conn()?;
-            tokio::time::timeout(self.timeout * 2, op(conn))
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Unavailable("redis: timed out".into()).into()))
+            op(conn).await
         };
-        match attempt().await {
-            Err(f) if retry == Retry::Safe && stale_connection(&f) => {
-                attempt().await.map_err(StoreError::from)
+        let attempts = async {
+            match attempt().await {
+                Err(f) if retry == Retry::Safe && stale_connection(&f) => attempt().await,
+                other => other,
             }
-            other => other.map_err(StoreError::from),
-        }
+        };
+        tokio::time::timeout(self.timeout, attempts)
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("redis: timed out".into()).into()))
+            .map_err(StoreError::from)
     }
 }
 
@@ -424,5 +427,9 @@ impl Store for RedisStore {
             redis::cmd("PING").query_async::<String>(&mut conn).await?;
             Ok(())
         }))
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.timeout)
     }
 }
