@@ -1084,6 +1084,99 @@ mod tests {
     }
 
     #[test]
+    fn hardening_limits_have_defaults_and_are_checked() {
+        let c = parse("").unwrap();
+        assert_eq!(c.limits.send_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.max_header_bytes, 64 * 1024);
+        assert_eq!(c.limits.max_connections, None);
+        assert_eq!(c.limits.max_connections_per_ip, 0);
+        assert_eq!(c.limits.h2_idle_timeout, Duration::from_secs(60));
+        let names: Vec<&str> = c.headers.strip.iter().map(HeaderName::as_str).collect();
+        assert_eq!(names, DEFAULT_STRIP);
+        let none = parse("headers:\n  strip: []\n").unwrap();
+        assert!(none.headers.strip.is_empty());
+        for (yaml, needle) in [
+            ("limits:\n  send_timeout: 0s\n", "limits.send_timeout"),
+            (
+                "limits:\n  max_header_bytes: 10\n",
+                "limits.max_header_bytes",
+            ),
+            ("limits:\n  max_connections: 0\n", "limits.max_connections"),
+            ("headers:\n  strip: [\"bad name\"]\n", "headers.strip"),
+        ] {
+            let e = parse(yaml).unwrap_err().0;
+            assert!(e.contains(needle), "{yaml:?} gave {e}");
+        }
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_field() {
+        for (yaml, field) in [
+            ("workers: \"two\"\n", "workers"),
+            ("limits:\n  max_body_bytes: lots\n", "limits.max_body_bytes"),
+            (
+                "routes:\n  - path: /x/{workflow}\n    methods: POST\n",
+                "routes[0].methods",
+            ),
+        ] {
+            let e = parse(yaml).unwrap_err().0;
+            assert!(e.starts_with(&format!("{field}: ")), "{yaml:?} gave {e}");
+            assert!(e.contains("line"), "{e}");
+        }
+    }
+
+    #[test]
+    fn host_names_in_listen_resolve_or_ask_for_an_ip() {
+        let c = parse("listen: \"localhost:8081\"\n").unwrap();
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.listen.port(), 8081);
+        let e = parse("listen: \"no-such-host.invalid:8080\"\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("give an IP address"), "{e}");
+        let e = parse("listen: \"localhost\"\n").unwrap_err().0;
+        assert!(e.contains("expected an address"), "{e}");
+    }
+
+    #[test]
+    fn paths_read_as_an_operator_would_write_them() {
+        let c = Config::from_yaml(
+            "store:\n  embedded:\n    path: ./data/./kg.redb\n",
+            Path::new("./conf/."),
+        )
+        .unwrap();
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!()
+        };
+        assert_eq!(path, Path::new("./conf/data/kg.redb"));
+        assert!(!c.admin.token_file.display().to_string().contains("/./"));
+    }
+
+    #[test]
+    fn a_reload_tells_what_needs_a_restart_and_keeps_it() {
+        let running = parse("").unwrap();
+        let mut new = parse(
+            "listen: \"127.0.0.1:9999\"\nshutdown_timeout: 5s\nlimits:\n  max_body_bytes: 10\n",
+        )
+        .unwrap();
+        assert_eq!(running.needs_restart(&new), ["listen", "shutdown_timeout"]);
+        new.keep_restart_only(&running);
+        assert_eq!(new.listen, running.listen);
+        assert_eq!(new.shutdown_timeout, running.shutdown_timeout);
+        assert_eq!(new.limits.max_body_bytes, 10);
+        assert!(running.needs_restart(&new).is_empty());
+    }
+
+    #[test]
+    fn routes_fit_the_metrics_slots() {
+        let many: String = (0..crate::metrics::ROUTE_SLOTS)
+            .map(|i| format!("  - path: /r{i}/{{workflow}}\n"))
+            .collect();
+        let e = parse(&format!("routes:\n{many}")).unwrap_err().0;
+        assert!(e.contains("at most"), "{e}");
+    }
+
+    #[test]
     fn upstream_without_port_gets_80() {
         assert_eq!(
             upstream("u", "http://engine").unwrap().authority,

@@ -81,3 +81,42 @@ pub fn acceptor(files: &TlsFiles) -> Result<(TlsAcceptor, Arc<Certs>), String> {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((TlsAcceptor::from(Arc::new(config)), certs))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &std::path::Path, cert: &str, key: &str) -> TlsFiles {
+        std::fs::write(dir.join("cert.pem"), cert).unwrap();
+        std::fs::write(dir.join("key.pem"), key).unwrap();
+        TlsFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
+    }
+
+    #[test]
+    fn each_kind_of_bad_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (a.cert.pem(), a.signing_key.serialize_pem());
+        assert!(load(&files(dir.path(), &cert, &key)).is_ok());
+
+        let garbage = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let e = load(&files(dir.path(), garbage, &key)).unwrap_err();
+        assert!(
+            e.contains("cert.pem") && e.contains("not a valid certificate"),
+            "{e}"
+        );
+
+        let e = load(&files(dir.path(), "no PEM here", &key)).unwrap_err();
+        assert!(e.contains("no certificate found"), "{e}");
+
+        let e = load(&files(dir.path(), &cert, &b.signing_key.serialize_pem())).unwrap_err();
+        assert!(e.contains("does not belong"), "{e}");
+
+        let e = load(&files(dir.path(), &cert, "no key")).unwrap_err();
+        assert!(e.contains("tls.key"), "{e}");
+    }
+}

@@ -7,11 +7,10 @@ mod common;
 
 use common::*;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const PATH: &str = "/api/workflows/wf/webhook";
 
@@ -55,88 +54,6 @@ fn post(key: &str, extra_fields: &str, body: &str) -> String {
         "POST {PATH} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n{extra_fields}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
-}
-
-/// An upstream that answers every request with `response` as is, and
-/// closes the connection after each answer when `close` is set (without
-/// saying so). Records each request's bytes.
-struct Scripted {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<String>>>,
-    accepted: Arc<AtomicUsize>,
-}
-
-impl Scripted {
-    async fn start(response: &'static str, close: bool) -> Scripted {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-        let accepted: Arc<AtomicUsize> = Arc::default();
-        let (record, count) = (seen.clone(), accepted.clone());
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let record = record.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        let Some(request) = read_request(&mut stream, &mut buf).await else {
-                            return;
-                        };
-                        record.lock().unwrap().push(request);
-                        if response.is_empty() || close {
-                            if !response.is_empty() {
-                                let _ = stream.write_all(response.as_bytes()).await;
-                            }
-                            return;
-                        }
-                        if stream.write_all(response.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Scripted {
-            addr,
-            seen,
-            accepted,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn requests(&self) -> Vec<String> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-/// One request with a Content-Length body (all keygate sends in these tests).
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + length {
-                let request: Vec<u8> = buf.drain(..end + 4 + length).collect();
-                return Some(String::from_utf8_lossy(&request).into_owned());
-            }
-        }
-        let mut chunk = [0u8; 8192];
-        match stream.read(&mut chunk).await {
-            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return None,
-        }
-    }
 }
 
 fn status_of(response: &str) -> u16 {
@@ -412,7 +329,7 @@ async fn a_client_that_stops_reading_gives_its_upstream_connection_back() {
         .into_boxed_str(),
     );
     let upstream = Scripted::start(answer, false).await;
-    let extra = "limits:\n  upstream_max_per_worker: 1\n  upstream_response_timeout: 500ms\n";
+    let extra = "limits:\n  upstream_max_per_worker: 1\n  upstream_response_timeout: 500ms\n  send_timeout: 500ms\n";
     let (gw, key) = gateway(&dir, &upstream.url(), extra).await;
     // A takes the only upstream connection and never reads its answer.
     let mut stalled = TcpStream::connect(gw.listen).await.unwrap();
@@ -502,4 +419,188 @@ async fn http2_prior_knowledge_is_told_apart_from_http1() {
         .unwrap()
         .unwrap();
     assert_eq!(frame[3], 0x4, "first frame is SETTINGS: {frame:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_pipelines_and_never_reads_is_dropped_after_the_send_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let extra = "limits:\n  send_timeout: 300ms\nrate_limit:\n  max_failures: 0\n";
+    let (gw, _) = gateway(&dir, &upstream.url(), extra).await;
+    // 20,000 requests that each get keygate's own 401, written and never
+    // read: the answers fill the socket buffers and keygate's writes stop.
+    let request = format!("POST {PATH} HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n");
+    let all = request.repeat(20_000);
+    let mut stream = TcpStream::connect(gw.listen).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let _ = stream.write_all(all.as_bytes()).await;
+        // Hold the connection open, never reading.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(stream);
+    });
+    let open = |text: String| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("keygate_connections_open "))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            open(gw.metrics().await) == Some(1)
+        })
+        .await
+    );
+    // Without a bound on the write the connection would be held for good.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            open(gw.metrics().await) == Some(0)
+        })
+        .await,
+        "the gateway still holds a connection that reads nothing"
+    );
+    writer.abort();
+}
+
+#[tokio::test]
+async fn http11_requests_without_exactly_one_valid_host_are_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let auth = format!("Authorization: Bearer {key}\r\n");
+    for (host, detail) in [
+        ("", "no Host header"),
+        ("Host: gw\r\nHost: gw\r\n", "more than one Host header"),
+        ("Host: gw, evil\r\n", "invalid Host header"),
+        ("Host: gw evil\r\n", "invalid Host header"),
+        ("Host: user@gw\r\n", "invalid Host header"),
+    ] {
+        let request = format!("POST {PATH} HTTP/1.1\r\n{host}{auth}Content-Length: 2\r\n\r\n{{}}");
+        let response = exchange(gw.listen, request.as_bytes()).await;
+        assert_eq!(status_of(&response), 400, "{host:?}\n{response}");
+        assert!(response.contains(detail), "{response}");
+        assert!(response.contains("connection: close"), "{response}");
+    }
+    assert!(upstream.requests().is_empty());
+    // HTTP/1.0 may leave Host out.
+    let request = format!("POST {PATH} HTTP/1.0\r\n{auth}Content-Length: 2\r\n\r\n{{}}");
+    let response = exchange(gw.listen, request.as_bytes()).await;
+    assert_eq!(status_of(&response), 200, "{response}");
+}
+
+#[tokio::test]
+async fn chunk_extensions_and_trailers_count_toward_the_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let head = format!(
+        "POST {PATH} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    // 100 KB of extensions on 100 bytes of data.
+    let extensions = format!("1;{}\r\nx\r\n", "e".repeat(1000)).repeat(100) + "0\r\n\r\n";
+    let response = exchange(gw.listen, format!("{head}{extensions}").as_bytes()).await;
+    assert_eq!(status_of(&response), 400, "{response}");
+    assert!(
+        response.contains("chunk extensions too large"),
+        "{response}"
+    );
+    // One chunk line longer than a few KiB.
+    let long = format!("1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(10_000));
+    let response = exchange(gw.listen, format!("{head}{long}").as_bytes()).await;
+    assert_eq!(status_of(&response), 400, "{response}");
+    assert!(response.contains("chunk line too long"), "{response}");
+    // 100 KB of trailer fields.
+    let trailers = format!(
+        "1\r\nx\r\n0\r\n{}\r\n",
+        format!("X-T: {}\r\n", "t".repeat(1000)).repeat(100)
+    );
+    let response = exchange(gw.listen, format!("{head}{trailers}").as_bytes()).await;
+    assert_eq!(status_of(&response), 431, "{response}");
+    // The engine never saw a whole body.
+    let complete = upstream
+        .requests()
+        .iter()
+        .filter(|s| s.body_len != usize::MAX)
+        .count();
+    assert_eq!(complete, 0);
+}
+
+#[tokio::test]
+async fn bodiless_answers_lose_their_length_and_doubled_lengths_are_made_one() {
+    for (answer, want) in [
+        ("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", None),
+        (
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+            None,
+        ),
+        (
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello",
+            Some("content-length: 5\r\n"),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Scripted::start(answer, false).await;
+        let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+        let response = exchange(
+            gw.listen,
+            post(&key, "Connection: close\r\n", "{}").as_bytes(),
+        )
+        .await;
+        let head = response
+            .split("\r\n\r\n")
+            .next()
+            .unwrap()
+            .to_ascii_lowercase();
+        match want {
+            None => assert!(!head.contains("content-length"), "{response}"),
+            Some(field) => {
+                assert_eq!(head.matches("content-length").count(), 1, "{response}");
+                assert!(response.to_ascii_lowercase().contains(field), "{response}");
+                assert!(response.ends_with("\r\n\r\nhello"), "{response}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn headers_an_engine_could_trust_for_routing_never_reach_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Scripted::start("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false).await;
+    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let fields = "x-middleware-subrequest: middleware:middleware:middleware\r\n\
+                  X-Original-URL: /admin\r\n\
+                  X-Rewrite-URL: /admin\r\n\
+                  Transfer_Encoding: chunked\r\n\
+                  Content_Length: 5\r\n\
+                  X-Kept: 1\r\n\
+                  Connection: close\r\n";
+    let response = exchange(gw.listen, post(&key, fields, "{}").as_bytes()).await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    let seen = upstream.requests().pop().unwrap().to_ascii_lowercase();
+    for gone in [
+        "x-middleware-subrequest",
+        "x-original-url",
+        "x-rewrite-url",
+        "transfer_encoding",
+        "content_length",
+    ] {
+        assert!(!seen.contains(gone), "{gone} reached the engine:\n{seen}");
+    }
+    assert!(seen.contains("x-kept: 1"), "{seen}");
+    assert!(
+        gw.metrics()
+            .await
+            .contains("keygate_dropped_headers_total 5")
+    );
+}
+
+#[tokio::test]
+async fn the_strip_list_is_configurable() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Scripted::start("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false).await;
+    let (gw, key) = gateway(&dir, &upstream.url(), "headers:\n  strip: [x-debug]\n").await;
+    let fields = "X-Debug: 1\r\nX-Original-URL: /kept\r\nConnection: close\r\n";
+    let response = exchange(gw.listen, post(&key, fields, "{}").as_bytes()).await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    let seen = upstream.requests().pop().unwrap().to_ascii_lowercase();
+    assert!(!seen.contains("x-debug"), "{seen}");
+    assert!(seen.contains("x-original-url: /kept"), "{seen}");
 }

@@ -265,6 +265,45 @@ async fn redis_outage_serves_cached_keys_refuses_the_rest_and_recovers() {
 }
 
 #[tokio::test]
+async fn a_hung_redis_costs_an_uncached_request_one_timeout_not_two() {
+    let redis = RedisServer::start();
+    // The store's timeout is 500 ms (common::StoreKind::Redis).
+    let timeout = Duration::from_millis(500);
+    let (a, b, _upstream, _da, _db) = pair(&redis, "").await;
+    let keys: Vec<String> = futures_keys(&a, 3).await;
+    a.set_owner("wf", "alice").await;
+    redis.pause();
+    // Each request finds neither its key nor the owner cached, and the
+    // first failed call leaves the connection to be re-established: every
+    // store read must still share one deadline per request.
+    for key in &keys {
+        let asked = Instant::now();
+        let (status, _, _) = b.webhook("wf", Some(&bearer(key))).await;
+        let took = asked.elapsed();
+        assert_eq!(status, 503);
+        assert!(
+            took < timeout * 2 - Duration::from_millis(100),
+            "a request took {took:?} for a 503 with a {timeout:?} store timeout"
+        );
+    }
+    redis.resume();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            b.webhook("wf", Some(&bearer(&keys[0]))).await.0 == 200
+        })
+        .await
+    );
+}
+
+async fn futures_keys(gw: &Gw, n: usize) -> Vec<String> {
+    let mut keys = Vec::new();
+    for _ in 0..n {
+        keys.push(gw.create_key("alice").await.1);
+    }
+    keys
+}
+
+#[tokio::test]
 async fn caches_are_flushed_when_redis_returns_empty() {
     let mut redis = RedisServer::start();
     let (a, b, _upstream, _da, _db) = pair(&redis, "").await;

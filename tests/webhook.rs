@@ -272,6 +272,79 @@ async fn configured_routes_fit_other_engines() {
 }
 
 #[tokio::test]
+async fn dot_segment_workflow_ids_are_404_before_any_store_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), "")).await;
+    // A well-formed key the store has never seen: looking it up would be a
+    // cache miss.
+    let unknown = bearer(&format!("wfb_{}", "D".repeat(38)));
+    for dots in [".", "..", "%2e", "%2E%2e", ".%2E"] {
+        let req = Request::builder()
+            .method("POST")
+            .uri(format!("/api/workflows/{dots}/webhook"))
+            .header("host", "gw")
+            .header("authorization", &unknown)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, _, body) = send_h1(gw.listen, req).await.unwrap();
+        assert_eq!(
+            (status, json(&body)["error"].as_str()),
+            (404, Some("Not found")),
+            "{dots}"
+        );
+    }
+    let m = gw.metrics().await;
+    assert!(m.contains("keygate_key_cache_misses_total 0"), "{m}");
+    assert!(m.contains("keygate_owner_cache_misses_total 0"), "{m}");
+    assert!(upstream.requests().is_empty());
+    // Nor can one be registered.
+    let (status, v) = gw
+        .admin_call(
+            "PUT",
+            "/admin/v1/workflows/..",
+            Some(serde_json::json!({"userId": "alice"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+}
+
+#[tokio::test]
+async fn key_names_with_deceptive_characters_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), "")).await;
+    for name in [
+        "prod\u{202E}txt",
+        "a\u{200B}b",
+        "line\u{2028}break",
+        "tab\tname",
+    ] {
+        let (status, v) = gw
+            .admin_call(
+                "POST",
+                "/admin/v1/keys",
+                Some(serde_json::json!({"userId": "alice", "name": name})),
+            )
+            .await;
+        assert_eq!(status, 400, "{name:?}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("text-direction"),
+            "{v}"
+        );
+    }
+    let (status, v) = gw
+        .admin_call(
+            "POST",
+            "/admin/v1/keys",
+            Some(serde_json::json!({"userId": "alice", "name": "Prod – EU 東京 🚀"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["name"], "Prod – EU 東京 🚀");
+}
+
+#[tokio::test]
 async fn unmatched_paths_methods_and_preflight_need_no_store() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;

@@ -212,9 +212,8 @@ pub async fn serve<IO: ClientIo>(
         if !worker.is_current(current.generation) {
             current = worker.snapshot();
         }
+        client.follow(&current.gateway.limits);
         let limits = current.gateway.limits;
-        client.send_timeout = limits.send_timeout;
-        client.max_head = limits.max_header_bytes;
         let head = match client
             .read_head(&mut deadline, limits.header_read_timeout, &mut stopped)
             .await
@@ -228,6 +227,11 @@ pub async fn serve<IO: ClientIo>(
                 break;
             }
         };
+        // A reload while the head was on its way applies to it.
+        if !worker.is_current(current.generation) {
+            current = worker.snapshot();
+            client.follow(&current.gateway.limits);
+        }
         // Boxed, so an idle connection's task holds only the small state
         // of waiting for the next head.
         let keep_alive = Box::pin(exchange(
@@ -489,6 +493,12 @@ async fn pass_on<IO: ClientIo>(
 }
 
 impl<IO: ClientIo> Client<IO> {
+    /// Takes the limits the connection's own reads and writes keep to.
+    fn follow(&mut self, limits: &crate::config::Limits) {
+        self.send_timeout = limits.send_timeout;
+        self.max_head = limits.max_header_bytes;
+    }
+
     async fn read_more(&mut self) -> std::io::Result<usize> {
         self.unpark();
         self.bufs.buf.reserve(READ_CHUNK);

@@ -14,8 +14,10 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// What the upstream saw of one request.
@@ -110,6 +112,93 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// An upstream that answers every request with `response` as is, and
+/// closes the connection after each answer when `close` is set (without
+/// saying so). Records each request's bytes.
+pub struct Scripted {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<String>>>,
+    pub accepted: Arc<AtomicUsize>,
+    /// Connections that ended from the gateway's side (it closed them).
+    pub closed: Arc<AtomicUsize>,
+}
+
+impl Scripted {
+    pub async fn start(response: &'static str, close: bool) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let accepted: Arc<AtomicUsize> = Arc::default();
+        let closed: Arc<AtomicUsize> = Arc::default();
+        let (record, count, ended) = (seen.clone(), accepted.clone(), closed.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let (record, ended) = (record.clone(), ended.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let Some(request) = read_request(&mut stream, &mut buf).await else {
+                            ended.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        };
+                        record.lock().unwrap().push(request);
+                        if response.is_empty() || close {
+                            if !response.is_empty() {
+                                let _ = stream.write_all(response.as_bytes()).await;
+                            }
+                            return;
+                        }
+                        if stream.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Scripted {
+            addr,
+            seen,
+            accepted,
+            closed,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// One request with a Content-Length body (all keygate sends in these tests).
+pub async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                let request: Vec<u8> = buf.drain(..end + 4 + length).collect();
+                return Some(String::from_utf8_lossy(&request).into_owned());
+            }
+        }
+        let mut chunk = [0u8; 8192];
+        match stream.read(&mut chunk).await {
+            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
     }
 }
 
@@ -228,6 +317,23 @@ impl RedisServer {
             out.push_str(&format!("{k} => {value:?}\n"));
         }
         out
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and nothing is
+    /// answered, as with a hung Redis.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let sent = Command::new("kill").args([which, &pid]).status().unwrap();
+        assert!(sent.success(), "kill {which} {pid}");
     }
 
     /// Kills the server (SIGKILL) without saving.
