@@ -3,12 +3,13 @@
 //! machine, with one load generator. Prints a table and ratios and writes
 //! `target/bench/proxy.json`. See README "Performance".
 
+mod idle;
 mod load;
 mod procs;
 
 use keygate::key::{KeyHash, NewKey};
 use load::{Auth, Sample};
-use procs::{Keygate, free_port, have, keygate, nginx, redis};
+use procs::{Keygate, free_port, have, keygate, keygate_from, nginx, redis};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,6 +21,9 @@ const SECONDS: u32 = 3;
 const CONNECTIONS: u32 = 64;
 const ROUND_ROBIN_KEYS: usize = 10_000;
 const MEMORY_KEYS: usize = 1_000_000;
+/// Idle client connections held for the memory-per-connection phase;
+/// `KEYGATE_BENCH_IDLE` overrides.
+const IDLE_CONNECTIONS: usize = 5_000;
 
 struct Variant {
     id: &'static str,
@@ -107,6 +111,7 @@ fn summarize(samples: &[Sample]) -> Sample {
 
 fn main() {
     let started = Instant::now();
+    idle::raise_fd_limit();
     // For iterating on one number: `KEYGATE_BENCH_ONLY=a,b,d` measures just
     // those variants' throughput and skips the fixed-rate and memory phases.
     let only: Option<Vec<String>> = std::env::var("KEYGATE_BENCH_ONLY")
@@ -195,6 +200,34 @@ fn main() {
             auth: Auth::One(key_b.clone()),
         },
     ];
+    // Another build of keygate beside this one, set up as b.
+    let baseline = std::env::var_os("KEYGATE_BENCH_BASELINE").map(|binary| {
+        let kg = keygate_from(
+            Path::new(&binary),
+            dir.path(),
+            "keygate-baseline",
+            upstream_port,
+            &format!(
+                "store:\n  embedded:\n    path: \"{}\"\n",
+                dir.path().join("kg-baseline.redb").display()
+            ),
+            no_limit,
+        );
+        let key = create_key(&kg, user);
+        admin(
+            &kg,
+            "PUT",
+            "/admin/v1/workflows/wf_bench",
+            Some(json!({"userId": user})),
+        );
+        variants.push(Variant {
+            id: "b0",
+            what: "keygate baseline build (KEYGATE_BENCH_BASELINE), as b",
+            port: kg.port,
+            auth: Auth::One(key),
+        });
+        kg
+    });
 
     let redis_port = free_port();
     let _redis = use_redis.then(|| redis(dir.path(), redis_port));
@@ -290,6 +323,50 @@ fn main() {
     let mut redis_per_request: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut malformed_store_calls = 0.0;
 
+    let idle_n: usize = std::env::var("KEYGATE_BENCH_IDLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(IDLE_CONNECTIONS);
+    let idle_request = format!(
+        "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {key_b}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+        load::PATH,
+        load::BODY.len(),
+        load::BODY
+    );
+    let nginx_port = variants.iter().find(|v| v.id == "d").map(|v| v.port);
+    let measure_idle = || {
+        let mut out = BTreeMap::new();
+        let kg_pid = kg_embedded.proc.pid();
+        out.insert(
+            "b",
+            idle::measure(kg_embedded.port, &idle_request, idle_n, || {
+                idle::family_rss(kg_pid)
+            }),
+        );
+        if let (Some(nginx), Some(port)) = (&_nginx_proxy, nginx_port) {
+            let pid = nginx.pid();
+            out.insert(
+                "d",
+                idle::measure(port, &idle_request, idle_n, || idle::family_rss(pid)),
+            );
+        }
+        for (id, m) in &out {
+            println!(
+                "idle connections {id}: {} held, {:.2} kB each idle, {:.2} kB each after one request",
+                m.connections,
+                m.idle_bytes / 1000.0,
+                m.after_request_bytes / 1000.0
+            );
+        }
+        out
+    };
+    if only
+        .as_ref()
+        .is_some_and(|o| o.len() == 1 && o[0] == "idle")
+    {
+        measure_idle();
+        return;
+    }
     if let Some(only) = &only {
         variants.retain(|v| only.iter().any(|o| o == v.id));
     }
@@ -341,7 +418,12 @@ fn main() {
             );
         }
         let ratio = |x: &str, y: &str| result.get(x).zip(result.get(y)).map(|(a, b)| a.rps / b.rps);
-        println!("b/d = {:?}  b/a = {:?}", ratio("b", "d"), ratio("b", "a"));
+        println!(
+            "b/d = {:?}  b/a = {:?}  b/b0 = {:?}",
+            ratio("b", "d"),
+            ratio("b", "a"),
+            ratio("b", "b0")
+        );
         return;
     }
 
@@ -381,6 +463,7 @@ fn main() {
     });
 
     let memory = use_redis.then(|| rt.block_on(cache_memory(redis_port)));
+    let idle_memory = measure_idle();
 
     // Report.
     let ratio = |x: &str, y: &str| match (result.get(x), result.get(y)) {
@@ -402,6 +485,12 @@ fn main() {
     let cmds = |id: &str| redis_per_request.get(id).map(|v| median(&mut v.clone()));
     println!("\nb/d = {}   (target ≥ 1.0)", fmt(ratio("b", "d")));
     println!("b/a = {}", fmt(ratio("b", "a")));
+    if baseline.is_some() {
+        println!(
+            "b/b0 = {}   (this build over the baseline build)",
+            fmt(ratio("b", "b0"))
+        );
+    }
     println!(
         "e1/b = {}  e2/b = {}   (target ≥ 1.5)",
         fmt(ratio("e1", "b")),
@@ -434,6 +523,19 @@ fn main() {
             "cache memory: {per_key:.0} bytes per cached key with {keys} keys cached   (target ≤ 300)"
         );
     }
+    if let Some(b) = idle_memory.get("b") {
+        let d = idle_memory.get("d");
+        println!(
+            "per idle connection: keygate {:.2} kB ({:.2} after one request), nginx {}   (target ≤ 2 kB and ≤ nginx)",
+            b.idle_bytes / 1000.0,
+            b.after_request_bytes / 1000.0,
+            d.map_or("n/a".to_owned(), |d| format!(
+                "{:.2} kB ({:.2} after one request)",
+                d.idle_bytes / 1000.0,
+                d.after_request_bytes / 1000.0
+            ))
+        );
+    }
     println!("bench took {:.0?}", started.elapsed());
 
     let report = json!({
@@ -443,7 +545,8 @@ fn main() {
         "rounds": rounds,
         "seconds_per_round": SECONDS,
         "variants": variants.iter().map(|v| json!({"id": v.id, "what": v.what, "median": result[v.id], "rounds": samples[v.id]})).collect::<Vec<_>>(),
-        "ratios": {"b_over_d": ratio("b", "d"), "b_over_a": ratio("b", "a"), "e1_over_b": ratio("e1", "b"), "e2_over_b": ratio("e2", "b")},
+        "ratios": {"b_over_d": ratio("b", "d"), "b_over_a": ratio("b", "a"), "e1_over_b": ratio("e1", "b"), "e2_over_b": ratio("e2", "b"), "b_over_b0": ratio("b", "b0")},
+        "idle_connections": idle_memory,
         "malformed_key_store_calls": malformed_store_calls,
         "redis_commands_per_request": {"c": cmds("c"), "f": cmds("f")},
         "half_load": {"rate": half, "a": at_half["a"], "b": at_half["b"], "p99_gap_ms": p99_gap_ms},
@@ -461,6 +564,7 @@ fn main() {
     .unwrap();
     println!("wrote target/bench/proxy.json");
     drop(redis_instances);
+    drop(baseline);
 }
 
 fn machine() -> serde_json::Value {

@@ -141,6 +141,26 @@ pub fn keygate(
     store_yaml: &str,
     extra: &str,
 ) -> Keygate {
+    keygate_from(
+        Path::new(env!("CARGO_BIN_EXE_keygate")),
+        dir,
+        name,
+        upstream_port,
+        store_yaml,
+        extra,
+    )
+}
+
+/// [`keygate`] from another build of it (`KEYGATE_BENCH_BASELINE`), to
+/// compare two builds side by side in one run.
+pub fn keygate_from(
+    binary: &Path,
+    dir: &Path,
+    name: &'static str,
+    upstream_port: u16,
+    store_yaml: &str,
+    extra: &str,
+) -> Keygate {
     let home: PathBuf = dir.join(name);
     std::fs::create_dir_all(&home).unwrap();
     let (port, admin_port) = (free_port(), free_port());
@@ -149,7 +169,7 @@ pub fn keygate(
     );
     let config_path = home.join("keygate.yaml");
     std::fs::write(&config_path, config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+    let child = Command::new(binary)
         .arg("--config")
         .arg(&config_path)
         .arg("serve")

@@ -36,23 +36,42 @@ const DRAIN_TIME: Duration = Duration::from_secs(10);
 /// What a connection reads into at a time.
 const READ_CHUNK: usize = 8 * 1024;
 
-/// A client connection's byte stream, and how to wait for it to have
-/// something to read without holding a buffer.
+/// A client connection's byte stream, and whether it can be waited on
+/// without a buffer.
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
-    /// Resolves when a read would find bytes (or the end). A stream that
-    /// cannot tell (TLS, which buffers inside) resolves at once.
+    /// [`ClientIo::readable`] works: the connection can wait for its next
+    /// request holding no buffer.
+    const PARKS: bool;
+    /// Resolves when a read may find bytes (at times when it would not:
+    /// a new socket counts as readable).
     fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
 }
 
 impl ClientIo for tokio::net::TcpStream {
+    const PARKS: bool = true;
+
     fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
         tokio::net::TcpStream::readable(self)
     }
 }
 
+/// TLS buffers inside rustls: a TLS connection waits with its buffers.
 impl<IO: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for tokio_rustls::server::TlsStream<IO> {
+    const PARKS: bool = false;
+
     fn readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
         std::future::ready(Ok(()))
+    }
+}
+
+/// `future`'s output if it has one at once, without waiting for it: a
+/// read that finds nothing clears the socket's readiness and is `None`.
+fn now_or_never<F: Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
     }
 }
 
@@ -76,33 +95,37 @@ const SPARE_SETS: usize = 256;
 const SPARE_MAX_BYTES: usize = 16 * 1024;
 
 thread_local! {
-    static SPARE: RefCell<Vec<Buffers>> = const { RefCell::new(Vec::new()) };
+    /// Boxed: a connection holds its set by the box, so taking one and
+    /// giving it back moves a pointer and allocates nothing.
+    #[allow(clippy::vec_box)]
+    static SPARE: RefCell<Vec<Box<Buffers>>> = const { RefCell::new(Vec::new()) };
 }
 
-impl Buffers {
-    fn empty() -> Buffers {
-        Buffers {
-            buf: BytesMut::new(),
-            out: Vec::new(),
-            up: Vec::new(),
-            fields: Fields::default(),
-        }
-    }
+/// What a parked connection's buffers read as: empty.
+static EMPTY: std::sync::LazyLock<Buffers> = std::sync::LazyLock::new(|| Buffers {
+    buf: BytesMut::new(),
+    out: Vec::new(),
+    up: Vec::new(),
+    fields: Fields::default(),
+});
 
+impl Buffers {
     /// A set from this thread's spares, or a new one.
-    pub fn take() -> Buffers {
+    fn take() -> Box<Buffers> {
         SPARE
             .with(|spare| spare.borrow_mut().pop())
-            .unwrap_or_else(|| Buffers {
-                buf: BytesMut::with_capacity(READ_CHUNK),
-                out: Vec::with_capacity(4 * 1024),
-                up: Vec::with_capacity(1024),
-                fields: Fields::default(),
+            .unwrap_or_else(|| {
+                Box::new(Buffers {
+                    buf: BytesMut::with_capacity(READ_CHUNK),
+                    out: Vec::with_capacity(4 * 1024),
+                    up: Vec::with_capacity(1024),
+                    fields: Fields::default(),
+                })
             })
     }
 
     /// Gives a set back to this thread's spares (what it holds is dropped).
-    pub fn give_back(mut self) {
+    fn give_back(mut self: Box<Buffers>) {
         if self.out.capacity() > SPARE_MAX_BYTES
             || self.up.capacity() > SPARE_MAX_BYTES
             || self.buf.capacity() > SPARE_MAX_BYTES
@@ -121,14 +144,32 @@ impl Buffers {
     }
 }
 
+/// A connection's buffers while it has them: none while it is idle (they
+/// are with the spares, and read as empty); using them takes a set.
+struct Held(Option<Box<Buffers>>);
+
+impl std::ops::Deref for Held {
+    type Target = Buffers;
+
+    fn deref(&self) -> &Buffers {
+        self.0.as_deref().unwrap_or(&EMPTY)
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Buffers {
+        self.0.get_or_insert_with(Buffers::take)
+    }
+}
+
 /// The client's connection: its stream and, while it is busy, its buffers.
 pub struct Client<IO> {
     io: IO,
-    bufs: Buffers,
-    /// `bufs` is the empty set: the buffers are with the spares.
-    parked: bool,
+    bufs: Held,
     /// The request being answered is HTTP/1.0.
     http10: bool,
+    /// No request has been read yet: the bytes may be the HTTP/2 preface.
+    first: bool,
     /// Bound on every write to the client.
     send_timeout: Duration,
     max_head: usize,
@@ -159,21 +200,48 @@ impl Deadline {
     }
 
     /// `future`'s output, or `None` if the instant `at` comes first.
-    async fn until<F: Future>(&mut self, at: Instant, future: F) -> Option<F::Output> {
+    fn until<F: Future>(&mut self, at: Instant, future: F) -> Until<'_, F> {
         self.at = at;
         if self.sleep.deadline() > self.at {
             self.sleep.as_mut().reset(self.at);
         }
-        let mut future = std::pin::pin!(future);
+        Until {
+            future,
+            deadline: self,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Deadline::until`]: a future and the connection's timer, in one
+    /// small state (an `async fn` would keep the future twice).
+    struct Until<'a, F> {
+        #[pin]
+        future: F,
+        deadline: &'a mut Deadline,
+    }
+}
+
+impl<F: Future> Future for Until<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = self.project();
+        if let Poll::Ready(out) = this.future.poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        let deadline = this.deadline;
         loop {
-            tokio::select! {
-                biased;
-                out = &mut future => return Some(out),
-                () = &mut self.sleep => {
-                    if Instant::now() >= self.at {
-                        return None;
-                    }
-                    self.sleep.as_mut().reset(self.at);
+            match deadline.sleep.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if Instant::now() >= deadline.at => return Poll::Ready(None),
+                Poll::Ready(()) => {
+                    let at = deadline.at;
+                    deadline.sleep.as_mut().reset(at);
                 }
             }
         }
@@ -183,27 +251,38 @@ impl Deadline {
 enum Head {
     Request(RequestHead),
     Bad(WireError),
+    /// The connection opened with the HTTP/2 preface (prior knowledge).
+    Http2,
     /// Closed, timed out or shutting down: nothing more to answer.
     Gone,
 }
 
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A connection that turned out to speak HTTP/2: its stream, and what has
+/// been read from it (the preface and whatever followed).
+pub struct Http2<IO> {
+    pub io: IO,
+    pub read: Bytes,
+}
+
 /// Serves requests on one connection until it closes, fails, or the
-/// gateway stops. `bufs.buf` holds bytes already read from `io`. Each
-/// request is served by the gateway current when its head arrives (a
-/// reload takes effect on the next request).
+/// gateway stops. Each request is served by the gateway current when its
+/// head arrives (a reload takes effect on the next request). A connection
+/// that opens with the HTTP/2 preface is handed back, for HTTP/2.
 pub async fn serve<IO: ClientIo>(
     worker: &WorkerGateway,
     info: &ConnInfo,
     io: IO,
-    bufs: Buffers,
     mut stopped: watch::Receiver<bool>,
-) {
+) -> Option<Http2<IO>> {
     let mut current = worker.snapshot();
     let mut client = Client {
         io,
-        bufs,
-        parked: false,
+        bufs: Held(None),
         http10: false,
+        first: true,
         send_timeout: current.gateway.limits.send_timeout,
         max_head: current.gateway.limits.max_header_bytes,
     };
@@ -221,12 +300,19 @@ pub async fn serve<IO: ClientIo>(
             Head::Request(head) => head,
             Head::Gone => break,
             Head::Bad(e) => {
-                client
-                    .answer_malformed(&current.gateway, info, e, &mut deadline)
-                    .await;
+                Box::pin(client.answer_malformed(&current.gateway, info, e, &mut deadline)).await;
                 break;
             }
+            Head::Http2 => {
+                let read = std::mem::take(&mut client.bufs.buf).freeze();
+                client.park();
+                return Some(Http2 {
+                    io: client.io,
+                    read,
+                });
+            }
         };
+        client.first = false;
         // A reload while the head was on its way applies to it.
         if !worker.is_current(current.generation) {
             current = worker.snapshot();
@@ -234,7 +320,7 @@ pub async fn serve<IO: ClientIo>(
         }
         // Boxed, so an idle connection's task holds only the small state
         // of waiting for the next head.
-        let keep_alive = Box::pin(exchange(
+        let fut = exchange(
             &current.gateway,
             &current.forwarder,
             info,
@@ -242,14 +328,19 @@ pub async fn serve<IO: ClientIo>(
             &mut deadline,
             head,
             &stopped,
-        ))
-        .await;
+        );
+        let keep_alive = Box::pin(fut).await;
         if !keep_alive {
             break;
         }
     }
-    let _ = tokio::time::timeout(client.send_timeout, client.io.shutdown()).await;
+    let _ = Box::pin(tokio::time::timeout(
+        client.send_timeout,
+        client.io.shutdown(),
+    ))
+    .await;
     client.park();
+    None
 }
 
 /// Answers one request; returns whether the connection may carry another.
@@ -268,8 +359,9 @@ async fn exchange<IO: ClientIo>(
     up.clear();
     // Everything decided from the head, while it is still in the buffer.
     let (trace, next) = {
-        let bytes = &client.bufs.buf[..head.len];
-        let fields = || client.bufs.fields.of(bytes);
+        let bufs = &*client.bufs;
+        let bytes = &bufs.buf[..head.len];
+        let fields = || bufs.fields.of(bytes);
         let find = |name: &[u8]| {
             fields()
                 .find(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -500,33 +592,30 @@ impl<IO: ClientIo> Client<IO> {
     }
 
     async fn read_more(&mut self) -> std::io::Result<usize> {
-        self.unpark();
-        self.bufs.buf.reserve(READ_CHUNK);
-        self.io.read_buf(&mut self.bufs.buf).await
+        let buf = &mut self.bufs.buf;
+        buf.reserve(READ_CHUNK);
+        self.io.read_buf(buf).await
     }
 
     /// Gives the buffers back to the spares while there is nothing in them.
     fn park(&mut self) {
-        if !self.parked && self.bufs.buf.is_empty() {
-            std::mem::replace(&mut self.bufs, Buffers::empty()).give_back();
-            self.parked = true;
-        }
-    }
-
-    fn unpark(&mut self) {
-        if self.parked {
-            self.bufs = Buffers::take();
-            self.parked = false;
+        if self.bufs.0.as_ref().is_some_and(|b| b.buf.is_empty())
+            && let Some(bufs) = self.bufs.0.take()
+        {
+            bufs.give_back();
         }
     }
 
     /// Whether a whole request head is already waiting in the buffer.
     fn next_head_buffered(&mut self) -> bool {
-        !self.bufs.buf.is_empty()
-            && matches!(
-                wire::parse_request(&self.bufs.buf, &mut self.bufs.fields, self.max_head),
-                Ok(Some(_))
-            )
+        if self.bufs.buf.is_empty() {
+            return false;
+        }
+        let bufs = &mut *self.bufs;
+        matches!(
+            wire::parse_request(&bufs.buf, &mut bufs.fields, self.max_head),
+            Ok(Some(_))
+        )
     }
 
     /// The `Connection` header that says whether the connection stays open,
@@ -591,15 +680,24 @@ impl<IO: ClientIo> Client<IO> {
     ) -> Head {
         let at = Instant::now() + timeout;
         loop {
-            if !self.bufs.buf.is_empty() {
-                match wire::parse_request(&self.bufs.buf, &mut self.bufs.fields, self.max_head) {
+            let buf = &self.bufs.buf;
+            let preface = &H2_PREFACE[..buf.len().min(H2_PREFACE.len())];
+            if self.first && !buf.is_empty() && buf.starts_with(preface) {
+                if buf.len() >= H2_PREFACE.len() {
+                    return Head::Http2;
+                }
+                // Still either protocol: read on.
+            } else if !buf.is_empty() {
+                let bufs = &mut *self.bufs;
+                match wire::parse_request(&bufs.buf, &mut bufs.fields, self.max_head) {
                     Ok(Some(head)) => return Head::Request(head),
                     Ok(None) => {}
                     Err(e) => return Head::Bad(e),
                 }
             }
-            let idle = self.parked || self.bufs.buf.is_empty();
-            if idle {
+            let idle = self.bufs.buf.is_empty();
+            if idle && IO::PARKS {
+                // Wait with no buffer, then take one for what has come.
                 self.park();
                 let ready = tokio::select! {
                     biased;
@@ -609,6 +707,12 @@ impl<IO: ClientIo> Client<IO> {
                 match ready {
                     Some(Ok(())) => {}
                     Some(Err(_)) | None => return Head::Gone,
+                }
+                // Read what came, as tokio reads: a short read marks the
+                // socket drained, so the next wait costs no extra syscall.
+                match now_or_never(self.read_more()) {
+                    Some(Ok(0)) | Some(Err(_)) => return Head::Gone,
+                    Some(Ok(_)) | None => continue,
                 }
             }
             let read = tokio::select! {
@@ -642,7 +746,6 @@ impl<IO: ClientIo> Client<IO> {
         } else {
             Framing::Length(bytes.len() as u64)
         };
-        self.unpark();
         self.bufs.out.clear();
         self.write_head(parts.status, &parts.headers, request_id, framing, keep);
         if !head_request {

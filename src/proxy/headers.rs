@@ -102,8 +102,8 @@ pub struct Injected<'a> {
     pub key_header: &'a HeaderName,
     pub key_id: &'a str,
     pub forward_authorization: bool,
-    /// The client's address, already rendered as a header value.
-    pub client_ip: &'a HeaderValue,
+    /// The client's address, already rendered.
+    pub client_ip: &'a [u8],
     pub tls: bool,
     /// The client's `Host` (or HTTP/2 `:authority`).
     pub original_host: Option<&'a [u8]>,
@@ -191,7 +191,7 @@ pub fn write_upstream_request<'a>(
             out.extend_from_slice(b", ");
         }
     }
-    out.extend_from_slice(inject.client_ip.as_bytes());
+    out.extend_from_slice(inject.client_ip);
     out.extend_from_slice(b"\r\n");
     let proto: &[u8] = if inject.tls { b"https" } else { b"http" };
     field(out, b"x-forwarded-proto", proto);
@@ -367,7 +367,7 @@ mod tests {
     use super::*;
     use http::header;
 
-    static CLIENT: HeaderValue = HeaderValue::from_static("10.0.0.9");
+    const CLIENT: &[u8] = b"10.0.0.9";
     const RID: &[u8] = b"rid-1";
 
     fn inject<'a>(user: &'a HeaderName, key: &'a HeaderName, fwd_auth: bool) -> Injected<'a> {
@@ -377,7 +377,7 @@ mod tests {
             key_header: key,
             key_id: "key_1",
             forward_authorization: fwd_auth,
-            client_ip: &CLIENT,
+            client_ip: CLIENT,
             tls: false,
             original_host: Some(b"gw.example"),
             upstream_host: b"127.0.0.1:3000",

@@ -67,9 +67,49 @@ pub struct Forwarder {
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
-    /// The peer's address as a header value, rendered once per connection.
-    pub peer_ip: HeaderValue,
+    /// The peer's address as `X-Forwarded-For` gives it.
+    pub peer_ip: PeerIp,
     pub tls: bool,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        ConnInfo {
+            peer,
+            peer_ip: PeerIp::new(peer.ip()),
+            tls,
+        }
+    }
+}
+
+/// An IP address in text, rendered once per connection and kept inline:
+/// no allocation per connection or per request.
+#[derive(Clone, Copy)]
+pub struct PeerIp {
+    len: u8,
+    text: [u8; 45],
+}
+
+impl PeerIp {
+    pub fn new(ip: std::net::IpAddr) -> PeerIp {
+        use std::io::Write;
+        let mut text = [0u8; 45];
+        let mut cursor = std::io::Cursor::new(&mut text[..]);
+        // The longest address text (IPv4-mapped IPv6) is 45 characters.
+        let _ = write!(cursor, "{ip}");
+        let len = cursor.position() as u8;
+        PeerIp { len, text }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.text[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for PeerIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::str::from_utf8(self.as_bytes()).unwrap_or("?"))
+    }
 }
 
 /// `rate_limit.key_requests` per `key_window`, per key on this instance.
@@ -483,7 +523,7 @@ impl Gateway {
                 key_header: &self.headers.key_id,
                 key_id,
                 forward_authorization: route.config.forward_authorization,
-                client_ip: &up.conn.peer_ip,
+                client_ip: up.conn.peer_ip.as_bytes(),
                 tls: up.conn.tls,
                 original_host: up.original_host,
                 upstream_host: host,

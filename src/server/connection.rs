@@ -1,31 +1,41 @@
 //! One accepted client connection: the TLS handshake when the listener has
 //! TLS, then HTTP/2 when ALPN chose it or the client opens with its
-//! preface (prior knowledge), else HTTP/1.1. Nothing is buffered for a
-//! connection until its client has sent something.
+//! preface (prior knowledge, seen by the HTTP/1.1 side), else HTTP/1.1.
+//! Nothing is buffered for a connection until its client has sent
+//! something.
 
-use crate::proxy::h1::{self, Buffers, ClientIo};
+use crate::proxy::h1::{self, ClientIo};
 use crate::proxy::{ConnInfo, WorkerGateway, h2};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-/// The HTTP/2 connection preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// One accepted connection and what serving it needs.
-pub struct Connection {
+/// One accepted connection and what serving it needs; `_guards` are held
+/// until it is done (its place in the connection limits, and the worker's
+/// count of open connections).
+pub struct Connection<G> {
     pub gateway: Arc<WorkerGateway>,
     pub info: ConnInfo,
     pub stopped: watch::Receiver<bool>,
+    pub _guards: G,
 }
 
-impl Connection {
-    pub async fn serve(self, stream: TcpStream, tls: Option<TlsAcceptor>) {
-        let Some(acceptor) = tls else {
-            return self.serve_io(stream, false).await;
-        };
+impl<G: Send + 'static> Connection<G> {
+    /// Serves a cleartext connection to its end. Its task holds only the
+    /// small state of waiting for its next request: what HTTP/2 needs is
+    /// boxed, allocated only for connections that use it.
+    pub async fn serve(self, stream: TcpStream) {
+        let turned = h1::serve(&self.gateway, &self.info, stream, self.stopped.clone()).await;
+        if let Some(h1::Http2 { io, read }) = turned {
+            let io = Prefixed { prefix: read, io };
+            Box::pin(h2::serve(self.gateway, self.info, io, self.stopped)).await;
+        }
+    }
+
+    /// [`Connection::serve`] after a TLS handshake.
+    pub async fn serve_tls(self, stream: TcpStream, acceptor: TlsAcceptor) {
         let timeout = self.gateway.snapshot().gateway.limits.header_read_timeout;
         let peer = self.info.peer;
         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
@@ -38,38 +48,18 @@ impl Connection {
         }
     }
 
-    async fn serve_io<IO>(self, mut io: IO, alpn_h2: bool)
+    async fn serve_io<IO>(self, io: IO, alpn_h2: bool)
     where
         IO: ClientIo + 'static,
     {
         if alpn_h2 {
-            return h2::serve(self.gateway, self.info, io, self.stopped).await;
+            return Box::pin(h2::serve(self.gateway, self.info, io, self.stopped)).await;
         }
-        let timeout = self.gateway.snapshot().gateway.limits.header_read_timeout;
-        let mut bufs = None;
-        let sniffed = tokio::time::timeout(timeout, async {
-            io.readable().await?;
-            let bufs = bufs.insert(Buffers::take());
-            while bufs.buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&bufs.buf) {
-                if io.read_buf(&mut bufs.buf).await? == 0 {
-                    break;
-                }
-            }
-            Ok::<_, std::io::Error>(())
-        })
-        .await;
-        let Some(mut bufs) = bufs else { return };
-        if !matches!(sniffed, Ok(Ok(()))) || bufs.buf.is_empty() {
-            bufs.give_back();
-            return;
+        let turned = h1::serve(&self.gateway, &self.info, io, self.stopped.clone()).await;
+        if let Some(h1::Http2 { io, read }) = turned {
+            let io = Prefixed { prefix: read, io };
+            Box::pin(h2::serve(self.gateway, self.info, io, self.stopped)).await;
         }
-        if !bufs.buf.starts_with(H2_PREFACE) {
-            return h1::serve(&self.gateway, &self.info, io, bufs, self.stopped).await;
-        }
-        let prefix = std::mem::take(&mut bufs.buf).freeze();
-        bufs.give_back();
-        let io = Prefixed { prefix, io };
-        h2::serve(self.gateway, self.info, io, self.stopped).await;
     }
 }
 

@@ -299,24 +299,16 @@ impl Worker {
                 return;
             };
             let _ = stream.set_nodelay(true);
-            let peer_ip = http::HeaderValue::from_str(&peer.ip().to_string())
-                .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
             let connection = Connection {
                 gateway: gateway.clone(),
-                info: ConnInfo {
-                    peer,
-                    peer_ip,
-                    tls: self.tls.is_some(),
-                },
+                info: ConnInfo::new(peer, self.tls.is_some()),
                 stopped: stopped_local.clone(),
+                _guards: (admitted, open.clone()),
             };
-            let open = open.clone();
-            let tls = self.tls.clone();
-            tokio::spawn(async move {
-                connection.serve(stream, tls).await;
-                drop(admitted);
-                drop(open);
-            });
+            match self.tls.clone() {
+                None => tokio::spawn(connection.serve(stream)),
+                Some(acceptor) => tokio::spawn(Box::pin(connection.serve_tls(stream, acceptor))),
+            };
         };
         while let Some((stream, peer)) = listen::accept(&listener, &mut self.stopped).await {
             serve(stream, peer);
