@@ -327,12 +327,19 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(IDLE_CONNECTIONS);
-    let idle_request = format!(
-        "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {key_b}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
-        load::PATH,
-        load::BODY.len(),
-        load::BODY
-    );
+    let request_with = |authorization: &str| {
+        format!(
+            "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+            load::PATH,
+            load::BODY.len(),
+            load::BODY
+        )
+    };
+    let idle_request = request_with(&key_b);
+    let baseline_request = variants.iter().find_map(|v| match (&v.auth, v.id) {
+        (Auth::One(key), "b0") => Some(request_with(key)),
+        _ => None,
+    });
     let nginx_port = variants.iter().find(|v| v.id == "d").map(|v| v.port);
     let measure_idle = || {
         let mut out = BTreeMap::new();
@@ -343,6 +350,13 @@ fn main() {
                 idle::family_rss(kg_pid)
             }),
         );
+        if let (Some(kg), Some(request)) = (&baseline, &baseline_request) {
+            let pid = kg.proc.pid();
+            out.insert(
+                "b0",
+                idle::measure(kg.port, request, idle_n, || idle::family_rss(pid)),
+            );
+        }
         if let (Some(nginx), Some(port)) = (&_nginx_proxy, nginx_port) {
             let pid = nginx.pid();
             out.insert(
