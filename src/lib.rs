@@ -15,6 +15,7 @@ pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod http1;
 pub mod invalidate;
 pub mod key;
 pub mod metrics;

@@ -2,7 +2,7 @@
 //! directions; nothing here buffers a whole body.
 
 use super::upstream::{BodySource, Conn, SourceError};
-use super::wire::{Decoded, Decoder, Framing, WireError};
+use crate::http1::{Decoded, Decoder, Framing, WireError};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;

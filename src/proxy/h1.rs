@@ -12,11 +12,11 @@
 
 use super::reject::Reject;
 use super::upstream::{Answer, BodySource, SourceError};
-use super::wire::{self, Decoded, Decoder, Fields, Framing, RequestHead, WireError};
 use super::{
     Authorization, Checked, ConnInfo, Facts, Forwarder, Gateway, Trace, Upstreamed, WorkerGateway,
-    body::ProxyBody, headers,
+    answer, body::ProxyBody,
 };
+use crate::http1::{self, Decoded, Decoder, Fields, Framing, RequestHead, WireError};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::HeaderMap;
 use http::{Method, Response, StatusCode, Version};
@@ -512,11 +512,11 @@ async fn pass_on<IO: ClientIo>(
         && out_framing != Framing::UntilClose;
     client.bufs.out.clear();
     let connection = client.connection(keep);
-    headers::write_client_response(
+    answer::write_client_response(
         &mut client.bufs.out,
         head.status,
         conn.fields.of(&conn.buf[..head.len]),
-        headers::Body {
+        answer::Body {
             framing: out_framing,
             declared: head.content_length,
         },
@@ -528,7 +528,7 @@ async fn pass_on<IO: ClientIo>(
     let chunked = out_framing == Framing::Chunked;
     let complete = loop {
         match decoder.decode(&mut conn.buf) {
-            Ok(Decoded::Data(data)) if chunked => wire::encode_chunk(&mut client.bufs.out, &data),
+            Ok(Decoded::Data(data)) if chunked => http1::encode_chunk(&mut client.bufs.out, &data),
             Ok(Decoded::Data(data)) => client.bufs.out.extend_from_slice(&data),
             Ok(Decoded::End) => break true,
             Ok(Decoded::NeedMore) => {
@@ -573,7 +573,7 @@ async fn pass_on<IO: ClientIo>(
         return false;
     }
     if chunked {
-        client.bufs.out.extend_from_slice(wire::LAST_CHUNK);
+        client.bufs.out.extend_from_slice(http1::LAST_CHUNK);
     }
     if !client.flush(deadline).await {
         return false;
@@ -613,7 +613,7 @@ impl<IO: ClientIo> Client<IO> {
         }
         let bufs = &mut *self.bufs;
         matches!(
-            wire::parse_request(&bufs.buf, &mut bufs.fields, self.max_head),
+            http1::parse_request(&bufs.buf, &mut bufs.fields, self.max_head),
             Ok(Some(_))
         )
     }
@@ -638,10 +638,10 @@ impl<IO: ClientIo> Client<IO> {
         keep: bool,
     ) {
         let connection = self.connection(keep);
-        headers::write_client_response(
+        answer::write_client_response(
             &mut self.bufs.out,
             status,
-            headers::fields_of(headers),
+            http1::fields_of(headers),
             framing.into(),
             connection,
             request_id,
@@ -689,7 +689,7 @@ impl<IO: ClientIo> Client<IO> {
                 // Still either protocol: read on.
             } else if !buf.is_empty() {
                 let bufs = &mut *self.bufs;
-                match wire::parse_request(&bufs.buf, &mut bufs.fields, self.max_head) {
+                match http1::parse_request(&bufs.buf, &mut bufs.fields, self.max_head) {
                     Ok(Some(head)) => return Head::Request(head),
                     Ok(None) => {}
                     Err(e) => return Head::Bad(e),

@@ -15,13 +15,13 @@
 //! On a graceful stop a connection gets GOAWAY and its open streams finish.
 
 use super::body::{IncomingSource, OriginBody, ProxyBody};
-use super::headers::{self, X_REQUEST_ID};
 use super::reject::Reject;
+use super::trace::X_REQUEST_ID;
 use super::upstream::Answer;
-use super::wire::Framing;
 use super::{Authorization, Checked, ConnInfo, Facts, Forwarder, Gateway, Upstreamed};
 use super::{Trace, WorkerGateway};
 use crate::clock::uptime_ms;
+use crate::http1::{self, Field, Framing};
 use bytes::{Buf, Bytes};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -285,7 +285,7 @@ pub async fn handle(
                 .iter()
                 .map(HeaderValue::as_bytes),
         ),
-        content_length: super::wire::content_length(headers::fields_of(&parts.headers))
+        content_length: http1::content_length(http1::fields_of(&parts.headers))
             .ok()
             .flatten(),
     };
@@ -324,7 +324,7 @@ pub async fn handle(
 fn upstream_fields<'a>(
     headers: &'a http::HeaderMap,
     joined: &'a mut Vec<u8>,
-) -> impl Iterator<Item = headers::Field<'a>> + Clone {
+) -> impl Iterator<Item = Field<'a>> + Clone {
     let several = headers.get_all(header::COOKIE).iter().nth(1).is_some();
     if several {
         for (i, cookie) in headers.get_all(header::COOKIE).iter().enumerate() {
@@ -335,7 +335,7 @@ fn upstream_fields<'a>(
         }
     }
     let joined: &'a [u8] = joined;
-    let mut fields: Vec<headers::Field<'a>> = headers
+    let mut fields: Vec<Field<'a>> = headers
         .iter()
         .filter(|(name, _)| !several || *name != header::COOKIE)
         .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))

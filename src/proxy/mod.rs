@@ -1,25 +1,27 @@
 //! The data plane: match the route, run the checks in DESIGN.md's order,
 //! forward with the trusted identity headers, and count and log the result.
 
+pub mod answer;
 pub mod body;
 pub mod h1;
 pub mod h2;
-pub mod headers;
+pub mod identity;
 pub mod limiter;
 pub mod reject;
 pub mod route;
+pub mod trace;
 pub mod upstream;
-pub mod wire;
 
 use crate::auth::{Auth, AuthError, Principal};
 use crate::config::{Config, HeaderNames, Limits};
+use crate::http1::{self, Framing};
 use crate::key::{self, KeyHash, Presented};
 use crate::metrics::Metrics;
 use crate::usage::Usage;
 use body::ProxyBody;
-use headers::Injected;
 use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode};
+use identity::Injected;
 use limiter::Limiter;
 use reject::Reject;
 use route::{Matched, Router};
@@ -28,7 +30,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use upstream::{Answer, ForwardError, Pool, SourceError};
-use wire::Framing;
 
 /// Shared by every worker: routes, checks and counters.
 pub struct Gateway {
@@ -48,7 +49,7 @@ pub struct Gateway {
     upstreams: Vec<String>,
     /// Per route: the slot its requests are counted in.
     route_slots: Vec<usize>,
-    pub(crate) request_ids: headers::RequestIds,
+    pub(crate) request_ids: trace::RequestIds,
 }
 
 struct Cors {
@@ -181,7 +182,7 @@ pub(crate) struct Trace {
     /// Client headers left out of the forwarded request (`_` in the name,
     /// or on `headers.strip`).
     dropped: usize,
-    pub(crate) request_id: headers::RequestId,
+    pub(crate) request_id: trace::RequestId,
 }
 
 /// The gateway in force: replaced whole when the config is reloaded, and
@@ -322,7 +323,7 @@ impl Gateway {
             route_upstreams,
             upstreams,
             route_slots,
-            request_ids: headers::RequestIds::default(),
+            request_ids: trace::RequestIds::default(),
         })
     }
 
@@ -362,7 +363,7 @@ impl Gateway {
     /// client's `X-Request-Id` if it is plain, else a new one).
     pub(crate) fn begin(&self, method: &Method, client_id: Option<&[u8]>) -> Trace {
         let request_id = client_id
-            .and_then(headers::RequestId::from_client)
+            .and_then(trace::RequestId::from_client)
             .unwrap_or_else(|| self.request_ids.next());
         Trace {
             route: NO_ROUTE,
@@ -487,12 +488,12 @@ impl Gateway {
     }
 
     /// Writes the head a permitted request goes upstream with (see
-    /// [`headers::write_upstream_request`]). Returns the pool to send it on.
+    /// [`identity::write_upstream_request`]). Returns the pool to send it on.
     pub(crate) fn upstream_head<'a>(
         &self,
         out: &mut Vec<u8>,
         up: Upstreamed<'_>,
-        fields: impl Iterator<Item = headers::Field<'a>> + Clone,
+        fields: impl Iterator<Item = http1::Field<'a>> + Clone,
         trace: &mut Trace,
     ) -> Result<usize, Reject> {
         let route = &self.router.routes()[up.route];
@@ -512,7 +513,7 @@ impl Gateway {
             );
             return Err(Reject::Internal);
         }
-        let removed = headers::write_upstream_request(
+        let removed = identity::write_upstream_request(
             out,
             up.method,
             up.target,

@@ -2,7 +2,7 @@
 //! and headers, as DESIGN.md's table lists them.
 
 use super::body::ProxyBody;
-use super::wire::WireError;
+use crate::http1::WireError;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use std::borrow::Cow;

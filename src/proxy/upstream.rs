@@ -10,7 +10,7 @@
 //! to come back (within the response timeout). A request is never sent
 //! twice: a POST that may have reached the upstream is not retried.
 
-use super::wire::{self, Fields, Framing, ResponseHead, WireError};
+use crate::http1::{self, Fields, Framing, ResponseHead, WireError};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, StatusCode};
 use std::future::Future;
@@ -290,11 +290,11 @@ async fn write_request<S: BodySource>(
     let chunked = framing == Framing::Chunked;
     loop {
         match body.next().await.map_err(ForwardError::Body)? {
-            Some(data) if chunked => wire::encode_chunk(out, &data),
+            Some(data) if chunked => http1::encode_chunk(out, &data),
             Some(data) => out.extend_from_slice(&data),
             None => {
                 if chunked {
-                    out.extend_from_slice(wire::LAST_CHUNK);
+                    out.extend_from_slice(http1::LAST_CHUNK);
                 }
                 let written = conn.stream.write_all(out).await;
                 out.clear();
@@ -315,7 +315,7 @@ async fn write_request<S: BodySource>(
 /// Reads the final response head, passing over interim (1xx) responses.
 async fn read_head(conn: &mut Conn, method: &Method) -> Result<ResponseHead, ForwardError> {
     loop {
-        match wire::parse_response(&conn.buf, method, &mut conn.fields, wire::MAX_HEAD)
+        match http1::parse_response(&conn.buf, method, &mut conn.fields, http1::MAX_HEAD)
             .map_err(ForwardError::BadResponse)?
         {
             Some(head) => {
