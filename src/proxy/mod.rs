@@ -275,7 +275,7 @@ impl Gateway {
         usage: Arc<Usage>,
         metrics: Arc<Metrics>,
     ) -> Result<Gateway, String> {
-        let router = Router::new(&config.routes, config.cors.is_some())?;
+        let router = Router::new(&config.routes, config.cors.is_some());
         let route_slots = config
             .routes
             .iter()
