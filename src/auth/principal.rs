@@ -1,0 +1,89 @@
+//! Who a valid key belongs to: what the proxy injects upstream, kept small
+//! because one sits in the cache per valid key.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Who a valid key belongs to: what the proxy injects upstream. One of
+/// these sits in the cache per valid key, so it is kept small: both ids
+/// share one allocation and the prefix is stored inline.
+#[derive(Debug)]
+pub struct Principal {
+    /// The key id followed by the user id.
+    ids: Box<str>,
+    split: usize,
+    prefix: [u8; crate::key::PREFIX_LEN],
+    prefix_len: u8,
+    /// Last time (Unix ms) noted for the usage batcher, so a busy key
+    /// touches the shared pending map at most once per millisecond.
+    pub last_noted: AtomicI64,
+    /// The per-key rate window: window number in the high 40 bits, requests
+    /// counted in it in the low 24.
+    rate: AtomicU64,
+}
+
+impl Principal {
+    pub fn new(key_id: &str, user_id: &str, prefix: &str) -> Principal {
+        // Stored prefixes are ASCII (`wfb_` + base64url); anything else is
+        // shown as nothing rather than cut inside a character.
+        let prefix = if prefix.is_ascii() {
+            prefix.as_bytes()
+        } else {
+            b""
+        };
+        let len = prefix.len().min(crate::key::PREFIX_LEN);
+        let mut inline = [0u8; crate::key::PREFIX_LEN];
+        inline[..len].copy_from_slice(&prefix[..len]);
+        Principal {
+            ids: format!("{key_id}{user_id}").into_boxed_str(),
+            split: key_id.len(),
+            prefix: inline,
+            prefix_len: len as u8,
+            last_noted: AtomicI64::new(0),
+            rate: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one request against `limit` per `window_ms`; `Err` carries the
+    /// milliseconds until the window ends. Fixed windows, per instance.
+    pub fn admit(&self, now_ms: i64, window_ms: u64, limit: u32) -> Result<(), u64> {
+        const COUNT_BITS: u32 = 24;
+        const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+        let now = u64::try_from(now_ms).unwrap_or(0);
+        let window = now / window_ms;
+        let stamp = window & ((1 << (64 - COUNT_BITS)) - 1);
+        let mut current = self.rate.load(Ordering::Relaxed);
+        loop {
+            let count = if current >> COUNT_BITS == stamp {
+                current & COUNT_MASK
+            } else {
+                0
+            };
+            if count >= u64::from(limit) {
+                return Err(window_ms - now % window_ms);
+            }
+            let next = (stamp << COUNT_BITS) | (count + 1).min(COUNT_MASK);
+            match self.rate.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.ids[..self.split]
+    }
+
+    pub fn user_id(&self) -> &str {
+        &self.ids[self.split..]
+    }
+
+    /// The key's first characters, for logs; never the key.
+    pub fn prefix(&self) -> &str {
+        std::str::from_utf8(&self.prefix[..usize::from(self.prefix_len)]).unwrap_or("")
+    }
+}
