@@ -40,17 +40,18 @@ impl Usage {
         }
     }
 
-    /// Notes a successful authentication at `at` (Unix ms). Within one
-    /// millisecond only the first use of a key reaches the pending map.
-    pub fn note(&self, principal: &Principal, hash: KeyHash, at: i64) {
+    /// Notes a successful authentication at `at` (Unix ms), on the request
+    /// path: within one millisecond only the first use of a key reaches the
+    /// pending map.
+    pub fn note_use(&self, principal: &Principal, hash: KeyHash, at: i64) {
         if principal.last_noted.fetch_max(at, Ordering::Relaxed) < at {
-            self.record(principal.key_id(), hash, at);
+            self.add_pending(principal.key_id(), hash, at);
         }
     }
 
-    /// Adds `at` to the pending batch: the newest time wins; a key not yet
-    /// pending is dropped (and counted) when `max_pending` keys are.
-    pub fn record(&self, key_id: &str, hash: KeyHash, at: i64) {
+    /// Adds `at` to the batch to be written: the newest time wins; a key
+    /// not yet pending is dropped (and counted) when `max_pending` keys are.
+    pub fn add_pending(&self, key_id: &str, hash: KeyHash, at: i64) {
         if let Some(mut entry) = self.pending.get_mut(key_id) {
             entry.at = entry.at.max(at);
             return;
@@ -197,14 +198,14 @@ mod tests {
     fn newest_time_wins_and_the_bound_holds() {
         let usage = Usage::new(2, Arc::new(Metrics::new([])));
         let h = KeyHash::of("wfb_a");
-        usage.record("a", h, 5);
-        usage.record("a", h, 3);
-        usage.record("b", h, 1);
-        usage.record("c", h, 1);
+        usage.add_pending("a", h, 5);
+        usage.add_pending("a", h, 3);
+        usage.add_pending("b", h, 1);
+        usage.add_pending("c", h, 1);
         assert_eq!(usage.pending(), 2);
         assert_eq!(usage.pending.get("a").unwrap().at, 5);
         assert!(usage.pending.get("c").is_none());
-        usage.record("a", h, 9);
+        usage.add_pending("a", h, 9);
         assert_eq!(usage.pending.get("a").unwrap().at, 9);
     }
 }

@@ -1,7 +1,7 @@
 //! Who a valid key belongs to: what the proxy injects upstream, kept small
 //! because one sits in the cache per valid key.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64};
 
 /// Who a valid key belongs to: what the proxy injects upstream. One of
 /// these sits in the cache per valid key, so it is kept small: both ids
@@ -16,9 +16,9 @@ pub struct Principal {
     /// Last time (Unix ms) noted for the usage batcher, so a busy key
     /// touches the shared pending map at most once per millisecond.
     pub last_noted: AtomicI64,
-    /// The per-key rate window: window number in the high 40 bits, requests
-    /// counted in it in the low 24.
-    rate: AtomicU64,
+    /// The per-key rate window (see `proxy::key_rate`): window number in
+    /// the high 40 bits, requests counted in it in the low 24.
+    pub(crate) rate: AtomicU64,
 }
 
 impl Principal {
@@ -40,37 +40,6 @@ impl Principal {
             prefix_len: len as u8,
             last_noted: AtomicI64::new(0),
             rate: AtomicU64::new(0),
-        }
-    }
-
-    /// Counts one request against `limit` per `window_ms`; `Err` carries the
-    /// milliseconds until the window ends. Fixed windows, per instance.
-    pub fn admit(&self, now_ms: i64, window_ms: u64, limit: u32) -> Result<(), u64> {
-        const COUNT_BITS: u32 = 24;
-        const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
-        let now = u64::try_from(now_ms).unwrap_or(0);
-        let window = now / window_ms;
-        let stamp = window & ((1 << (64 - COUNT_BITS)) - 1);
-        let mut current = self.rate.load(Ordering::Relaxed);
-        loop {
-            let count = if current >> COUNT_BITS == stamp {
-                current & COUNT_MASK
-            } else {
-                0
-            };
-            if count >= u64::from(limit) {
-                return Err(window_ms - now % window_ms);
-            }
-            let next = (stamp << COUNT_BITS) | (count + 1).min(COUNT_MASK);
-            match self.rate.compare_exchange_weak(
-                current,
-                next,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return Ok(()),
-                Err(seen) => current = seen,
-            }
         }
     }
 

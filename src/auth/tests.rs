@@ -287,13 +287,3 @@ fn principal_keeps_both_ids_and_the_prefix() {
     );
     assert_eq!(Principal::new("k", "u", "wfb_é").prefix(), "");
 }
-
-#[test]
-fn key_rate_counts_per_fixed_window() {
-    let p = Principal::new("k", "u", "wfb_1234567");
-    for _ in 0..3 {
-        assert_eq!(p.admit(10_000, 1000, 3), Ok(()));
-    }
-    assert_eq!(p.admit(10_250, 1000, 3), Err(750));
-    assert_eq!(p.admit(11_000, 1000, 3), Ok(()));
-}

@@ -1,7 +1,9 @@
 //! Every answer the gateway gives on its own, in one place: status, message
 //! and headers, as DESIGN.md's table lists them.
 
-use super::body::ProxyBody;
+use super::h2::body::ProxyBody;
+use super::upstream::{ForwardError, SourceError};
+use crate::auth::AuthError;
 use crate::http1::WireError;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
@@ -39,7 +41,43 @@ pub enum Reject {
     Internal,
 }
 
+impl From<AuthError> for Reject {
+    fn from(e: AuthError) -> Reject {
+        match e {
+            AuthError::InvalidKey => Reject::InvalidKey,
+            AuthError::Unavailable => Reject::StoreUnavailable,
+        }
+    }
+}
+
+/// An upstream exchange that failed: the client's body (its fault, 4xx),
+/// or the upstream (502 / 504).
+impl From<&ForwardError> for Reject {
+    fn from(e: &ForwardError) -> Reject {
+        match e {
+            ForwardError::Body(SourceError::TooLarge) => Reject::PayloadTooLarge,
+            ForwardError::Body(SourceError::Aborted(e)) => Reject::Malformed(*e),
+            ForwardError::ConnectTimeout => Reject::GatewayTimeout,
+            ForwardError::Connect(_) | ForwardError::Exchange(_) | ForwardError::BadResponse(_) => {
+                Reject::BadGateway
+            }
+        }
+    }
+}
+
 impl Reject {
+    /// A failed authentication (the 401s): answered with
+    /// `WWW-Authenticate` and counted by the failed-auth limiter.
+    pub fn is_failed_auth(&self) -> bool {
+        matches!(
+            self,
+            Reject::MissingAuthorization
+                | Reject::InvalidFormat
+                | Reject::IntegrationKey
+                | Reject::InvalidKey
+        )
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Reject::NoRoute | Reject::WorkflowNotFound => StatusCode::NOT_FOUND,
@@ -107,13 +145,10 @@ impl Reject {
             HeaderValue::from_static("application/json"),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.is_failed_auth() {
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         match &self {
-            Reject::MissingAuthorization
-            | Reject::InvalidFormat
-            | Reject::IntegrationKey
-            | Reject::InvalidKey => {
-                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            }
             Reject::MethodNotAllowed { allow } => {
                 if let Ok(v) = HeaderValue::from_str(allow) {
                     h.insert(header::ALLOW, v);
@@ -217,6 +252,33 @@ mod tests {
                 status == 429 || status == 503,
                 "{reject:?}"
             );
+        }
+    }
+
+    #[test]
+    fn failures_map_to_their_answers() {
+        assert_eq!(Reject::from(AuthError::InvalidKey), Reject::InvalidKey);
+        assert_eq!(
+            Reject::from(AuthError::Unavailable),
+            Reject::StoreUnavailable
+        );
+        let io = || std::io::Error::other("x");
+        for (e, want) in [
+            (ForwardError::Body(SourceError::TooLarge), 413),
+            (
+                ForwardError::Body(SourceError::Aborted(WireError::Truncated)),
+                400,
+            ),
+            (
+                ForwardError::Body(SourceError::Aborted(WireError::TrailersTooLarge)),
+                431,
+            ),
+            (ForwardError::ConnectTimeout, 504),
+            (ForwardError::Connect(io()), 502),
+            (ForwardError::Exchange(io()), 502),
+            (ForwardError::BadResponse(WireError::Truncated), 502),
+        ] {
+            assert_eq!(Reject::from(&e).status().as_u16(), want, "{e}");
         }
     }
 

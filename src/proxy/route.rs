@@ -4,22 +4,15 @@
 use crate::config::RouteConfig;
 use http::Method;
 
-pub struct Route {
-    pub config: RouteConfig,
-    /// Label for metrics and logs: the configured path pattern.
-    pub label: String,
-}
-
 pub enum Matched<'a, 'p> {
     Route {
         index: usize,
-        route: &'a Route,
         workflow: &'p str,
     },
     /// The path fits a route but this method is not allowed on it.
     MethodNotAllowed {
         index: usize,
-        route: &'a Route,
+        route: &'a RouteConfig,
     },
     /// The path fits a route and the request is a CORS preflight.
     Preflight {
@@ -29,36 +22,28 @@ pub enum Matched<'a, 'p> {
 }
 
 pub struct Router {
-    routes: Vec<Route>,
+    routes: Vec<RouteConfig>,
     cors: bool,
 }
 
 impl Router {
     pub fn new(configs: &[RouteConfig], cors: bool) -> Router {
-        let routes = configs
-            .iter()
-            .map(|c| Route {
-                label: c.path.clone(),
-                config: c.clone(),
-            })
-            .collect();
-        Router { routes, cors }
+        Router {
+            routes: configs.to_vec(),
+            cors,
+        }
     }
 
-    pub fn routes(&self) -> &[Route] {
+    pub fn routes(&self) -> &[RouteConfig] {
         &self.routes
     }
 
     pub fn find<'a, 'p>(&'a self, method: &Method, path: &'p str) -> Matched<'a, 'p> {
         let mut path_match = None;
         for (index, route) in self.routes.iter().enumerate() {
-            if let Some(workflow) = route.config.pattern.matches(path) {
-                if route.config.methods.contains(method) {
-                    return Matched::Route {
-                        index,
-                        route,
-                        workflow,
-                    };
+            if let Some(workflow) = route.pattern.matches(path) {
+                if route.methods.contains(method) {
+                    return Matched::Route { index, workflow };
                 }
                 path_match.get_or_insert((index, route));
             }

@@ -1,8 +1,126 @@
-//! Request ids: the client's `X-Request-Id` when it is short and plain,
-//! else one of keygate's own, kept inline (no allocation per request).
+//! What is known of a request for the metrics and the access log
+//! ([`Trace`], written out by [`Tracer::finish`]), and its id: the client's
+//! `X-Request-Id` when it is short and plain, else one of keygate's own,
+//! kept inline (no allocation per request).
 
+use crate::auth::Principal;
+use crate::metrics::{self, Metrics};
+use http::Method;
 use http::header::{HeaderName, HeaderValue};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// `Trace::route` of a request that matched no route.
+pub(crate) const NO_ROUTE: usize = usize::MAX;
+
+/// Per-request facts for the metrics and the access log.
+pub(crate) struct Trace {
+    /// Index of the route it matched, or [`NO_ROUTE`].
+    pub(crate) route: usize,
+    pub(crate) workflow: Option<String>,
+    pub(crate) principal: Option<Arc<Principal>>,
+    method: Method,
+    pub(crate) started: Instant,
+    /// Client headers left out of the forwarded request (`_` in the name,
+    /// or on `headers.strip`).
+    pub(crate) dropped: usize,
+    pub(crate) request_id: RequestId,
+}
+
+/// Counts requests and writes their access log lines.
+pub(crate) struct Tracer {
+    metrics: Arc<Metrics>,
+    /// Per route: its label, and the metrics slot its requests count in.
+    routes: Vec<(String, usize)>,
+    access_log: bool,
+    ids: RequestIds,
+}
+
+impl Tracer {
+    /// A tracer for routes labelled `labels`, each given a metrics slot.
+    pub(crate) fn new<'a>(
+        metrics: Arc<Metrics>,
+        labels: impl Iterator<Item = &'a str>,
+        access_log: bool,
+    ) -> Result<Tracer, String> {
+        let routes = labels
+            .map(|label| Ok((label.to_owned(), metrics.register(label)?)))
+            .collect::<Result<_, String>>()?;
+        Ok(Tracer {
+            metrics,
+            routes,
+            access_log,
+            ids: RequestIds::default(),
+        })
+    }
+
+    /// Whether the access log wants the workflow and key of each request.
+    pub(crate) fn logs_access(&self) -> bool {
+        self.access_log
+    }
+
+    /// A route's label for logs.
+    pub(crate) fn label(&self, route: usize) -> &str {
+        self.routes
+            .get(route)
+            .map_or("-", |(label, _)| label.as_str())
+    }
+
+    /// Starts a request's trace: its clock, and its request id (the
+    /// client's `X-Request-Id` if it is plain, else a new one).
+    pub(crate) fn begin(&self, method: &Method, client_id: Option<&[u8]>) -> Trace {
+        let request_id = client_id
+            .and_then(RequestId::from_client)
+            .unwrap_or_else(|| self.ids.next());
+        Trace {
+            route: NO_ROUTE,
+            workflow: None,
+            principal: None,
+            method: method.clone(),
+            started: Instant::now(),
+            dropped: 0,
+            request_id,
+        }
+    }
+
+    /// An id for an answer to a request that could not be read.
+    pub(crate) fn next_id(&self) -> RequestId {
+        self.ids.next()
+    }
+
+    /// Counts a request that matched no route (it could not be read).
+    pub(crate) fn unmatched(&self, status: u16) {
+        let metrics = &self.metrics;
+        metrics.observe(metrics.unmatched(), status, std::time::Duration::ZERO);
+    }
+
+    /// Counts the request and writes its access log line.
+    pub(crate) fn finish(&self, trace: &Trace, status: u16) {
+        let elapsed = trace.started.elapsed();
+        let slot = self
+            .routes
+            .get(trace.route)
+            .map_or(self.metrics.unmatched(), |(_, slot)| *slot);
+        self.metrics.observe(slot, status, elapsed);
+        if self.access_log {
+            // Microsecond resolution is all a latency needs.
+            let latency_ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
+            tracing::info!(
+                target: "keygate::access",
+                method = %trace.method,
+                route = self.label(trace.route),
+                workflow = trace.workflow.as_deref().unwrap_or("-"),
+                outcome = metrics::OUTCOMES[metrics::outcome_index(status)],
+                status,
+                latency_ms,
+                request_id = trace.request_id.as_str(),
+                key = trace.principal.as_ref().map_or("-", |p| p.prefix()),
+                dropped_headers = trace.dropped,
+            );
+        }
+    }
+}
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

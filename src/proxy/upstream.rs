@@ -17,12 +17,13 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-/// Above this much pending output a streamed body is written out.
-const WRITE_BATCH: usize = 64 * 1024;
+/// Above this much pending output a streamed body is written out (both
+/// legs).
+pub(crate) const WRITE_BATCH: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub enum ForwardError {
@@ -108,7 +109,7 @@ pub struct Conn {
 }
 
 /// A response head, and the connection its body is still to be read from.
-pub struct Answer {
+pub struct UpstreamResponse {
     pub head: ResponseHead,
     pub conn: Conn,
     /// The request body went out whole; when false the connection (and the
@@ -119,8 +120,7 @@ pub struct Answer {
 impl Conn {
     /// Reads more of the response into `buf`; `Ok(0)` at the upstream's close.
     pub async fn read_more(&mut self) -> std::io::Result<usize> {
-        self.buf.reserve(8 * 1024);
-        self.stream.read_buf(&mut self.buf).await
+        crate::proxy::h1::read_more(&mut self.stream, &mut self.buf).await
     }
 
     /// Poll form of [`Conn::read_more`], for bodies polled by hyper.
@@ -130,7 +130,7 @@ impl Conn {
     ) -> std::task::Poll<std::io::Result<usize>> {
         loop {
             std::task::ready!(self.stream.poll_read_ready(cx))?;
-            self.buf.reserve(8 * 1024);
+            self.buf.reserve(crate::proxy::h1::READ_CHUNK);
             match self.stream.try_read_buf(&mut self.buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 done => return std::task::Poll::Ready(done),
@@ -203,7 +203,7 @@ impl Pool {
         framing: Framing,
         body: &mut S,
         method: &Method,
-    ) -> Result<Answer, ForwardError> {
+    ) -> Result<UpstreamResponse, ForwardError> {
         let mut conn = self.checkout().await?;
         let request_complete = match write_request(&mut conn, head, framing, body).await {
             Ok(()) => true,
@@ -213,7 +213,7 @@ impl Pool {
                 return match read_head(&mut conn, method).await {
                     Ok(mut head) => {
                         head.keep_alive = false;
-                        Ok(Answer {
+                        Ok(UpstreamResponse {
                             head,
                             conn,
                             request_complete: false,
@@ -225,7 +225,7 @@ impl Pool {
             Err(other) => return Err(other),
         };
         let head = read_head(&mut conn, method).await?;
-        Ok(Answer {
+        Ok(UpstreamResponse {
             head,
             conn,
             request_complete,

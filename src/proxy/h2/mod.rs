@@ -1,192 +1,35 @@
 //! The HTTP/2 side facing clients, served by hyper; each request goes
-//! upstream as HTTP/1.1 through the same checks and pools as the HTTP/1.1
-//! side.
-//!
-//! hyper leaves three bounds to its user, which this module sets:
-//! - a stream whose client takes none of its answer (a flow-control
-//!   window kept at 0) for `limits.send_timeout` is reset and its upstream
-//!   connection dropped: each stream runs under a watchdog that sees when
-//!   hyper last asked the body for data ([`StreamExec`]);
-//! - an upstream that sends none of a body for
-//!   `limits.upstream_response_timeout` ends the stream (in [`OriginBody`]);
-//! - a connection with no open stream for `limits.h2_idle_timeout` is
-//!   closed with GOAWAY, however many PINGs it answers.
-//!
-//! On a graceful stop a connection gets GOAWAY and its open streams finish.
+//! upstream as HTTP/1.1 through the same decision and pools as the
+//! HTTP/1.1 side. [`watchdog`] holds the bounds hyper leaves to its user
+//! (a stream whose client takes nothing, an idle connection); [`body`] the
+//! bodies both ways, an upstream that stalls mid-body included. On a
+//! graceful stop a connection gets GOAWAY and its open streams finish.
 
-use super::body::{IncomingSource, OriginBody, ProxyBody};
+pub(crate) mod body;
+mod watchdog;
+
+use super::credentials::Authorization;
+use super::gateway::{ClientRequest, ConnInfo, Decision, Forwarder, Gateway};
+use super::live::WorkerGateway;
 use super::reject::Reject;
-use super::trace::X_REQUEST_ID;
-use super::upstream::Answer;
-use super::{Authorization, Checked, ConnInfo, Facts, Forwarder, Gateway, Upstreamed};
-use super::{Trace, WorkerGateway};
+use super::trace::{Trace, X_REQUEST_ID};
+use super::upstream::UpstreamResponse;
 use crate::clock::uptime_ms;
 use crate::http1::{self, Field, Framing};
-use bytes::{Buf, Bytes};
+use body::{IncomingSource, OriginBody, ProxyBody};
+use bytes::Buf;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Notify, watch};
-
-tokio::task_local! {
-    /// The progress of the stream whose task this is (see [`StreamExec`]).
-    static STREAM: Arc<Progress>;
-}
-
-/// When hyper last handed a stream's answer data it has not yet asked
-/// past: milliseconds since `start` + 1, or 0 while hyper is asking for
-/// more (or the answer has not started).
-pub struct Progress {
-    start: tokio::time::Instant,
-    handed: AtomicU64,
-    wake: Notify,
-}
-
-impl Progress {
-    fn new() -> Progress {
-        Progress {
-            start: tokio::time::Instant::now(),
-            handed: AtomicU64::new(0),
-            wake: Notify::new(),
-        }
-    }
-
-    fn now(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// The client has something of the answer to take.
-    fn handed(&self) {
-        self.handed.store(self.now() + 1, Ordering::Release);
-        self.wake.notify_one();
-    }
-
-    /// hyper asks for more: the client took what it had.
-    fn asked(&self) {
-        self.handed.store(0, Ordering::Release);
-    }
-
-    /// Resolves once something was handed and not asked past for `timeout`.
-    async fn stalled(&self, timeout: Duration) {
-        let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        loop {
-            let handed = self.handed.load(Ordering::Acquire);
-            if handed == 0 {
-                self.wake.notified().await;
-                continue;
-            }
-            let due = (handed - 1).saturating_add(timeout);
-            let now = self.now();
-            if now >= due {
-                if self.handed.load(Ordering::Acquire) == handed {
-                    return;
-                }
-                continue;
-            }
-            tokio::time::sleep(Duration::from_millis(due - now)).await;
-        }
-    }
-}
-
-/// Spawns hyper's per-stream tasks, each under a watchdog: a stream that
-/// holds an answer its client takes none of for `send_timeout` is dropped,
-/// which resets it (RST_STREAM CANCEL) and drops its upstream connection.
-#[derive(Clone)]
-pub struct StreamExec {
-    send_timeout: Duration,
-}
-
-impl<F> hyper::rt::Executor<F> for StreamExec
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, stream: F) {
-        let progress = Arc::new(Progress::new());
-        let timeout = self.send_timeout;
-        tokio::spawn(STREAM.scope(progress.clone(), async move {
-            tokio::select! {
-                biased;
-                () = stream => {}
-                () = progress.stalled(timeout) => {
-                    tracing::debug!("HTTP/2 client took none of its answer in time; stream reset");
-                }
-            }
-        }));
-    }
-}
-
-/// Streams open on one connection, and since when it has had none.
-#[derive(Default)]
-struct Streams {
-    open: AtomicUsize,
-    /// Uptime milliseconds when the last stream closed (or the connection
-    /// opened).
-    idle_since: AtomicU64,
-}
-
-/// One open stream, counted until its answer is done.
-struct Open(Arc<Streams>);
-
-impl Open {
-    fn new(streams: &Arc<Streams>) -> Open {
-        streams.open.fetch_add(1, Ordering::AcqRel);
-        Open(streams.clone())
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.idle_since.store(uptime_ms(), Ordering::Release);
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// An answer's body, seen by the stream's watchdog and counted as an open
-/// stream until hyper drops it.
-pub struct Watched {
-    body: ProxyBody,
-    progress: Option<Arc<Progress>>,
-    _open: Open,
-}
-
-impl Body for Watched {
-    type Data = Bytes;
-    type Error = super::body::BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        if let Some(p) = &this.progress {
-            p.asked();
-        }
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let (Poll::Ready(Some(Ok(_))), Some(p)) = (&polled, &this.progress) {
-            p.handed();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
+use tokio::sync::watch;
+use watchdog::{Open, STREAM, StreamExec, Streams, Watched};
 
 /// Serves one HTTP/2 connection until it closes, goes idle, or the gateway
 /// stops (then with GOAWAY, letting open streams finish).
@@ -271,13 +114,29 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let (parts, body) = request.into_parts();
-    let mut trace = gateway.begin(
+    let mut trace = gateway.trace.begin(
         &parts.method,
         parts.headers.get(&X_REQUEST_ID).map(HeaderValue::as_bytes),
     );
-    let facts = Facts {
+    let framing = match body.size_hint().exact() {
+        Some(0) if body.is_end_stream() && parts.method != Method::POST => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::Chunked,
+    };
+    let mut joined = Vec::new();
+    let request = ClientRequest {
         method: &parts.method,
         path: parts.uri.path(),
+        target: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .as_bytes(),
+        host: parts
+            .headers
+            .get(header::HOST)
+            .map(HeaderValue::as_bytes)
+            .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes())),
         authorization: Authorization::of(
             parts
                 .headers
@@ -288,25 +147,25 @@ pub async fn handle(
         content_length: http1::content_length(http1::fields_of(&parts.headers))
             .ok()
             .flatten(),
+        framing,
+        fields: upstream_fields(&parts.headers, &mut joined),
     };
-    let mut response = match gateway.check(&facts, conn, &mut trace).await {
-        Ok(Checked::Forward { route, principal }) => {
+    let mut head = Vec::with_capacity(1024);
+    let decision = gateway.decide(request, conn, &mut trace, &mut head).await;
+    let mut response = match decision {
+        Decision::Forward { route, pool } => {
             let forwarded = forward(
-                gateway, forwarder, conn, &parts, body, route, &principal, &mut trace,
+                gateway, forwarder, &parts, body, route, pool, framing, head, &trace,
             )
             .await;
-            match forwarded {
-                Ok(response) => response,
-                Err(reject) => reject.into_response(),
-            }
+            forwarded.unwrap_or_else(Reject::into_response)
         }
-        Ok(Checked::Preflight) => {
-            super::body::discard(body, gateway.limits.max_body_bytes);
+        Decision::Preflight => {
+            body::discard(body, gateway.limits.max_body_bytes);
             gateway.preflight()
         }
-        Err(reject) => {
-            super::body::discard(body, gateway.limits.max_body_bytes);
-            gateway.refused(&reject, conn, &trace);
+        Decision::Refuse(reject) => {
+            body::discard(body, gateway.limits.max_body_bytes);
             reject.into_response()
         }
     };
@@ -314,7 +173,7 @@ pub async fn handle(
         .headers_mut()
         .entry(X_REQUEST_ID.clone())
         .or_insert_with(|| trace.request_id.to_header_value());
-    gateway.finish(&trace, response.status().as_u16());
+    gateway.trace.finish(&trace, response.status().as_u16());
     response
 }
 
@@ -346,45 +205,20 @@ fn upstream_fields<'a>(
     fields.into_iter()
 }
 
-/// Sends a permitted HTTP/2 request upstream; the response streams back.
+/// Sends a permitted HTTP/2 request upstream (its head already written,
+/// in `head`); the response streams back.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     gateway: &Gateway,
     forwarder: &Forwarder,
-    conn: &ConnInfo,
     parts: &http::request::Parts,
     body: Incoming,
     route: usize,
-    principal: &crate::auth::Principal,
-    trace: &mut Trace,
+    pool: usize,
+    framing: Framing,
+    mut head: Vec<u8>,
+    trace: &Trace,
 ) -> Result<Response<ProxyBody>, Reject> {
-    let framing = match body.size_hint().exact() {
-        Some(0) if body.is_end_stream() && parts.method != Method::POST => Framing::Empty,
-        Some(n) => Framing::Length(n),
-        None => Framing::Chunked,
-    };
-    let original_host = parts
-        .headers
-        .get(header::HOST)
-        .map(HeaderValue::as_bytes)
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let mut head = Vec::with_capacity(1024);
-    let mut joined = Vec::new();
-    let pool = gateway.upstream_head(
-        &mut head,
-        Upstreamed {
-            conn,
-            method: &parts.method,
-            target: target.as_bytes(),
-            original_host,
-            route,
-            principal,
-            framing,
-        },
-        upstream_fields(&parts.headers, &mut joined),
-        trace,
-    )?;
     let limits = gateway.limits;
     let mut source = IncomingSource::new(body, limits.max_body_bytes);
     let sent = tokio::time::timeout(
@@ -393,15 +227,15 @@ async fn forward(
     )
     .await
     .ok();
-    let Answer {
+    let UpstreamResponse {
         head,
         mut conn,
         request_complete,
-    } = gateway.forward_outcome(route, sent)?;
+    } = gateway.forwarded(route, sent)?;
     let headers = conn.fields.header_map(&conn.buf[..head.len]);
     conn.buf.advance(head.len);
     let Ok(mut headers) = headers else {
-        tracing::warn!(route = %gateway.route_label(route), "upstream sent a header HTTP/2 cannot carry");
+        tracing::warn!(route = %gateway.trace.label(route), "upstream sent a header HTTP/2 cannot carry");
         return Err(Reject::BadGateway);
     };
     headers
@@ -456,24 +290,5 @@ mod tests {
         let mut joined = Vec::new();
         let fields: Vec<_> = upstream_fields(&one, &mut joined).collect();
         assert_eq!(fields, [(&b"cookie"[..], &b"a=1"[..])]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_stall_is_seen_only_while_an_answer_waits_untaken() {
-        let progress = Arc::new(Progress::new());
-        let timeout = Duration::from_secs(2);
-        // Nothing handed yet: no stall however long it takes.
-        let watch = tokio::spawn({
-            let p = progress.clone();
-            async move { p.stalled(timeout).await }
-        });
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        assert!(!watch.is_finished());
-        progress.handed();
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        progress.asked();
-        progress.handed();
-        assert!(!watch.is_finished());
-        watch.await.unwrap();
     }
 }

@@ -1,8 +1,10 @@
-//! Body types of the HTTP/2 side. Bodies stream frame by frame in both
-//! directions; nothing here buffers a whole body.
+//! Body types of the HTTP/2 side (and keygate's own answers on both
+//! sides). Bodies stream frame by frame in both directions; nothing here
+//! buffers a whole body.
 
-use super::upstream::{BodySource, Conn, SourceError};
 use crate::http1::{Decoded, Decoder, Framing, WireError};
+use crate::proxy::drain;
+use crate::proxy::upstream::{BodySource, Conn, SourceError};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -221,18 +223,16 @@ impl BodySource for IncomingSource {
 }
 
 /// Reads and throws away the body of a refused request in the background,
-/// so the client can finish sending and read the answer (nginx's lingering
-/// close), and a small body leaves the connection reusable. Bounded in
-/// time (10 s) and bytes (twice the body limit, so a client just over the
-/// limit still reads its 413); past either the connection is closed.
+/// within [`drain`]'s bounds, so the client can finish sending and read the
+/// answer; past them the stream is reset.
 pub fn discard(body: Incoming, limit: u64) {
     if body.is_end_stream() {
         return;
     }
     tokio::spawn(async move {
         let mut body = body;
-        let mut left: u64 = limit.saturating_mul(2).max(64 * 1024);
-        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut left = drain::bytes(limit);
+        let until = tokio::time::Instant::now() + drain::TIME;
         while left > 0 {
             let frame =
                 tokio::time::timeout_at(until, http_body_util::BodyExt::frame(&mut body)).await;
