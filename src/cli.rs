@@ -2,17 +2,13 @@
 //! drives a running gateway's admin API, found through the same config file
 //! (`admin.listen`, and `admin.token` or the token file the server wrote).
 
+use crate::admin::client::{AdminClient, CallError};
 use crate::admin::{percent_encode, read_token_file};
 use crate::config::Config;
-use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http::{Method, StatusCode};
 use serde_json::Value;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -185,93 +181,26 @@ impl std::fmt::Display for CliError {
     }
 }
 
-struct AdminClient {
-    addr: SocketAddr,
-    token: String,
-}
-
-impl AdminClient {
-    fn from_config(config: &Config) -> Result<AdminClient, CliError> {
-        let mut addr = config.admin.listen;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(match addr {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
+/// The one line a failed admin call comes to.
+fn worded(e: CallError, client: Option<&AdminClient>, config: &Config) -> CliError {
+    CliError(match e {
+        CallError::NoToken(e) => format!(
+            "cannot read the admin token {}: {e} (start `keygate serve` with this config first, or set admin.token)",
+            config.admin.token_file.display()
+        ),
+        CallError::Unreachable(e) => format!(
+            "cannot reach the gateway's admin API at {} ({e}); is `keygate serve` running with this config?",
+            client.map_or(config.admin.listen, |c| c.addr)
+        ),
+        CallError::Timeout => "the admin API did not answer within 30 s".into(),
+        CallError::Status(StatusCode::UNAUTHORIZED, _) => {
+            "the admin API refused the token (is the token file or admin.token from another config?)".into()
         }
-        let token = match &config.admin.token {
-            Some(t) => t.clone(),
-            None => read_token_file(&config.admin.token_file).map_err(|e| {
-                CliError(format!(
-                    "cannot read the admin token {}: {e} (start `keygate serve` with this config first, or set admin.token)",
-                    config.admin.token_file.display()
-                ))
-            })?,
-        };
-        Ok(AdminClient { addr, token })
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<(StatusCode, Value), CliError> {
-        let unreachable = |e: &dyn std::fmt::Display| {
-            CliError(format!(
-                "cannot reach the gateway's admin API at {} ({e}); is `keygate serve` running with this config?",
-                self.addr
-            ))
-        };
-        let stream = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect(self.addr),
-        )
-        .await
-        .map_err(|_| unreachable(&"connect timed out"))?
-        .map_err(|e| unreachable(&e))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
-        tokio::spawn(connection);
-        let body = body.map_or_else(Bytes::new, |v| Bytes::from(v.to_string()));
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(http::header::HOST, self.addr.to_string())
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.token),
-            )
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| CliError(format!("cannot build request: {e}")))?;
-        let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
-            .await
-            .map_err(|_| CliError("the admin API did not answer within 30 s".into()))?
-            .map_err(|e| unreachable(&e))?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(&e))?
-            .to_bytes();
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        if status == StatusCode::UNAUTHORIZED {
-            return Err(CliError(
-                "the admin API refused the token (is the token file or admin.token from another config?)".into(),
-            ));
-        }
-        if !status.is_success() {
-            let message = value
-                .get("error")
-                .and_then(Value::as_str)
-                .map_or_else(|| format!("admin API answered {status}"), str::to_owned);
-            return Err(CliError(message));
-        }
-        Ok((status, value))
-    }
+        CallError::Status(status, body) => body
+            .get("error")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("admin API answered {status}"), str::to_owned),
+    })
 }
 
 /// Runs an admin command, returning what to print on stdout.
@@ -284,7 +213,13 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
             "that looks like a key, not a key id; use `keys list` to find the id".into(),
         ));
     }
-    let client = AdminClient::from_config(config)?;
+    let client = AdminClient::from_config(config).map_err(|e| worded(e, None, config))?;
+    let call = async |method: Method, path: &str, body: Option<Value>| {
+        client
+            .call(method, path, body)
+            .await
+            .map_err(|e| worded(e, Some(&client), config))
+    };
     match command {
         Command::Serve { .. } | Command::Check => Err(CliError("not an admin command".into())),
         Command::Keys(KeysCommand::Create { user, name, json }) => {
@@ -292,9 +227,7 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
             if let Some(name) = name {
                 body["name"] = Value::String(name);
             }
-            let (_, created) = client
-                .call(Method::POST, "/admin/v1/keys", Some(body))
-                .await?;
+            let created = call(Method::POST, "/admin/v1/keys", Some(body)).await?;
             if json {
                 Ok(created.to_string())
             } else {
@@ -307,7 +240,7 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
         }
         Command::Keys(KeysCommand::List { user, json }) => {
             let path = format!("/admin/v1/keys?userId={}", percent_encode(&user));
-            let (_, keys) = client.call(Method::GET, &path, None).await?;
+            let keys = call(Method::GET, &path, None).await?;
             if json {
                 return Ok(keys.to_string());
             }
@@ -335,7 +268,7 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
         }
         Command::Keys(KeysCommand::Revoke { key_id }) => {
             let path = format!("/admin/v1/keys/{}", percent_encode(&key_id));
-            let (_, answer) = client.call(Method::DELETE, &path, None).await?;
+            let answer = call(Method::DELETE, &path, None).await?;
             if let Some(warning) = answer.get("warning").and_then(Value::as_str) {
                 eprintln!("keygate: warning: {warning}");
             }
@@ -344,18 +277,16 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
         Command::Workflows(WorkflowsCommand::SetOwner { workflow_id, user }) => {
             let path = format!("/admin/v1/workflows/{}", percent_encode(&workflow_id));
             let body = serde_json::json!({ "userId": user });
-            client.call(Method::PUT, &path, Some(body)).await?;
+            call(Method::PUT, &path, Some(body)).await?;
             Ok(format!("workflow {workflow_id} is owned by {user}"))
         }
         Command::Workflows(WorkflowsCommand::Remove { workflow_id }) => {
             let path = format!("/admin/v1/workflows/{}", percent_encode(&workflow_id));
-            client.call(Method::DELETE, &path, None).await?;
+            call(Method::DELETE, &path, None).await?;
             Ok(format!("removed workflow {workflow_id}"))
         }
         Command::Workflows(WorkflowsCommand::List { json }) => {
-            let (_, list) = client
-                .call(Method::GET, "/admin/v1/workflows", None)
-                .await?;
+            let list = call(Method::GET, "/admin/v1/workflows", None).await?;
             if json {
                 return Ok(list.to_string());
             }

@@ -1,5 +1,6 @@
-//! Wall-clock time as Unix milliseconds, and its RFC 3339 rendering for the
-//! admin API (`2026-01-02T03:04:05.678Z`).
+//! Wall-clock time as Unix milliseconds, its RFC 3339 rendering for the
+//! admin API (`2026-01-02T03:04:05.678Z`) and its HTTP `Date` rendering
+//! (both by jiff), and a monotonic uptime for ages kept in atomics.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,36 +22,23 @@ pub fn uptime_ms() -> u64 {
 
 /// RFC 3339 in UTC with millisecond precision.
 pub fn rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    )
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(at) => at.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        // Outside jiff's range (years -9999 to 9999): no real instant.
+        Err(_) => String::from("-"),
+    }
 }
 
 /// IMF-fixdate (RFC 9110 §5.6.7), e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
 pub fn imf_fixdate(secs: i64) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{}, {d:02} {} {y:04} {:02}:{:02}:{:02} GMT",
-        DAYS[days.rem_euclid(7) as usize],
-        MONTHS[m as usize - 1],
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    )
+    jiff::Timestamp::from_second(secs)
+        .ok()
+        .and_then(|at| {
+            jiff::fmt::rfc2822::DateTimePrinter::new()
+                .timestamp_to_rfc9110_string(&at)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 /// Hands `f` the current `Date` header value, rendered once a second per
@@ -68,20 +56,6 @@ pub fn http_date(f: impl FnOnce(&[u8])) {
         }
         f(cached.1.as_bytes());
     });
-}
-
-/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 #[cfg(test)]

@@ -17,8 +17,6 @@ const MAX_BODY_LEN: usize = 38;
 /// Characters of a key shown after creation (`wfb_` + 7).
 pub const PREFIX_LEN: usize = 11;
 
-const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
 /// A freshly generated key. Holds the only copy of the secret; its `Debug`
 /// shows the prefix alone so it cannot leak through a log line.
 pub struct NewKey {
@@ -102,24 +100,14 @@ impl KeyHash {
         KeyHash(Sha256::digest(key.as_bytes()).into())
     }
 
+    /// Lower-case hex: how stores keep it.
     pub fn to_hex(&self) -> String {
-        let mut out = String::with_capacity(64);
-        for b in self.0 {
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
-        }
-        out
+        hex::encode(self.0)
     }
 
     pub fn from_hex(s: &str) -> Option<KeyHash> {
-        let s = s.as_bytes();
-        if s.len() != 64 {
-            return None;
-        }
         let mut out = [0u8; 32];
-        for (i, pair) in s.chunks_exact(2).enumerate() {
-            out[i] = (hex_val(pair[0])? << 4) | hex_val(pair[1])?;
-        }
+        hex::decode_to_slice(s, &mut out).ok()?;
         Some(KeyHash(out))
     }
 }
@@ -131,35 +119,10 @@ impl fmt::Debug for KeyHash {
     }
 }
 
-/// Lower-case hexadecimal digits.
-pub(crate) const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
 /// Unpadded base64url (RFC 4648 §5).
 pub fn base64url(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = match *chunk {
-            [a, b, c] => (u32::from(a) << 16) | (u32::from(b) << 8) | u32::from(c),
-            [a, b] => (u32::from(a) << 16) | (u32::from(b) << 8),
-            [a] => u32::from(a) << 16,
-            _ => unreachable!("chunks(3) yields 1 to 3 bytes"),
-        };
-        let chars = chunk.len() + 1;
-        for i in 0..chars {
-            let idx = (n >> (18 - 6 * i)) & 0x3f;
-            out.push(char::from(B64URL[idx as usize]));
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// A random identifier with a readable tag, such as `key_…`.

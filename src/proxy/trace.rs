@@ -190,18 +190,15 @@ impl Default for RequestIds {
 }
 
 impl RequestIds {
+    /// The process's part, then the counter's low 32 bits: 24 hex digits.
     pub fn next(&self) -> RequestId {
-        use crate::key::HEX;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let n = self.counter.fetch_add(1, Ordering::Relaxed) as u32;
+        let mut raw = [0u8; 12];
+        raw[..8].copy_from_slice(&self.base.to_be_bytes());
+        raw[8..].copy_from_slice(&n.to_be_bytes());
         let mut id = [0u8; 24];
-        for (i, byte) in id.iter_mut().enumerate() {
-            let nibble = if i < 16 {
-                self.base >> (60 - 4 * i)
-            } else {
-                n >> (28 - 4 * (i - 16))
-            };
-            *byte = HEX[(nibble & 0xf) as usize];
-        }
+        // 12 bytes always fit 24 digits.
+        let _ = hex::encode_to_slice(raw, &mut id);
         RequestId::new(&id)
     }
 }

@@ -7,10 +7,9 @@
 //! new one's sockets take the new connections. An embedded store's file and
 //! the admin address pass over once the old one lets go of them.
 
+use crate::admin::client::{AdminClient, CallError};
 use crate::config::Config;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http::Method;
 use std::time::Duration;
 
 /// The instance being replaced.
@@ -29,58 +28,36 @@ pub fn handover_deadline(config: &Config) -> Duration {
 /// token.
 pub async fn find(config: &Config) -> Result<Previous, String> {
     let addr = config.admin.listen;
-    let token = match &config.admin.token {
-        Some(token) => token.clone(),
-        None => crate::admin::read_token_file(&config.admin.token_file).map_err(|e| {
-            format!(
-                "takeover: cannot read the admin token {}: {e}",
-                config.admin.token_file.display()
-            )
-        })?,
-    };
-    let none_running = |why: &dyn std::fmt::Display| {
-        format!(
-            "takeover: no keygate answers on the admin address {addr} ({why}); start without --takeover"
-        )
-    };
-    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+    let client = AdminClient::from_config(config).map_err(|e| worded(e, config))?;
+    let answer = client
+        .call(Method::GET, "/admin/v1/instance", None)
         .await
-        .map_err(|_| none_running(&"connect timed out"))?
-        .map_err(|e| none_running(&e))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| none_running(&e))?;
-    tokio::spawn(connection);
-    let request = http::Request::get("/admin/v1/instance")
-        .header(http::header::HOST, addr.to_string())
-        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
-    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
-        .await
-        .map_err(|_| none_running(&"no answer within 10 s"))?
-        .map_err(|e| none_running(&e))?;
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| none_running(&e))?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(format!(
-            "takeover: the keygate on {addr} answered {status}; is it running with this config and admin token?"
-        ));
-    }
-    let pid = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["pid"].as_u64())
+        .map_err(|e| worded(e, config))?;
+    let pid = answer["pid"]
+        .as_u64()
         .and_then(|pid| u32::try_from(pid).ok())
         .ok_or_else(|| format!("takeover: the process on {addr} did not say who it is"))?;
     if pid == std::process::id() {
         return Err("takeover: the admin address answers with this very process".into());
     }
     Ok(Previous { pid })
+}
+
+fn worded(e: CallError, config: &Config) -> String {
+    let addr = config.admin.listen;
+    match e {
+        CallError::NoToken(e) => format!(
+            "takeover: cannot read the admin token {}: {e}",
+            config.admin.token_file.display()
+        ),
+        CallError::Unreachable(e) => format!(
+            "takeover: no keygate answers on the admin address {addr} ({e}); start without --takeover"
+        ),
+        CallError::Timeout => format!("takeover: the keygate on {addr} did not answer within 30 s"),
+        CallError::Status(status, _) => format!(
+            "takeover: the keygate on {addr} answered {status}; is it running with this config and admin token?"
+        ),
+    }
 }
 
 impl Previous {

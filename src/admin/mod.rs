@@ -1,0 +1,353 @@
+//! The admin API on its own listener: key lifecycle and workflow owners
+//! under `/admin/v1/...` (bearer admin token, see [`token`]), plus
+//! `/healthz`, `/readyz` and `/metrics`. [`views`] shapes the answers,
+//! [`rules`] the ids and names it accepts, and [`client`] is how the CLI
+//! (and a takeover) call it.
+
+pub mod client;
+mod rules;
+mod token;
+mod views;
+
+pub use rules::{NAME_RULE, valid_name, valid_user_id, valid_workflow_id};
+pub use token::{AdminToken, read_token_file, server_token};
+pub use views::{KeyView, percent_encode};
+
+use crate::auth::Auth;
+use crate::clock;
+use crate::invalidate::Invalidator;
+use crate::key::NewKey;
+use crate::metrics::Metrics;
+use crate::store::{KeyRecord, Store, StoreError};
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use rules::{refuse_key_as_id, refuse_user_id};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use views::{
+    AdminResponse, CreateKey, CreatedKey, SetOwner, WorkflowView, error, json, percent_decode,
+    query_param, store_error,
+};
+
+pub struct Admin {
+    store: Arc<dyn Store>,
+    auth: Arc<Auth>,
+    metrics: Arc<Metrics>,
+    invalidator: Arc<Invalidator>,
+    token: AdminToken,
+}
+
+/// Largest admin request body.
+const MAX_BODY: usize = 64 * 1024;
+/// How long an admin request body may take to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Admin {
+    pub fn new(
+        store: Arc<dyn Store>,
+        auth: Arc<Auth>,
+        metrics: Arc<Metrics>,
+        invalidator: Arc<Invalidator>,
+        token: &str,
+    ) -> Admin {
+        Admin {
+            store,
+            auth,
+            metrics,
+            invalidator,
+            token: AdminToken::new(token),
+        }
+    }
+
+    /// Answers one admin request; `caller` is logged with every change.
+    pub async fn handle(&self, request: Request<Incoming>, caller: SocketAddr) -> AdminResponse {
+        let path = request.uri().path().to_owned();
+        let method = request.method().clone();
+        match (&method, path.as_str()) {
+            (&Method::GET, "/healthz") => {
+                return json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
+            }
+            (&Method::GET, "/readyz") => return self.ready().await,
+            (&Method::GET, "/metrics") => {
+                let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                return r;
+            }
+            _ => {}
+        }
+        let Some(rest) = path.strip_prefix("/admin/v1/") else {
+            return error(StatusCode::NOT_FOUND, "Not found");
+        };
+        if !self.token.admits(&request) {
+            let mut r = error(StatusCode::UNAUTHORIZED, "Invalid admin token");
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+        let Some(decoded) = rest
+            .split('/')
+            .map(percent_decode)
+            .collect::<Option<Vec<String>>>()
+        else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "malformed percent-encoding in the path",
+            );
+        };
+        let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
+        match (method, segments.as_slice()) {
+            (Method::GET, ["instance"]) => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "pid": std::process::id(),
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "store": self.store.kind(),
+                }),
+            ),
+            (Method::POST, ["keys"]) => self.create_key(request, caller).await,
+            (Method::GET, ["keys"]) => {
+                let user = query_param(request.uri().query().unwrap_or(""), "userId");
+                self.list_keys(user).await
+            }
+            (Method::DELETE, ["keys", id]) => self.revoke_key(id, caller).await,
+            (Method::GET, ["workflows"]) => match self.store.list_workflows().await {
+                Ok(list) => json(
+                    StatusCode::OK,
+                    &list
+                        .into_iter()
+                        .map(|w| WorkflowView {
+                            workflow_id: w.workflow_id,
+                            user_id: w.owner,
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                Err(e) => store_error(e),
+            },
+            (Method::PUT, ["workflows", id]) => {
+                let id = (*id).to_owned();
+                self.set_owner(&id, request, caller).await
+            }
+            (Method::DELETE, ["workflows", id]) => self.remove_owner(id, caller).await,
+            (_, ["keys"] | ["keys", _] | ["workflows"] | ["workflows", _]) => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed")
+            }
+            _ => error(StatusCode::NOT_FOUND, "Not found"),
+        }
+    }
+
+    async fn ready(&self) -> AdminResponse {
+        let ping = match self.store.ping().await {
+            Ok(()) if !self.invalidator.ready() => Err(StoreError::Unavailable(
+                "the invalidation stream is not subscribed".into(),
+            )),
+            other => other,
+        };
+        match ping {
+            Ok(()) => json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ready", "store": self.store.kind()}),
+            ),
+            Err(e) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"status": "unavailable", "store": self.store.kind(), "error": e.to_string()}),
+            ),
+        }
+    }
+
+    async fn create_key(&self, request: Request<Incoming>, caller: SocketAddr) -> AdminResponse {
+        let body: CreateKey = match read_json(request).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        if let Some(refused) = refuse_user_id(&body.user_id) {
+            return refused;
+        }
+        let name = body.name.unwrap_or_default();
+        if !valid_name(&name) {
+            return error(StatusCode::BAD_REQUEST, NAME_RULE);
+        }
+        let (key, id) = match (NewKey::generate(), crate::key::random_id("key")) {
+            (Ok(k), Ok(id)) => (k, id),
+            _ => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the OS random source failed",
+                );
+            }
+        };
+        let record = KeyRecord {
+            id,
+            user_id: body.user_id,
+            name,
+            prefix: key.prefix(),
+            hash: key.hash(),
+            created_at: clock::now_ms(),
+            last_used_at: None,
+        };
+        if let Err(e) = self.store.create_key(record.clone()).await {
+            return store_error(e);
+        }
+        // A hash tried before it existed may sit in the negative cache.
+        self.auth.invalidate_key(record.hash).await;
+        tracing::info!(id = %record.id, user = %record.user_id, key = %record.prefix, %caller, "key created");
+        json(
+            StatusCode::CREATED,
+            &CreatedKey {
+                id: &record.id,
+                name: &record.name,
+                key_prefix: &record.prefix,
+                created_at: clock::rfc3339(record.created_at),
+                key: key.secret(),
+            },
+        )
+    }
+
+    async fn list_keys(&self, user: Option<String>) -> AdminResponse {
+        let Some(user) = user else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "query parameter userId is required",
+            );
+        };
+        if let Some(refused) = refuse_user_id(&user) {
+            return refused;
+        }
+        match self.store.list_keys(&user).await {
+            Ok(keys) => json(
+                StatusCode::OK,
+                &keys.iter().map(KeyView::from).collect::<Vec<_>>(),
+            ),
+            Err(e) => store_error(e),
+        }
+    }
+
+    async fn revoke_key(&self, id: &str, caller: SocketAddr) -> AdminResponse {
+        if let Some(refused) = refuse_key_as_id(id) {
+            return refused;
+        }
+        match self.store.revoke_key(id).await {
+            Ok(record) => {
+                self.auth.invalidate_key(record.hash).await;
+                let propagated = self.invalidator.key_revoked(record.hash).await;
+                tracing::info!(id = %record.id, user = %record.user_id, key = %record.prefix, propagated, %caller, "key revoked");
+                let mut body =
+                    serde_json::json!({"id": record.id, "revoked": true, "propagated": propagated});
+                if !propagated {
+                    body["warning"] = serde_json::Value::String(
+                        "revoked in the store, but other instances could not be told; they refuse the key when their cache entry expires or they resubscribe".into(),
+                    );
+                }
+                json(StatusCode::OK, &body)
+            }
+            Err(e) => {
+                self.after_failed_write(&e, None).await;
+                store_error(e)
+            }
+        }
+    }
+
+    /// A write that failed on an unavailable store may still have happened:
+    /// drop what it could have changed, here and (if Redis still listens)
+    /// on every instance.
+    async fn after_failed_write(&self, e: &StoreError, workflow: Option<&str>) {
+        if !matches!(e, StoreError::Unavailable(_)) {
+            return;
+        }
+        match workflow {
+            Some(w) => {
+                self.auth.invalidate_workflow(w).await;
+                self.invalidator.workflow_changed(w).await;
+            }
+            None => {
+                self.auth.invalidate_all();
+                self.invalidator.flush_all().await;
+            }
+        }
+    }
+
+    async fn set_owner(
+        &self,
+        workflow: &str,
+        request: Request<Incoming>,
+        caller: SocketAddr,
+    ) -> AdminResponse {
+        if !valid_workflow_id(workflow) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "workflow id must be 1 to 256 of A-Z a-z 0-9 - _ . ~, and not . or ..",
+            );
+        }
+        let body: SetOwner = match read_json(request).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        if let Some(refused) = refuse_user_id(&body.user_id) {
+            return refused;
+        }
+        if let Err(e) = self.store.set_owner(workflow, &body.user_id).await {
+            self.after_failed_write(&e, Some(workflow)).await;
+            return store_error(e);
+        }
+        self.auth.invalidate_workflow(workflow).await;
+        self.invalidator.workflow_changed(workflow).await;
+        tracing::info!(workflow, user = %body.user_id, %caller, "workflow owner set");
+        json(
+            StatusCode::OK,
+            &WorkflowView {
+                workflow_id: workflow.to_owned(),
+                user_id: body.user_id,
+            },
+        )
+    }
+
+    async fn remove_owner(&self, workflow: &str, caller: SocketAddr) -> AdminResponse {
+        match self.store.remove_owner(workflow).await {
+            Ok(()) => {
+                self.auth.invalidate_workflow(workflow).await;
+                self.invalidator.workflow_changed(workflow).await;
+                tracing::info!(workflow, %caller, "workflow owner removed");
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"workflowId": workflow, "removed": true}),
+                )
+            }
+            Err(e) => {
+                self.after_failed_write(&e, Some(workflow)).await;
+                store_error(e)
+            }
+        }
+    }
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(
+    request: Request<Incoming>,
+) -> Result<T, AdminResponse> {
+    let collected = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(request.into_body(), MAX_BODY).collect(),
+    )
+    .await
+    .map_err(|_| {
+        error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
+        )
+    })?;
+    let bytes = collected
+        .map_err(|_| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large or unreadable",
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
