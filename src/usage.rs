@@ -128,8 +128,10 @@ impl Usage {
     }
 }
 
-/// Owns the flush task.
+/// Owns the flush task, and what its final flush needs.
 pub struct UsageHandle {
+    usage: Arc<Usage>,
+    store: Arc<dyn Store>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
@@ -138,20 +140,25 @@ impl UsageHandle {
     /// Starts the flush loop on the current runtime.
     pub fn spawn(usage: Arc<Usage>, store: Arc<dyn Store>, interval: Duration) -> UsageHandle {
         let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stopped.changed() => break,
-                }
-                if let Err(e) = usage.flush(store.as_ref()).await {
-                    tracing::warn!(error = %e, pending = usage.pending(), "lastUsedAt flush failed; will retry");
+        let task = tokio::spawn({
+            let (usage, store) = (usage.clone(), store.clone());
+            async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stopped.changed() => break,
+                    }
+                    if let Err(e) = usage.flush(store.as_ref()).await {
+                        tracing::warn!(error = %e, pending = usage.pending(), "lastUsedAt flush failed; will retry");
+                    }
                 }
             }
         });
         UsageHandle {
+            usage,
+            store,
             stop,
             task: Some(task),
         }
@@ -159,14 +166,15 @@ impl UsageHandle {
 
     /// Stops the loop, then flushes what is pending, retrying until
     /// `deadline` passes. Returns how many keys were still unwritten.
-    pub async fn shutdown(mut self, usage: &Usage, store: &dyn Store, deadline: Duration) -> usize {
+    pub async fn shutdown(mut self, deadline: Duration) -> usize {
         let _ = self.stop.send(true);
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+        let (usage, store) = (self.usage.clone(), self.store.clone());
         let until = tokio::time::Instant::now() + deadline;
         loop {
-            match usage.flush(store).await {
+            match usage.flush(store.as_ref()).await {
                 Ok(_) if usage.pending() == 0 => return 0,
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "final lastUsedAt flush failed"),

@@ -273,10 +273,7 @@ impl Running {
             let _ = worker.await;
         }
         let _ = self.admin_task.await;
-        let left = self
-            .usage_task
-            .shutdown(&self.usage, self.store.as_ref(), self.shutdown_timeout)
-            .await;
+        let left = self.usage_task.shutdown(self.shutdown_timeout).await;
         tracing::info!("keygate stopped");
         left
     }

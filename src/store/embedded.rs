@@ -5,8 +5,7 @@
 //! redb is synchronous, so every call runs on tokio's blocking pool.
 
 use super::{
-    KeyRecord, LastUsed, Store, StoreError, StoreFuture, StoredKey, WorkflowOwner,
-    sort_newest_first,
+    KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner, sort_newest_first,
 };
 use crate::key::KeyHash;
 use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
@@ -65,13 +64,11 @@ impl EmbeddedStore {
 }
 
 fn decode(bytes: &[u8]) -> Result<KeyRecord, StoreError> {
-    let stored: StoredKey =
-        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    KeyRecord::try_from(stored)
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn encode(record: &KeyRecord) -> Vec<u8> {
-    serde_json::to_vec(&StoredKey::from(record)).expect("a key record always serializes")
+    serde_json::to_vec(record).expect("a key record always serializes")
 }
 
 impl Store for EmbeddedStore {

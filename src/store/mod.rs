@@ -15,16 +15,37 @@ use std::pin::Pin;
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// A stored API key. Never holds the key itself: only its hash and prefix.
-#[derive(Clone, PartialEq, Eq)]
+/// Its serde form (`camelCase`, the hash in hex) is what the embedded store
+/// keeps.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct KeyRecord {
     pub id: String,
     pub user_id: String,
     pub name: String,
+    #[serde(rename = "keyPrefix")]
     pub prefix: String,
+    #[serde(rename = "keyHash", with = "hex_hash")]
     pub hash: KeyHash,
     /// Unix milliseconds.
     pub created_at: i64,
+    #[serde(default)]
     pub last_used_at: Option<i64>,
+}
+
+/// A key hash as lower-case hex in serde forms.
+mod hex_hash {
+    use crate::key::KeyHash;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(hash: &KeyHash, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hash.to_hex())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<KeyHash, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        KeyHash::from_hex(&text).ok_or_else(|| serde::de::Error::custom("a malformed key hash"))
+    }
 }
 
 impl fmt::Debug for KeyRecord {
@@ -119,53 +140,6 @@ pub trait Store: Send + Sync + 'static {
     /// answers or fails.
     fn timeout(&self) -> Option<std::time::Duration> {
         None
-    }
-}
-
-/// Stored form of a key record, shared by both stores so they agree on the
-/// field names (`camelCase`, like the admin API).
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct StoredKey {
-    pub id: String,
-    pub user_id: String,
-    pub name: String,
-    pub key_prefix: String,
-    pub key_hash: String,
-    pub created_at: i64,
-    #[serde(default)]
-    pub last_used_at: Option<i64>,
-}
-
-impl From<&KeyRecord> for StoredKey {
-    fn from(r: &KeyRecord) -> StoredKey {
-        StoredKey {
-            id: r.id.clone(),
-            user_id: r.user_id.clone(),
-            name: r.name.clone(),
-            key_prefix: r.prefix.clone(),
-            key_hash: r.hash.to_hex(),
-            created_at: r.created_at,
-            last_used_at: r.last_used_at,
-        }
-    }
-}
-
-impl TryFrom<StoredKey> for KeyRecord {
-    type Error = StoreError;
-
-    fn try_from(s: StoredKey) -> Result<KeyRecord, StoreError> {
-        let hash = KeyHash::from_hex(&s.key_hash)
-            .ok_or_else(|| StoreError::Corrupt(format!("key {} has a malformed hash", s.id)))?;
-        Ok(KeyRecord {
-            id: s.id,
-            user_id: s.user_id,
-            name: s.name,
-            prefix: s.key_prefix,
-            hash,
-            created_at: s.created_at,
-            last_used_at: s.last_used_at,
-        })
     }
 }
 
