@@ -50,16 +50,16 @@ fn verification(c: &mut Criterion) {
         b.iter(|| {
             let token = black_box(header.as_str()).split_once(' ').unwrap().1;
             black_box(key::classify(token));
-        })
+        });
     });
     c.bench_function("sha256 of a key", |b| {
-        b.iter(|| black_box(KeyHash::of(black_box(key.secret()))))
+        b.iter(|| black_box(KeyHash::of(black_box(key.secret()))));
     });
     c.bench_function("cache hit", |b| {
         b.iter(|| {
             rt.block_on(auth.authenticate(black_box(key.hash())))
                 .unwrap()
-        })
+        });
     });
     c.bench_function("parse + sha256 + cache hit", |b| {
         b.iter(|| {
@@ -68,7 +68,7 @@ fn verification(c: &mut Criterion) {
                 unreachable!()
             };
             rt.block_on(auth.authenticate(KeyHash::of(k))).unwrap()
-        })
+        });
     });
 }
 

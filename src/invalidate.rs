@@ -149,10 +149,10 @@ fn parse(payload: &[u8]) -> Message {
     Message::Flush
 }
 
-async fn apply(auth: &Auth, message: Message) {
+fn apply(auth: &Auth, message: Message) {
     match message {
-        Message::Key(hash) => auth.invalidate_key(hash).await,
-        Message::Workflow(w) => auth.invalidate_workflow(&w).await,
+        Message::Key(hash) => auth.invalidate_key(hash),
+        Message::Workflow(w) => auth.invalidate_workflow(&w),
         Message::Flush => auth.invalidate_all(),
     }
 }
@@ -204,7 +204,7 @@ async fn subscribe(
             tokio::select! {
                 message = std::future::poll_fn(|cx| stream.as_mut().poll_next(cx)) => {
                     let Some(message) = message else { break };
-                    apply(&auth, parse(message.get_payload_bytes())).await;
+                    apply(&auth, parse(message.get_payload_bytes()));
                 }
                 _ = ping.tick() => {
                     // On a subscribed RESP2 connection PING answers

@@ -194,13 +194,13 @@ mod tests {
     proptest! {
         #[test]
         fn any_body_of_valid_length_and_alphabet_parses(body in "[A-Za-z0-9_-]{32,38}") {
-            let key = format!("wfb_{}", body);
+            let key = format!("wfb_{body}");
             prop_assert!(is_wfb_key(&key));
         }
 
         #[test]
         fn wrong_lengths_are_rejected(body in "[A-Za-z0-9_-]{0,31}|[A-Za-z0-9_-]{39,80}") {
-            let key = format!("wfb_{}", body);
+            let key = format!("wfb_{body}");
             prop_assert!(!is_wfb_key(&key));
         }
 
@@ -210,7 +210,7 @@ mod tests {
             bad in "[^A-Za-z0-9_-]",
             tail in "[A-Za-z0-9_-]{0,20}",
         ) {
-            let key = format!("wfb_{}{}{}", head, bad, tail);
+            let key = format!("wfb_{head}{bad}{tail}");
             prop_assert!(!is_wfb_key(&key));
         }
 
@@ -223,7 +223,7 @@ mod tests {
         #[test]
         fn wrong_scheme_is_rejected(scheme in "[a-zA-Z_]{0,6}", body in "[A-Za-z0-9_-]{38}") {
             prop_assume!(scheme != "wfb_");
-            let key = format!("{}{}", scheme, body);
+            let key = format!("{scheme}{body}");
             prop_assert!(!is_wfb_key(&key));
         }
 

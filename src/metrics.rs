@@ -10,6 +10,9 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+/// One counter among [`Counters`], by name in `render`.
+type Field = fn(&Counters) -> &AtomicU64;
+
 /// Route labels the request counters have room for, `unmatched` included.
 pub const ROUTE_SLOTS: usize = 64;
 
@@ -140,7 +143,10 @@ impl Metrics {
     /// The slot a route label is counted in, taking a free one for a new
     /// label.
     pub fn register(&self, label: &str) -> Result<usize, String> {
-        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        let mut routes = self
+            .routes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(slot) = routes.iter().skip(1).position(|l| l == label) {
             return Ok(slot + 1);
         }
@@ -185,7 +191,10 @@ impl Metrics {
 
     /// Requests counted for one route label and outcome (for tests and the bench).
     pub fn requests(&self, route: &str, outcome: &str) -> u64 {
-        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        let routes = self
+            .routes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (Some(r), Some(o)) = (
             routes.iter().position(|l| l == route),
             OUTCOMES.iter().position(|l| *l == outcome),
@@ -202,7 +211,7 @@ impl Metrics {
         let routes = self
             .routes
             .read()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         // Configured routes first, `unmatched` last.
         let order = (1..routes.len()).chain([0]);
@@ -237,7 +246,6 @@ impl Metrics {
             self.sum(|c| &c.latency.sum_micros) as f64 / 1e6
         );
         let _ = writeln!(out, "keygate_request_duration_seconds_count {count}");
-        type Field = fn(&Counters) -> &AtomicU64;
         let counters: [(&str, &str, Field); 14] = [
             (
                 "keygate_key_cache_hits_total",

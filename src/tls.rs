@@ -23,7 +23,10 @@ impl Certs {
     /// one in force stays.
     pub fn reload(&self, files: &TlsFiles) -> Result<(), String> {
         let key = load(files)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(key);
         Ok(())
     }
 }
@@ -33,7 +36,7 @@ impl ResolvesServerCert for Certs {
         Some(
             self.current
                 .read()
-                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone(),
         )
     }
@@ -48,7 +51,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn load(files: &TlsFiles) -> Result<CertifiedKey, String> {
     let cert_file = files.cert.display();
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .and_then(|iter| iter.collect::<Result<_, _>>())
+        .and_then(std::iter::Iterator::collect::<Result<_, _>>)
         .map_err(|e| format!("tls.cert {cert_file}: {e}"))?;
     if certs.is_empty() {
         return Err(format!("tls.cert {cert_file}: no certificate found"));

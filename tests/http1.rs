@@ -306,12 +306,11 @@ async fn a_head_trickled_in_is_cut_off_at_the_header_timeout() {
             break;
         }
         let mut byte = [0u8; 1];
-        match tokio::time::timeout(Duration::from_millis(50), stream.read(&mut byte)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                closed = true;
-                break;
-            }
-            _ => {}
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(50), stream.read(&mut byte)).await
+        {
+            closed = true;
+            break;
         }
     }
     assert!(closed, "a trickled head kept its connection for 5 s");

@@ -184,7 +184,7 @@ async fn refused(mut stream: TcpStream) -> bool {
     let mut buf = [0u8; 64];
     matches!(
         tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await,
-        Ok(Ok(0)) | Ok(Err(_))
+        Ok(Ok(0) | Err(_))
     )
 }
 
@@ -405,4 +405,44 @@ async fn a_renewed_certificate_is_served_to_new_connections_after_a_reload() {
         .unwrap_err();
     assert!(e.contains("cert.pem"), "{e}");
     assert!(trusts(gw.listen, &renewed).await);
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = Upstream::start_with_delay(Duration::from_millis(300)).await;
+    let mut gw = Gw::start(config(
+        dir.path(),
+        &StoreKind::Embedded(dir.path().join("keygate.redb")),
+        &slow.url(),
+        "",
+    ))
+    .await;
+    let (_, key) = gw.create_key("alice").await;
+    gw.set_owner("wf", "alice").await;
+    let listen = gw.listen;
+    let auth = bearer(&key);
+    let in_flight = tokio::spawn(async move {
+        let req = Request::builder()
+            .header("host", "gateway.test")
+            .method("POST")
+            .uri("/api/workflows/wf/webhook")
+            .header("authorization", auth)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        send_h1(listen, req).await
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !slow.requests().is_empty()
+        })
+        .await
+    );
+    gw.shutdown().await;
+    let (status, _, _) = in_flight.await.unwrap().unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        tokio::net::TcpStream::connect(listen).await.is_err(),
+        "still accepting after shutdown"
+    );
 }

@@ -6,12 +6,17 @@
 mod idle;
 mod load;
 mod procs;
+/// The tests' own `redis-server` starter.
+#[path = "../../tests/common/redis.rs"]
+mod redis_server;
 
 use keygate::key::{KeyHash, NewKey};
 use load::{Auth, Sample};
-use procs::{Keygate, free_port, have, keygate, keygate_from, nginx, redis};
+use procs::{Keygate, have, keygate, keygate_from, nginx};
+use redis_server::{RedisServer, free_port};
 use serde_json::json;
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -44,7 +49,6 @@ fn admin(
         kg.token,
         body.len()
     );
-    use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", kg.admin_port)).unwrap();
     s.write_all(request.as_bytes()).unwrap();
     let mut out = String::new();
@@ -60,7 +64,6 @@ fn create_key(kg: &Keygate, user: &str) -> String {
 
 fn metric(kg: &Keygate, name: &str) -> f64 {
     let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", kg.admin_port)).unwrap();
     s.write_all(request.as_bytes()).unwrap();
     let mut out = String::new();
@@ -93,7 +96,7 @@ fn redis_calls(port: u16) -> u64 {
 }
 
 fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
+    values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
@@ -229,8 +232,8 @@ fn main() {
         kg
     });
 
-    let redis_port = free_port();
-    let _redis = use_redis.then(|| redis(dir.path(), redis_port));
+    let redis_server = use_redis.then(RedisServer::start);
+    let redis_port = redis_server.as_ref().map_or(0, |r| r.port);
     let redis_yaml = format!("store:\n  redis:\n    url: \"redis://127.0.0.1:{redis_port}\"\n");
     let mut redis_instances = Vec::new();
     if use_redis {
@@ -588,7 +591,7 @@ fn machine() -> serde_json::Value {
             .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
     });
     json!({
-        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cores": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         "cpu": cpu,
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_owned()),
     })

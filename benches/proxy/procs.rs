@@ -1,18 +1,10 @@
-//! The processes a benchmark run starts: nginx (upstream and peer proxy),
-//! redis-server and keygate itself, each on free loopback ports and stopped
-//! on drop.
+//! The processes a benchmark run starts: nginx (upstream and peer proxy)
+//! and keygate itself, each on free loopback ports and stopped on drop
+//! (redis-server comes from the tests' own starter).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 pub fn have(cmd: &str) -> bool {
     Command::new("sh")
@@ -104,28 +96,6 @@ pub fn nginx(dir: &Path, name: &'static str, workers: &str, http_body: &str, por
     Proc { child }
 }
 
-pub fn redis(dir: &Path, port: u16) -> Proc {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server starts");
-    wait_port(port, "redis-server");
-    Proc { child }
-}
-
 /// A keygate instance started from its release binary.
 pub struct Keygate {
     pub proc: Proc,
@@ -163,7 +133,7 @@ pub fn keygate_from(
 ) -> Keygate {
     let home: PathBuf = dir.join(name);
     std::fs::create_dir_all(&home).unwrap();
-    let (port, admin_port) = (free_port(), free_port());
+    let (port, admin_port) = (super::free_port(), super::free_port());
     let config = format!(
         "listen: \"127.0.0.1:{port}\"\nupstream: \"http://127.0.0.1:{upstream_port}\"\n{store_yaml}admin:\n  listen: \"127.0.0.1:{admin_port}\"\n  token_file: \"admin.token\"\nlog:\n  access: false\n  level: warn\n{extra}"
     );

@@ -135,7 +135,7 @@ impl Admin {
                 self.set_owner(&id, request, caller).await
             }
             (Method::DELETE, ["workflows", id]) => self.remove_owner(id, caller).await,
-            (_, ["keys"] | ["keys", _] | ["workflows"] | ["workflows", _]) => {
+            (_, ["keys" | "workflows"] | ["keys" | "workflows", _]) => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed")
             }
             _ => error(StatusCode::NOT_FOUND, "Not found"),
@@ -173,14 +173,11 @@ impl Admin {
         if !valid_name(&name) {
             return error(StatusCode::BAD_REQUEST, NAME_RULE);
         }
-        let (key, id) = match (NewKey::generate(), crate::key::random_id("key")) {
-            (Ok(k), Ok(id)) => (k, id),
-            _ => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the OS random source failed",
-                );
-            }
+        let (Ok(key), Ok(id)) = (NewKey::generate(), crate::key::random_id("key")) else {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the OS random source failed",
+            );
         };
         let record = KeyRecord {
             id,
@@ -195,7 +192,7 @@ impl Admin {
             return store_error(e);
         }
         // A hash tried before it existed may sit in the negative cache.
-        self.auth.invalidate_key(record.hash).await;
+        self.auth.invalidate_key(record.hash);
         tracing::info!(id = %record.id, user = %record.user_id, key = %record.prefix, %caller, "key created");
         json(
             StatusCode::CREATED,
@@ -234,7 +231,7 @@ impl Admin {
         }
         match self.store.revoke_key(id).await {
             Ok(record) => {
-                self.auth.invalidate_key(record.hash).await;
+                self.auth.invalidate_key(record.hash);
                 let propagated = self.invalidator.key_revoked(record.hash).await;
                 tracing::info!(id = %record.id, user = %record.user_id, key = %record.prefix, propagated, %caller, "key revoked");
                 let mut body =
@@ -262,7 +259,7 @@ impl Admin {
         }
         match workflow {
             Some(w) => {
-                self.auth.invalidate_workflow(w).await;
+                self.auth.invalidate_workflow(w);
                 self.invalidator.workflow_changed(w).await;
             }
             None => {
@@ -295,7 +292,7 @@ impl Admin {
             self.after_failed_write(&e, Some(workflow)).await;
             return store_error(e);
         }
-        self.auth.invalidate_workflow(workflow).await;
+        self.auth.invalidate_workflow(workflow);
         self.invalidator.workflow_changed(workflow).await;
         tracing::info!(workflow, user = %body.user_id, %caller, "workflow owner set");
         json(
@@ -310,7 +307,7 @@ impl Admin {
     async fn remove_owner(&self, workflow: &str, caller: SocketAddr) -> AdminResponse {
         match self.store.remove_owner(workflow).await {
             Ok(()) => {
-                self.auth.invalidate_workflow(workflow).await;
+                self.auth.invalidate_workflow(workflow);
                 self.invalidator.workflow_changed(workflow).await;
                 tracing::info!(workflow, %caller, "workflow owner removed");
                 json(

@@ -155,7 +155,7 @@ impl Auth {
 
     /// Drops a key (after revocation): no answer read before this call is
     /// served after it returns.
-    pub async fn invalidate_key(&self, hash: KeyHash) {
+    pub fn invalidate_key(&self, hash: KeyHash) {
         let epoch = self.next_epoch();
         self.keys.fences.raise(hash, epoch);
         self.keys.cache.remove(&hash);

@@ -112,7 +112,7 @@ impl Auth {
     }
 
     /// Drops a workflow's owner (after it changed or was removed).
-    pub async fn invalidate_workflow(&self, workflow: &str) {
+    pub fn invalidate_workflow(&self, workflow: &str) {
         let epoch = self.next_epoch();
         self.owners.fences.raise(workflow.to_owned(), epoch);
         self.owners.cache.remove(workflow);

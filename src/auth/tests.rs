@@ -98,7 +98,7 @@ async fn a_read_begun_before_a_revoke_never_answers_after_it() {
     }
     // The key is revoked in the store and on this instance.
     store.keys.lock().unwrap().clear();
-    auth.invalidate_key(hash).await;
+    auth.invalidate_key(hash);
     // B arrives after the revoke and joins A's read.
     let b = tokio::spawn({
         let auth = auth.clone();
@@ -130,7 +130,7 @@ async fn front_copies_fall_with_the_entry_they_copy() {
     // A revoke voids the front copy on every thread at once: the fence
     // is shared, the copy is checked against it on each use.
     store.keys.lock().unwrap().clear();
-    auth.invalidate_key(hash).await;
+    auth.invalidate_key(hash);
     assert!(auth.front_key(&hash).is_none());
     assert_eq!(
         auth.authenticate(hash).await.err(),

@@ -55,7 +55,9 @@ pub(super) fn config(raw: Raw, base: &Path, env: Env<'_>) -> Result<Config, Conf
 
 fn workers(workers: Option<usize>) -> Result<usize, ConfigError> {
     match workers {
-        None | Some(0) => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        None | Some(0) => {
+            Ok(std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+        }
         Some(n) if n > 256 => err("workers: at most 256"),
         Some(n) => Ok(n),
     }
@@ -355,8 +357,7 @@ fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     if host.is_empty() || port.parse::<u16>().is_err() {
         return err(expected());
     }
-    use std::net::ToSocketAddrs;
-    match value.to_socket_addrs().map(|mut all| all.next()) {
+    match std::net::ToSocketAddrs::to_socket_addrs(value).map(|mut all| all.next()) {
         Ok(Some(addr)) => Ok(addr),
         Ok(None) | Err(_) => err(format!(
             "{field}: cannot resolve {host:?}; give an IP address, like 127.0.0.1:{port}"

@@ -23,13 +23,16 @@ impl Live {
     pub fn gateway(&self) -> Arc<Gateway> {
         self.current
             .read()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
     /// Puts `gateway` in force for every request that starts from now on.
     pub fn replace(&self, gateway: Arc<Gateway>) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = gateway;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = gateway;
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
@@ -73,7 +76,10 @@ impl WorkerGateway {
     /// The gateway in force and this worker's pools for it (pools whose
     /// upstream and bounds did not change are kept across a reload).
     pub fn snapshot(&self) -> Snapshot {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let generation = self.live.generation.load(Ordering::Acquire);
         if current.generation != generation {
             let gateway = self.live.gateway();

@@ -132,7 +132,7 @@ impl Conn {
             std::task::ready!(self.stream.poll_read_ready(cx))?;
             self.buf.reserve(crate::proxy::h1::READ_CHUNK);
             match self.stream.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 done => return std::task::Poll::Ready(done),
             }
         }
@@ -154,7 +154,10 @@ impl Conn {
             return;
         }
         let pool = self.place.0.clone();
-        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = pool
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if idle.len() < pool.max_idle {
             idle.push(self);
             drop(idle);
@@ -238,10 +241,10 @@ impl Pool {
                 .inner
                 .idle
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .pop();
             match idle {
-                Some(conn) if conn.is_dead() => continue,
+                Some(conn) if conn.is_dead() => {}
                 Some(conn) => return Ok(conn),
                 None if self.reserve() => return self.connect().await,
                 None => self.inner.freed.notified().await,

@@ -232,7 +232,7 @@ impl Running {
     pub fn config(&self) -> Config {
         self.config
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
@@ -242,7 +242,10 @@ impl Running {
     /// was. Settings that cannot change without a restart are kept as they
     /// were and named in the answer.
     pub fn reload(&self, new: Config) -> Result<Reloaded, String> {
-        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let needs_restart = current.needs_restart(&new);
         // Builds everything that can fail before anything changes; new
         // routes take free metrics slots.

@@ -157,7 +157,7 @@ impl<IO: ClientIo> Downstream<IO> {
                 // Read what came, as tokio reads: a short read marks the
                 // socket drained, so the next wait costs no extra syscall.
                 match now_or_never(self.read_more()) {
-                    Some(Ok(0)) | Some(Err(_)) => return Head::Gone,
+                    Some(Ok(0) | Err(_)) => return Head::Gone,
                     Some(Ok(_)) | None => continue,
                 }
             }
@@ -167,7 +167,7 @@ impl<IO: ClientIo> Downstream<IO> {
                 _ = stopped.changed(), if idle => return Head::Gone,
             };
             match read {
-                Some(Ok(0)) | Some(Err(_)) | None => return Head::Gone,
+                Some(Ok(0) | Err(_)) | None => return Head::Gone,
                 Some(Ok(_)) => {}
             }
         }

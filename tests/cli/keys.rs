@@ -1,0 +1,169 @@
+//! The key and workflow commands against a running server, and what they
+//! print.
+
+use super::*;
+use keygate::key::KeyHash;
+
+#[test]
+fn create_prints_a_42_char_key_shown_once() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+
+    let stdout = setup.ok(&["keys", "create", "--user", "u1", "--name", "prod"]);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, got {stdout:?}");
+    assert_eq!(stdout, format!("{}\n", lines[0]));
+    let key = lines[0];
+    assert_eq!(key.len(), 42, "{key:?}");
+    assert!(key.starts_with("wfb_"), "{key:?}");
+    assert!(keygate::key::is_wfb_key(key), "{key:?}");
+
+    // Shown once: nothing afterwards prints it again.
+    let listed = setup.ok(&["keys", "list", "--user", "u1"]);
+    let listed_json = setup.ok(&["keys", "list", "--user", "u1", "--json"]);
+    assert!(!listed.contains(key), "{listed}");
+    assert!(!listed_json.contains(key), "{listed_json}");
+    assert!(listed.contains(&key[..11]), "the table shows the prefix");
+}
+
+#[test]
+fn create_json_prints_id_name_prefix_created_at_and_key() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+
+    let stdout = setup.ok(&["keys", "create", "--user", "u1", "--json"]);
+    assert_eq!(stdout.lines().count(), 1, "{stdout:?}");
+    let created = parse_json(&stdout);
+    let object = created.as_object().expect("an object");
+    let mut fields: Vec<&str> = object.keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["createdAt", "id", "key", "keyPrefix", "name"]);
+
+    let key = created["key"].as_str().unwrap();
+    assert_eq!(key.len(), 42);
+    assert!(key.starts_with("wfb_"));
+    assert_eq!(created["keyPrefix"].as_str().unwrap(), &key[..11]);
+    assert!(!created["id"].as_str().unwrap().is_empty());
+    assert_eq!(created["name"], "");
+    let created_at = created["createdAt"].as_str().unwrap();
+    assert_eq!(created_at.len(), "2026-01-02T03:04:05.678Z".len());
+    assert!(created_at.ends_with('Z'), "{created_at}");
+}
+
+#[test]
+fn list_json_shows_metadata_only_newest_first() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+
+    let first = created_json(&setup, "u1", "first");
+    wait_for_clock_past(first["createdAt"].as_str().unwrap());
+    let second = created_json(&setup, "u1", "second");
+    created_json(&setup, "someone-else", "other");
+
+    let stdout = setup.ok(&["keys", "list", "--user", "u1", "--json"]);
+    let listed = list_json(&setup, "u1");
+    assert_eq!(listed.len(), 2, "{stdout}");
+    for item in &listed {
+        let mut fields: Vec<&str> = item
+            .as_object()
+            .expect("objects")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            ["createdAt", "id", "keyPrefix", "lastUsedAt", "name"]
+        );
+        assert!(item["lastUsedAt"].is_null(), "{item}");
+    }
+
+    // Newest first.
+    assert_eq!(listed[0]["id"], second["id"]);
+    assert_eq!(listed[1]["id"], first["id"]);
+    for (item, created) in [(&listed[0], &second), (&listed[1], &first)] {
+        let key = created["key"].as_str().unwrap();
+        assert_eq!(item["keyPrefix"].as_str().unwrap(), &key[..11]);
+        assert_eq!(item["name"], created["name"]);
+        assert_eq!(item["createdAt"], created["createdAt"]);
+        assert!(!stdout.contains(key), "full key listed: {stdout}");
+        let hash = KeyHash::of(key).to_hex();
+        assert!(!stdout.contains(&hash), "key hash listed: {stdout}");
+        assert!(
+            !stdout.to_ascii_lowercase().contains(&hash),
+            "key hash listed: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn revoke_removes_the_key_and_a_second_revoke_fails_naming_the_id() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+
+    let keep = created_json(&setup, "u1", "keep");
+    let gone = created_json(&setup, "u1", "gone");
+    let id = gone["id"].as_str().unwrap();
+
+    let out = setup.run(&["keys", "revoke", id]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let listed = list_json(&setup, "u1");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], keep["id"]);
+
+    let line = one_line_failure(&setup.run(&["keys", "revoke", id]));
+    assert!(line.contains(id), "{line}");
+}
+
+#[test]
+fn revoke_of_an_unknown_key_id_fails_with_one_line() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+
+    let line = one_line_failure(&setup.run(&["keys", "revoke", "key_doesNotExist"]));
+    assert!(line.contains("key_doesNotExist"), "{line}");
+    assert!(line.contains("unknown"), "{line}");
+}
+
+#[test]
+fn workflow_owner_is_set_and_removed_and_a_second_remove_fails() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+
+    let out = setup.run(&["workflows", "set-owner", "wf_1", "u1"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = setup.run(&["workflows", "remove", "wf_1"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    let line = one_line_failure(&setup.run(&["workflows", "remove", "wf_1"]));
+    assert!(line.contains("wf_1"), "{line}");
+}
+
+#[test]
+fn sigterm_stops_serve_with_status_0_and_the_store_file_holds_no_full_key() {
+    let mut setup = Setup::embedded();
+    let server = setup.serve();
+
+    let plain = setup.ok(&["keys", "create", "--user", "u1", "--name", "prod"]);
+    let plain = plain.trim_end().to_owned();
+    let json = created_json(&setup, "u2", "ci");
+    let keys = [plain, json["key"].as_str().unwrap().to_owned()];
+
+    let log = server.log.clone();
+    let status = server.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "serve exits 0 on SIGTERM; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+
+    let bytes = std::fs::read(setup.store_file()).expect("the redb file exists");
+    assert!(!bytes.is_empty());
+    for key in &keys {
+        assert!(
+            !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+            "the store file holds a full key"
+        );
+    }
+}
