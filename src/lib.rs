@@ -9,18 +9,18 @@
 //! (which drives it). [`config`] parses and checks YAML; [`key`] owns the
 //! `wfb_` key format; [`metrics`] renders Prometheus text.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod http1;
-pub mod invalidate;
+pub(crate) mod http1;
+pub(crate) mod invalidate;
 pub mod key;
 pub mod metrics;
-pub mod proxy;
+pub(crate) mod proxy;
 pub mod sched;
 pub mod server;
 pub mod store;
-pub mod tls;
-pub mod usage;
+pub(crate) mod tls;
+pub(crate) mod usage;

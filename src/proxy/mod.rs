@@ -29,5 +29,5 @@ pub(crate) mod route;
 pub(crate) mod trace;
 pub(crate) mod upstream;
 
-pub use gateway::{ConnInfo, Forwarder, Gateway, PeerIp};
-pub use live::{Live, Snapshot, WorkerGateway};
+pub(crate) use gateway::{ConnInfo, Gateway};
+pub(crate) use live::{Live, WorkerGateway};

@@ -50,7 +50,7 @@ pub struct Options {
 pub struct Running {
     pub listen_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub live: Arc<Live>,
+    pub(crate) live: Arc<Live>,
     pub store: Arc<dyn Store>,
     /// The worker threads' kernel thread ids (Linux; empty elsewhere), to
     /// find them in `/proc` or `top -H`.
