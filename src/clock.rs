@@ -1,6 +1,10 @@
 //! Wall-clock time as Unix milliseconds, its RFC 3339 rendering for the
 //! admin API (`2026-01-02T03:04:05.678Z`) and its HTTP `Date` rendering
 //! (both by jiff), and a monotonic uptime for ages kept in atomics.
+//!
+//! The uptime reads tokio's clock, so tests that pause it
+//! (`tokio::time::pause`, `start_paused`) control every TTL and idle age
+//! measured with it; outside a paused runtime it is the OS monotonic clock.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,12 +16,20 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Whole milliseconds of a monotonic clock since the first call in this
-/// process: for ages and deadlines kept in atomics.
+/// Whole milliseconds of a monotonic clock: for ages and deadlines kept in
+/// atomics. Only differences between two readings mean anything.
 pub fn uptime_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let start = START.get_or_init(std::time::Instant::now);
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    use tokio::time::Instant;
+    // The origin lies an hour before the first reading, so a paused
+    // runtime whose clock was frozen shortly before that reading still
+    // counts forward from it; readings never go below it (saturating).
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let now = Instant::now();
+    let origin = ORIGIN.get_or_init(|| {
+        now.checked_sub(std::time::Duration::from_secs(3600))
+            .unwrap_or(now)
+    });
+    u64::try_from(now.saturating_duration_since(*origin).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// RFC 3339 in UTC with millisecond precision.

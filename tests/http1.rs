@@ -363,15 +363,20 @@ async fn idle_connections_the_upstream_closed_are_not_used() {
     // closes it.
     let upstream = Scripted::start("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true).await;
     let (gw, key) = gateway(&dir, &upstream.url(), "").await;
-    for _ in 0..3 {
+    for call in 1..=3 {
         let response = exchange(
             gw.listen,
             post(&key, "Connection: close\r\n", "{}").as_bytes(),
         )
         .await;
         assert_eq!(status_of(&response), 200, "{response}");
-        // Let the upstream's close reach the gateway before the next call.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The upstream's close is on the gateway's socket before the next call.
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                upstream.hung_up.load(Ordering::SeqCst) == call
+            })
+            .await
+        );
     }
     assert_eq!(upstream.requests().len(), 3);
     assert_eq!(upstream.accepted.load(Ordering::SeqCst), 3);

@@ -10,6 +10,8 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Two instances, each with its own cache, sharing `redis`.
@@ -205,16 +207,27 @@ async fn redis_outage_serves_cached_keys_refuses_the_rest_and_recovers() {
     // Requests keep flowing while Redis dies.
     let listen = b.listen;
     let key = cached.clone();
-    let flowing = tokio::spawn(async move {
-        let mut client = Client::connect(listen).await;
-        let mut statuses = Vec::new();
-        for _ in 0..200 {
-            statuses.push(client.post("wf", &key).await);
-            tokio::time::sleep(Duration::from_millis(2)).await;
+    let made = Arc::new(AtomicUsize::new(0));
+    let flowing = tokio::spawn({
+        let made = made.clone();
+        async move {
+            let mut client = Client::connect(listen).await;
+            let mut statuses = Vec::new();
+            for _ in 0..200 {
+                statuses.push(client.post("wf", &key).await);
+                made.fetch_add(1, Ordering::SeqCst);
+                // Paced, so the calls span the outage.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            statuses
         }
-        statuses
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            made.load(Ordering::SeqCst) >= 10
+        })
+        .await
+    );
     redis.kill();
     let statuses = flowing.await.unwrap();
     assert!(
@@ -356,7 +369,6 @@ async fn last_used_written_after_redis_returns_and_none_lost_on_graceful_stop() 
         .to_owned();
     redis.save();
     redis.kill();
-    tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(client.post("wf", &k1).await, 200);
     // Several flushes fail while Redis is down; the update stays pending.
     assert!(

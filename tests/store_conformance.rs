@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::RedisServer;
+use common::{RedisServer, eventually};
 use keygate::config::RedisConfig;
 use keygate::key::{KeyHash, NewKey};
 use keygate::store::embedded::EmbeddedStore;
@@ -217,13 +217,11 @@ async fn redis_store_reports_an_outage_as_unavailable() {
         Err(StoreError::Unavailable(_))
     ));
     redis.restart();
-    let mut ok = false;
-    for _ in 0..100 {
-        if store.ping().await.is_ok() {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(ok, "store did not reconnect");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            store.ping().await.is_ok()
+        })
+        .await,
+        "store did not reconnect"
+    );
 }

@@ -6,7 +6,7 @@ use crate::clock::uptime_ms;
 use dashmap::DashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How much longer than an entry's TTL its fence is kept.
 const FENCE_MARGIN: Duration = Duration::from_secs(60);
@@ -33,7 +33,8 @@ impl<T> Fenced<T> {
 /// Per-entry invalidation epochs, kept for as long as a stale value could
 /// still live in the cache (its TTL, which a reload may change).
 pub(super) struct Fences<K> {
-    pub(super) epochs: DashMap<K, (u64, Instant)>,
+    /// Key → (epoch, when raised in milliseconds of [`uptime_ms`]).
+    pub(super) epochs: DashMap<K, (u64, u64)>,
     pub(super) len: AtomicUsize,
     /// Milliseconds a fence is kept: the entries' TTL and a margin.
     pub(super) keep_ms: AtomicU64,
@@ -59,11 +60,11 @@ impl<K: Hash + Eq + Clone> Fences<K> {
     }
 
     pub(super) fn raise(&self, key: K, epoch: u64) {
-        let now = Instant::now();
+        let now = now();
         if self.epochs.len() >= 4096 {
-            let keep = Duration::from_millis(self.keep_ms.load(Ordering::Relaxed));
+            let keep = self.keep_ms.load(Ordering::Relaxed);
             self.epochs
-                .retain(|_, (_, at)| now.duration_since(*at) < keep);
+                .retain(|_, (_, at)| now.saturating_sub(*at) < keep);
         }
         self.epochs.insert(key, (epoch, now));
         self.len.store(self.epochs.len(), Ordering::Release);

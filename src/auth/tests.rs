@@ -183,7 +183,7 @@ fn auth_over(store: Arc<GatedStore>, ttl: Duration) -> Arc<Auth> {
     Arc::new(Auth::new(store, &config, Arc::new(Metrics::new([]))))
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_cached_key_is_read_again_once_its_ttl_has_passed() {
     let hash = KeyHash::of("wfb_ttl");
     let store = GatedStore::new(vec![record(hash)], 1000);
@@ -192,7 +192,9 @@ async fn a_cached_key_is_read_again_once_its_ttl_has_passed() {
     assert_eq!(store.reads.load(Ordering::SeqCst), 1);
     // Past the TTL neither the front copy nor the cache entry answers,
     // whichever thread asks.
-    tokio::time::sleep(Duration::from_millis(40)).await;
+    tokio::time::advance(Duration::from_millis(19)).await;
+    assert!(auth.front_key(&hash).is_some(), "still within the TTL");
+    tokio::time::advance(Duration::from_millis(1)).await;
     assert!(auth.front_key(&hash).is_none());
     assert!(auth.authenticate(hash).await.is_ok());
     assert_eq!(store.reads.load(Ordering::SeqCst), 2);

@@ -4,7 +4,9 @@
 use super::*;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 #[test]
 fn a_second_serve_on_the_same_listen_address_fails_clearly() {
@@ -260,24 +262,36 @@ fn takeover_replaces_a_running_instance_without_refusing_a_connection() {
     setup.ok(&["workflows", "set-owner", "wf_1", "u1"]);
     let port = setup.listen_port;
     // Calls on fresh connections all through the handover.
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let made = Arc::new(AtomicUsize::new(0));
     let caller = {
-        let (done, key) = (done.clone(), key.clone());
+        let (done, made, key) = (done.clone(), made.clone(), key.clone());
         std::thread::spawn(move || {
             let mut outcomes = Vec::new();
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            while !done.load(Ordering::SeqCst) {
                 outcomes.push(call_webhook(port, &key));
+                made.fetch_add(1, Ordering::SeqCst);
             }
             outcomes
         })
     };
-    std::thread::sleep(Duration::from_millis(200));
+    // Some calls before the new instance starts, and some after the old
+    // one has gone.
+    let wait_for_calls = |more: usize| {
+        let target = made.load(Ordering::SeqCst) + more;
+        let until = Instant::now() + DEADLINE;
+        while made.load(Ordering::SeqCst) < target {
+            assert!(Instant::now() < until, "the calls stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for_calls(10);
     let new = setup.serve_with(&["--takeover"], "takeover.log");
     new.wait_for_log("took_over=true");
     let status = old.wait_exit();
     assert_eq!(status.code(), Some(0), "old instance log:\n{}", old.log());
-    std::thread::sleep(Duration::from_millis(200));
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_for_calls(10);
+    done.store(true, Ordering::SeqCst);
     let outcomes = caller.join().unwrap();
     assert!(outcomes.len() > 10, "{outcomes:?}");
     let migrates = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")

@@ -119,6 +119,8 @@ pub struct Scripted {
     pub accepted: Arc<AtomicUsize>,
     /// Connections that ended from the gateway's side (it closed them).
     pub closed: Arc<AtomicUsize>,
+    /// Connections this upstream closed itself, after answering.
+    pub hung_up: Arc<AtomicUsize>,
 }
 
 impl Scripted {
@@ -128,11 +130,13 @@ impl Scripted {
         let seen: Arc<Mutex<Vec<String>>> = Arc::default();
         let accepted: Arc<AtomicUsize> = Arc::default();
         let closed: Arc<AtomicUsize> = Arc::default();
+        let hung_up: Arc<AtomicUsize> = Arc::default();
         let (record, count, ended) = (seen.clone(), accepted.clone(), closed.clone());
+        let hangs = hung_up.clone();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                let (record, ended) = (record.clone(), ended.clone());
+                let (record, ended, hangs) = (record.clone(), ended.clone(), hangs.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
@@ -145,6 +149,8 @@ impl Scripted {
                             if !response.is_empty() {
                                 let _ = stream.write_all(response.as_bytes()).await;
                             }
+                            drop(stream);
+                            hangs.fetch_add(1, Ordering::SeqCst);
                             return;
                         }
                         if stream.write_all(response.as_bytes()).await.is_err() {
@@ -159,6 +165,7 @@ impl Scripted {
             seen,
             accepted,
             closed,
+            hung_up,
         }
     }
 
