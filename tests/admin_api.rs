@@ -8,15 +8,11 @@ use common::*;
 use http::Request;
 use http_body_util::Full;
 
-fn embedded(dir: &tempfile::TempDir) -> StoreKind {
-    StoreKind::Embedded(dir.path().join("keygate.redb"))
-}
-
 #[tokio::test]
 async fn admin_paths_are_percent_decoded_and_bad_input_is_explained() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), "")).await;
+    let gw = Gw::start(embedded_config(&dir, &upstream.url(), "")).await;
     let (id, _) = gw.create_key("alice").await;
     let encoded: String = id.bytes().map(|b| format!("%{b:02X}")).collect();
     let (status, v) = gw
@@ -61,7 +57,7 @@ async fn admin_paths_are_percent_decoded_and_bad_input_is_explained() {
 async fn key_names_with_deceptive_characters_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), "")).await;
+    let gw = Gw::start(embedded_config(&dir, &upstream.url(), "")).await;
     for name in [
         "prod\u{202E}txt",
         "a\u{200B}b",

@@ -10,24 +10,11 @@ use http::Request;
 use http_body_util::{Full, StreamBody};
 use std::time::Duration;
 
-fn embedded(dir: &tempfile::TempDir) -> StoreKind {
-    StoreKind::Embedded(dir.path().join("keygate.redb"))
-}
-
-/// A gateway on the embedded store where user `alice` has a key and owns
-/// workflow `wf`; returns the gateway and the key.
-async fn alice_owns_wf(dir: &tempfile::TempDir, upstream: &str, extra: &str) -> (Gw, String) {
-    let gw = Gw::start(config(dir.path(), &embedded(dir), upstream, extra)).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
-    (gw, key)
-}
-
 #[tokio::test]
 async fn spoofed_identity_headers_are_replaced_and_authorization_is_not_forwarded() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), "")).await;
+    let gw = Gw::start(embedded_config(&dir, &upstream.url(), "")).await;
     let (key_id, key) = gw.create_key("alice").await;
     gw.set_owner("wf", "alice").await;
     let req = Request::builder()
@@ -78,7 +65,7 @@ async fn configured_routes_fit_other_engines() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let extra = "routes:\n  - path: \"/hooks/{workflow}\"\n    methods: [PUT, POST]\n    forward_authorization: true\nheaders:\n  user_id: X-Owner\n  key_id: X-Key\n";
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), extra)).await;
+    let gw = Gw::start(embedded_config(&dir, &upstream.url(), extra)).await;
     let (_, key) = gw.create_key("alice").await;
     gw.set_owner("wf9", "alice").await;
     let req = Request::builder()

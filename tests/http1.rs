@@ -14,14 +14,6 @@ use tokio::net::TcpStream;
 
 const PATH: &str = "/api/workflows/wf/webhook";
 
-async fn gateway(dir: &tempfile::TempDir, upstream: &str, extra: &str) -> (Gw, String) {
-    let store = StoreKind::Embedded(dir.path().join("keygate.redb"));
-    let gw = Gw::start(config(dir.path(), &store, upstream, extra)).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
-    (gw, key)
-}
-
 /// Writes `request` and reads until the gateway closes (or 5 s pass).
 async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -68,7 +60,7 @@ fn status_of(response: &str) -> u16 {
 async fn smuggling_shapes_are_refused_before_the_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     let auth = format!("Authorization: Bearer {key}\r\n");
     let cases = [
         (
@@ -131,7 +123,7 @@ async fn smuggling_shapes_are_refused_before_the_upstream() {
 async fn malformed_chunked_bodies_never_complete_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     for body in [
         "5\nhello\r\n0\r\n\r\n",
         "5\r\nhelloEXTRA\r\n0\r\n\r\n",
@@ -165,7 +157,7 @@ async fn malformed_chunked_bodies_never_complete_upstream() {
 async fn pipelined_requests_are_answered_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     let mut all = String::new();
     for (i, last) in [(1, false), (2, false), (3, true)] {
         let close = if last { "Connection: close\r\n" } else { "" };
@@ -191,7 +183,7 @@ async fn pipelined_requests_are_answered_in_order() {
 async fn expect_continue_is_answered_only_for_permitted_requests() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
 
     let mut stream = TcpStream::connect(gw.listen).await.unwrap();
     let head = format!(
@@ -227,7 +219,7 @@ async fn http10_and_chunked_upstream_answers_are_reframed() {
         false,
     )
     .await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
 
     // HTTP/1.1: chunks again (the gateway's own), and keep-alive.
     let mut stream = TcpStream::connect(gw.listen).await.unwrap();
@@ -270,7 +262,7 @@ async fn upstream_answers_keygate_cannot_frame_are_502() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let upstream = Scripted::start(answer, false).await;
-        let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+        let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
         let response = exchange(
             gw.listen,
             post(&key, "Connection: close\r\n", "").as_bytes(),
@@ -285,7 +277,7 @@ async fn upstream_answers_keygate_cannot_frame_are_502() {
 async fn a_head_trickled_in_is_cut_off_at_the_header_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, _) = gateway(
+    let (gw, _) = alice_owns_wf(
         &dir,
         &upstream.url(),
         "limits:\n  header_read_timeout: 300ms\n",
@@ -329,7 +321,7 @@ async fn a_client_that_stops_reading_gives_its_upstream_connection_back() {
     );
     let upstream = Scripted::start(answer, false).await;
     let extra = "limits:\n  upstream_max_per_worker: 1\n  upstream_response_timeout: 500ms\n  send_timeout: 500ms\n";
-    let (gw, key) = gateway(&dir, &upstream.url(), extra).await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), extra).await;
     // A takes the only upstream connection and never reads its answer.
     let mut stalled = TcpStream::connect(gw.listen).await.unwrap();
     stalled
@@ -362,7 +354,7 @@ async fn idle_connections_the_upstream_closed_are_not_used() {
     // Answers with a length, as if the connection could be kept, then
     // closes it.
     let upstream = Scripted::start("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true).await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     for call in 1..=3 {
         let response = exchange(
             gw.listen,
@@ -387,7 +379,7 @@ async fn a_request_the_upstream_dropped_is_not_sent_again() {
     let dir = tempfile::tempdir().unwrap();
     // Reads the request, then closes without an answer.
     let upstream = Scripted::start("", true).await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     let response = exchange(
         gw.listen,
         post(&key, "Connection: close\r\n", "{}").as_bytes(),
@@ -401,7 +393,7 @@ async fn a_request_the_upstream_dropped_is_not_sent_again() {
 async fn http2_prior_knowledge_is_told_apart_from_http1() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     // An HTTP/1.1 request arriving a byte at a time is still HTTP/1.1.
     let request = post(&key, "Connection: close\r\n", "{}");
     let mut stream = TcpStream::connect(gw.listen).await.unwrap();
@@ -430,7 +422,7 @@ async fn a_client_that_pipelines_and_never_reads_is_dropped_after_the_send_timeo
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let extra = "limits:\n  send_timeout: 300ms\nrate_limit:\n  max_failures: 0\n";
-    let (gw, _) = gateway(&dir, &upstream.url(), extra).await;
+    let (gw, _) = alice_owns_wf(&dir, &upstream.url(), extra).await;
     // 20,000 requests that each get keygate's own 401, written and never
     // read: the answers fill the socket buffers and keygate's writes stop.
     let request = format!("POST {PATH} HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n");
@@ -468,7 +460,7 @@ async fn a_client_that_pipelines_and_never_reads_is_dropped_after_the_send_timeo
 async fn http11_requests_without_exactly_one_valid_host_are_400() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     let auth = format!("Authorization: Bearer {key}\r\n");
     for (host, detail) in [
         ("", "no Host header"),
@@ -494,7 +486,7 @@ async fn http11_requests_without_exactly_one_valid_host_are_400() {
 async fn chunk_extensions_and_trailers_count_toward_the_limits() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     let head = format!(
         "POST {PATH} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nTransfer-Encoding: chunked\r\n\r\n"
     );
@@ -542,7 +534,7 @@ async fn bodiless_answers_lose_their_length_and_doubled_lengths_are_made_one() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let upstream = Scripted::start(answer, false).await;
-        let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+        let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
         let response = exchange(
             gw.listen,
             post(&key, "Connection: close\r\n", "{}").as_bytes(),
@@ -568,7 +560,7 @@ async fn bodiless_answers_lose_their_length_and_doubled_lengths_are_made_one() {
 async fn headers_an_engine_could_trust_for_routing_never_reach_it() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Scripted::start("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false).await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     let fields = "x-middleware-subrequest: middleware:middleware:middleware\r\n\
                   X-Original-URL: /admin\r\n\
                   X-Rewrite-URL: /admin\r\n\
@@ -600,7 +592,7 @@ async fn headers_an_engine_could_trust_for_routing_never_reach_it() {
 async fn the_strip_list_is_configurable() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Scripted::start("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false).await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "headers:\n  strip: [x-debug]\n").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "headers:\n  strip: [x-debug]\n").await;
     let fields = "X-Debug: 1\r\nX-Original-URL: /kept\r\nConnection: close\r\n";
     let response = exchange(gw.listen, post(&key, fields, "{}").as_bytes()).await;
     assert_eq!(status_of(&response), 200, "{response}");

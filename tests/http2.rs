@@ -16,14 +16,6 @@ use tokio::net::TcpStream;
 
 const PATH: &str = "/api/workflows/wf/webhook";
 
-async fn gateway(dir: &tempfile::TempDir, upstream: &str, extra: &str) -> (Gw, String) {
-    let store = StoreKind::Embedded(dir.path().join("keygate.redb"));
-    let gw = Gw::start(config(dir.path(), &store, upstream, extra)).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
-    (gw, key)
-}
-
 /// An HTTP/2 (prior knowledge) client connection, tuned by `tune`; the
 /// connection task's handle resolves when the connection ends.
 async fn h2_client(
@@ -59,7 +51,7 @@ async fn an_engine_that_stalls_mid_body_ends_the_stream_and_its_connection() {
     let upstream =
         Scripted::start("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabcd", false).await;
     let extra = "limits:\n  upstream_response_timeout: 300ms\n";
-    let (gw, key) = gateway(&dir, &upstream.url(), extra).await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), extra).await;
     let (mut sender, _conn) = h2_client(gw.listen, |_| {}).await;
     let response = sender.send_request(webhook(&key)).await.unwrap();
     assert_eq!(response.status(), 200);
@@ -103,7 +95,7 @@ async fn a_client_with_a_zero_window_gives_its_upstream_connection_back() {
     );
     let upstream = Scripted::start(answer, false).await;
     let extra = "limits:\n  upstream_max_per_worker: 1\n  upstream_response_timeout: 10s\n  send_timeout: 300ms\n";
-    let (gw, key) = gateway(&dir, &upstream.url(), extra).await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), extra).await;
     // A takes the only upstream connection and never opens its window.
     let (mut stalled, _conn) = h2_client(gw.listen, |b| {
         b.initial_stream_window_size(0);
@@ -138,7 +130,7 @@ async fn an_idle_connection_is_closed_however_it_answers_pings() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let extra = "limits:\n  h2_idle_timeout: 300ms\n";
-    let (gw, key) = gateway(&dir, &upstream.url(), extra).await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), extra).await;
     let (mut sender, conn) = h2_client(gw.listen, |b| {
         b.timer(hyper_util::rt::TokioTimer::new())
             .keep_alive_interval(Duration::from_millis(100))
@@ -159,7 +151,7 @@ async fn a_busy_connection_is_not_closed_as_idle() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start_with_delay(Duration::from_millis(800)).await;
     let extra = "limits:\n  h2_idle_timeout: 300ms\n";
-    let (gw, key) = gateway(&dir, &upstream.url(), extra).await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), extra).await;
     let (mut sender, _conn) = h2_client(gw.listen, |_| {}).await;
     // One request open for longer than the idle timeout.
     let response = sender.send_request(webhook(&key)).await.unwrap();
@@ -170,7 +162,7 @@ async fn a_busy_connection_is_not_closed_as_idle() {
 async fn split_cookies_reach_the_engine_as_one_field() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     let (mut sender, _conn) = h2_client(gw.listen, |_| {}).await;
     let mut req = webhook(&key);
     req.headers_mut().append("cookie", "a=1".parse().unwrap());
@@ -193,7 +185,7 @@ async fn http2_answers_carry_keygates_own_length() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let upstream = Scripted::start(answer, false).await;
-        let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+        let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
         let (mut sender, _conn) = h2_client(gw.listen, |_| {}).await;
         let response = sender.send_request(webhook(&key)).await.unwrap();
         let lengths: Vec<_> = response

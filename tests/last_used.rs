@@ -10,16 +10,12 @@ use http_body_util::Full;
 use keygate::store::Store;
 use std::time::Duration;
 
-fn embedded(dir: &tempfile::TempDir) -> StoreKind {
-    StoreKind::Embedded(dir.path().join("keygate.redb"))
-}
-
 #[tokio::test]
 async fn thousand_requests_make_a_handful_of_last_used_writes() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let extra = "usage:\n  flush_interval: 200ms\n";
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), extra)).await;
+    let gw = Gw::start(embedded_config(&dir, &upstream.url(), extra)).await;
     let (key_id, key) = gw.create_key("alice").await;
     gw.set_owner("wf", "alice").await;
     let auth = bearer(&key);

@@ -17,18 +17,6 @@ use tokio::net::TcpStream;
 
 const PATH: &str = "/api/workflows/wf/webhook";
 
-async fn gateway(dir: &tempfile::TempDir, upstream: &str, extra: &str) -> (Gw, String) {
-    let gw = Gw::start(gateway_config(dir, upstream, extra)).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
-    (gw, key)
-}
-
-fn gateway_config(dir: &tempfile::TempDir, upstream: &str, extra: &str) -> keygate::config::Config {
-    let store = StoreKind::Embedded(dir.path().join("keygate.redb"));
-    config(dir.path(), &store, upstream, extra)
-}
-
 fn post(key: &str, extra_fields: &str) -> String {
     format!(
         "POST {PATH} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n{extra_fields}Content-Length: 2\r\n\r\n{{}}"
@@ -55,7 +43,7 @@ fn gauge(metrics: &str, name: &str) -> Option<u64> {
 async fn an_answer_during_a_graceful_stop_says_connection_close() {
     let dir = tempfile::tempdir().unwrap();
     let slow = Upstream::start_with_delay(Duration::from_millis(300)).await;
-    let (mut gw, key) = gateway(&dir, &slow.url(), "").await;
+    let (mut gw, key) = alice_owns_wf(&dir, &slow.url(), "").await;
     let mut stream = TcpStream::connect(gw.listen).await.unwrap();
     stream.write_all(post(&key, "").as_bytes()).await.unwrap();
     assert!(
@@ -78,7 +66,7 @@ async fn an_answer_during_a_graceful_stop_says_connection_close() {
 async fn requests_already_received_are_answered_during_the_drain() {
     let dir = tempfile::tempdir().unwrap();
     let slow = Upstream::start_with_delay(Duration::from_millis(300)).await;
-    let (mut gw, key) = gateway(&dir, &slow.url(), "").await;
+    let (mut gw, key) = alice_owns_wf(&dir, &slow.url(), "").await;
     let mut stream = TcpStream::connect(gw.listen).await.unwrap();
     let two = post(&key, "X-Request-Id: r1\r\n") + &post(&key, "X-Request-Id: r2\r\n");
     stream.write_all(two.as_bytes()).await.unwrap();
@@ -110,7 +98,7 @@ async fn requests_already_received_are_answered_during_the_drain() {
 async fn an_idle_keep_alive_connection_is_closed_at_a_graceful_stop() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (mut gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (mut gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     let mut stream = TcpStream::connect(gw.listen).await.unwrap();
     stream.write_all(post(&key, "").as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 4096];
@@ -130,7 +118,7 @@ async fn an_idle_keep_alive_connection_is_closed_at_a_graceful_stop() {
 async fn http2_connections_get_goaway_and_their_open_streams_finish() {
     let dir = tempfile::tempdir().unwrap();
     let slow = Upstream::start_with_delay(Duration::from_millis(300)).await;
-    let (mut gw, key) = gateway(&dir, &slow.url(), "").await;
+    let (mut gw, key) = alice_owns_wf(&dir, &slow.url(), "").await;
     let stream = TcpStream::connect(gw.listen).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -192,7 +180,7 @@ async fn refused(mut stream: TcpStream) -> bool {
 async fn connections_over_the_limit_are_refused_at_accept() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "limits:\n  max_connections: 2\n").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "limits:\n  max_connections: 2\n").await;
     let first = held_connection(&gw, 0).await;
     let _second = held_connection(&gw, 1).await;
     let third = TcpStream::connect(gw.listen).await.unwrap();
@@ -223,7 +211,7 @@ async fn connections_per_address_are_limited_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let extra = "limits:\n  max_connections_per_ip: 1\n";
-    let (gw, _) = gateway(&dir, &upstream.url(), extra).await;
+    let (gw, _) = alice_owns_wf(&dir, &upstream.url(), extra).await;
     let _held = held_connection(&gw, 0).await;
     let second = TcpStream::connect(gw.listen).await.unwrap();
     assert!(
@@ -271,7 +259,7 @@ impl Client {
 async fn a_reload_puts_routes_and_limits_in_force_on_open_connections() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     let mut client = Client::connect(gw.listen).await;
     let hooks = format!(
         "POST /hooks/wf HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\nContent-Length: 2\r\n\r\n{{}}"
@@ -279,7 +267,7 @@ async fn a_reload_puts_routes_and_limits_in_force_on_open_connections() {
     assert!(client.send(&hooks).await.starts_with("HTTP/1.1 404"));
     let reloaded = gw
         .running()
-        .reload(gateway_config(
+        .reload(embedded_config(
             &dir,
             &upstream.url(),
             "routes:\n  - path: /api/workflows/{workflow}/webhook\n  - path: /hooks/{workflow}\nlimits:\n  max_body_bytes: 1\n",
@@ -313,8 +301,8 @@ async fn a_reload_puts_routes_and_limits_in_force_on_open_connections() {
 async fn a_reload_keeps_what_needs_a_restart_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
-    let mut other = gateway_config(&dir, &upstream.url(), "shutdown_timeout: 5s\n");
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
+    let mut other = embedded_config(&dir, &upstream.url(), "shutdown_timeout: 5s\n");
     other.workers = 2;
     other.store = keygate::config::StoreConfig::Embedded {
         path: dir.path().join("elsewhere.redb"),
@@ -335,12 +323,12 @@ async fn a_reload_keeps_what_needs_a_restart_and_says_so() {
 async fn a_reload_resizes_the_caches_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let (gw, key) = gateway(&dir, &upstream.url(), "").await;
+    let (gw, key) = alice_owns_wf(&dir, &upstream.url(), "").await;
     assert_eq!(gw.webhook("wf", Some(&bearer(&key))).await.0, 200);
     let misses = |m: &str| gauge(m, "keygate_key_cache_misses_total").unwrap();
     let before = misses(&gw.metrics().await);
     gw.running()
-        .reload(gateway_config(
+        .reload(embedded_config(
             &dir,
             &upstream.url(),
             "cache:\n  keys: { capacity: 10, ttl: 120s }\n",
@@ -381,7 +369,7 @@ async fn a_renewed_certificate_is_served_to_new_connections_after_a_reload() {
     let old = certificate(dir.path());
     let upstream = Upstream::start().await;
     let extra = "tls:\n  cert: cert.pem\n  key: key.pem\n";
-    let (gw, _) = gateway(&dir, &upstream.url(), extra).await;
+    let (gw, _) = alice_owns_wf(&dir, &upstream.url(), extra).await;
     assert!(trusts(gw.listen, &old).await);
     let renewed = certificate(dir.path());
     assert!(
@@ -389,7 +377,7 @@ async fn a_renewed_certificate_is_served_to_new_connections_after_a_reload() {
         "renewed before the reload"
     );
     gw.running()
-        .reload(gateway_config(&dir, &upstream.url(), extra))
+        .reload(embedded_config(&dir, &upstream.url(), extra))
         .unwrap();
     assert!(trusts(gw.listen, &renewed).await);
     assert!(!trusts(gw.listen, &old).await);
@@ -401,7 +389,7 @@ async fn a_renewed_certificate_is_served_to_new_connections_after_a_reload() {
     .unwrap();
     let e = gw
         .running()
-        .reload(gateway_config(&dir, &upstream.url(), extra))
+        .reload(embedded_config(&dir, &upstream.url(), extra))
         .unwrap_err();
     assert!(e.contains("cert.pem"), "{e}");
     assert!(trusts(gw.listen, &renewed).await);

@@ -9,19 +9,6 @@ use http::Request;
 use http_body_util::Full;
 use std::time::Duration;
 
-fn embedded(dir: &tempfile::TempDir) -> StoreKind {
-    StoreKind::Embedded(dir.path().join("keygate.redb"))
-}
-
-/// A gateway on the embedded store where user `alice` has a key and owns
-/// workflow `wf`; returns the gateway and the key.
-async fn alice_owns_wf(dir: &tempfile::TempDir, upstream: &str, extra: &str) -> (Gw, String) {
-    let gw = Gw::start(config(dir.path(), &embedded(dir), upstream, extra)).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
-    (gw, key)
-}
-
 /// Rows 1 to 5 of DESIGN.md's table, plus revocation, on one store.
 async fn status_table(store: StoreKind, dir: &std::path::Path) {
     let upstream = Upstream::start().await;
@@ -126,7 +113,7 @@ async fn status_table_holds_on_the_redis_store() {
 async fn authentication_comes_before_the_workflow_lookup() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), "")).await;
+    let gw = Gw::start(embedded_config(&dir, &upstream.url(), "")).await;
     for auth in [
         None,
         Some("Bearer nope"),
@@ -198,7 +185,7 @@ async fn unreachable_store_without_a_cached_answer_is_503_never_a_pass() {
 async fn dot_segment_workflow_ids_are_404_before_any_store_call() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), "")).await;
+    let gw = Gw::start(embedded_config(&dir, &upstream.url(), "")).await;
     // A well-formed key the store has never seen: looking it up would be a
     // cache miss.
     let unknown = bearer(&format!("wfb_{}", "D".repeat(38)));
@@ -236,7 +223,7 @@ async fn dot_segment_workflow_ids_are_404_before_any_store_call() {
 async fn unmatched_paths_methods_and_preflight_need_no_store() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), "")).await;
+    let gw = Gw::start(embedded_config(&dir, &upstream.url(), "")).await;
     let get = |uri: &str, method: &str| {
         Request::builder()
             .method(method)
@@ -284,7 +271,7 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start().await;
     let extra = "rate_limit:\n  key_requests: 2\n  key_window: 1h\n";
-    let gw = Gw::start(config(dir.path(), &embedded(&dir), &upstream.url(), extra)).await;
+    let gw = Gw::start(embedded_config(&dir, &upstream.url(), extra)).await;
     let (_, busy) = gw.create_key("alice").await;
     let (_, other) = gw.create_key("alice").await;
     gw.set_owner("wf", "alice").await;

@@ -4,19 +4,6 @@ mod common;
 
 use common::*;
 
-fn embedded(dir: &tempfile::TempDir) -> StoreKind {
-    StoreKind::Embedded(dir.path().join("keygate.redb"))
-}
-
-/// A gateway on the embedded store where user `alice` has a key and owns
-/// workflow `wf`; returns the gateway and the key.
-async fn alice_owns_wf(dir: &tempfile::TempDir, upstream: &str, extra: &str) -> (Gw, String) {
-    let gw = Gw::start(config(dir.path(), &embedded(dir), upstream, extra)).await;
-    let (_, key) = gw.create_key("alice").await;
-    gw.set_owner("wf", "alice").await;
-    (gw, key)
-}
-
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn worker_threads_run_under_sched_batch_unless_told_otherwise() {
@@ -66,7 +53,7 @@ async fn workers_keep_one_cpu_each_when_there_is_one_per_cpu() {
     let upstream = Upstream::start().await;
     let start = |workers: usize, extra: &'static str| {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = config(dir.path(), &embedded(&dir), &upstream.url(), extra);
+        let mut c = embedded_config(&dir, &upstream.url(), extra);
         c.workers = workers;
         async move { (Gw::start(c).await, dir) }
     };

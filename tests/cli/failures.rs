@@ -120,10 +120,7 @@ fn logs_show_a_key_by_its_prefix_only() {
         .and_then(|p| p.trim_end_matches('"').parse().ok())
         .unwrap();
     let server = setup.serve();
-    let key = setup
-        .ok(&["keys", "create", "--user", "u1"])
-        .trim()
-        .to_owned();
+    let key = setup.create_key("u1");
     setup.ok(&["workflows", "set-owner", "wf_logged", "u1"]);
     let request = format!(
         "POST /api/workflows/wf_logged/webhook HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nX-User-Id: spoof\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"

@@ -172,6 +172,13 @@ impl Setup {
         ok(&self.config, args)
     }
 
+    /// `keys create --user <user>`: the new key, as printed.
+    pub(crate) fn create_key(&self, user: &str) -> String {
+        self.ok(&["keys", "create", "--user", user])
+            .trim()
+            .to_owned()
+    }
+
     /// Starts `keygate serve` with this config and waits until `/healthz`
     /// answers. A port taken between picking and binding gets fresh ports.
     pub(crate) fn serve(&mut self) -> Server {

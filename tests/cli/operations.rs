@@ -121,10 +121,7 @@ fn a_bad_user_names_the_flag_and_a_key_is_never_echoed() {
 fn the_admin_api_never_echoes_a_key_given_as_an_id() {
     let mut setup = Setup::embedded();
     let _server = setup.serve();
-    let key = setup
-        .ok(&["keys", "create", "--user", "u1"])
-        .trim()
-        .to_owned();
+    let key = setup.create_key("u1");
     let token = std::fs::read_to_string(setup.token_file()).unwrap();
     let response = http(
         setup.admin_port,
@@ -149,10 +146,7 @@ fn serve_logs_without_colour_rounds_latency_and_fails_once() {
     )
     .unwrap();
     let server = setup.serve();
-    let key = setup
-        .ok(&["keys", "create", "--user", "u1"])
-        .trim()
-        .to_owned();
+    let key = setup.create_key("u1");
     setup.ok(&["workflows", "set-owner", "wf_1", "u1"]);
     assert_eq!(call_webhook(setup.listen_port, &key), Some(502));
     let log = server.wait_for_log("keygate::access");
@@ -244,10 +238,7 @@ fn sighup_reloads_the_config_refuses_a_bad_one_and_names_what_needs_a_restart() 
     let log = server.wait_for_log("take effect only after a restart");
     assert!(log.contains("needs_restart=listen"), "{log}");
     // Still listening where it started.
-    let key = setup
-        .ok(&["keys", "create", "--user", "u1"])
-        .trim()
-        .to_owned();
+    let key = setup.create_key("u1");
     assert!(call_webhook(setup.listen_port, &key).is_some());
 }
 
@@ -255,10 +246,7 @@ fn sighup_reloads_the_config_refuses_a_bad_one_and_names_what_needs_a_restart() 
 fn takeover_replaces_a_running_instance_without_refusing_a_connection() {
     let mut setup = Setup::embedded();
     let mut old = setup.serve();
-    let key = setup
-        .ok(&["keys", "create", "--user", "u1"])
-        .trim()
-        .to_owned();
+    let key = setup.create_key("u1");
     setup.ok(&["workflows", "set-owner", "wf_1", "u1"]);
     let port = setup.listen_port;
     // Calls on fresh connections all through the handover.

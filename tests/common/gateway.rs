@@ -43,6 +43,25 @@ pub fn config(dir: &Path, store: &StoreKind, upstream: &str, extra: &str) -> Con
     Config::from_yaml(&yaml, dir).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
 }
 
+/// The embedded store, in `dir`.
+pub fn embedded(dir: &tempfile::TempDir) -> StoreKind {
+    StoreKind::Embedded(dir.path().join("keygate.redb"))
+}
+
+/// [`config`] on the embedded store in `dir`.
+pub fn embedded_config(dir: &tempfile::TempDir, upstream: &str, extra: &str) -> Config {
+    config(dir.path(), &embedded(dir), upstream, extra)
+}
+
+/// A gateway on the embedded store where user `alice` has a key and owns
+/// workflow `wf`; returns the gateway and the key.
+pub async fn alice_owns_wf(dir: &tempfile::TempDir, upstream: &str, extra: &str) -> (Gw, String) {
+    let gw = Gw::start(embedded_config(dir, upstream, extra)).await;
+    let (_, key) = gw.create_key("alice").await;
+    gw.set_owner("wf", "alice").await;
+    (gw, key)
+}
+
 /// A started gateway and a client for its admin API.
 pub struct Gw {
     pub running: Option<Running>,

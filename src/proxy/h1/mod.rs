@@ -25,6 +25,7 @@ pub(crate) use io::{ClientIo, READ_CHUNK, read_more};
 use super::credentials::Authorization;
 use super::gateway::{ClientRequest, ConnInfo, Decision, Forwarder, Gateway};
 use super::live::WorkerGateway;
+use super::reject::Reject;
 use crate::http1::{Decoder, RequestHead, WireError};
 use body::ClientBody;
 use buffers::Held;
@@ -202,9 +203,9 @@ async fn exchange<IO: ClientIo>(
     let keep = |client: &mut Downstream<IO>| {
         head.keep_alive && (!*stopped.borrow() || client.next_head_buffered())
     };
-    // Each arm counts the request before its answer's head goes out, so a
-    // client that has read the answer also sees it in the metrics.
-    let keep_alive = match decision {
+    // Either the upstream's answer, or keygate's own: a refusal or a
+    // preflight's.
+    let outcome = match decision {
         Decision::Forward { route, pool } => {
             let sent = deadline
                 .until(
@@ -212,41 +213,26 @@ async fn exchange<IO: ClientIo>(
                     forwarder.pools[pool].send(&mut up, head.framing, &mut body, &head.method),
                 )
                 .await;
-            match gateway.forwarded(route, sent) {
-                Ok(response) => {
-                    gateway.trace.finish(&trace, response.head.status.as_u16());
-                    let keep = keep(body.client);
-                    let idle = gateway.limits.upstream_response_timeout;
-                    pass_on(&mut body, response, &trace, keep, deadline, idle).await
-                }
-                Err(reject) => {
-                    gateway.trace.finish(&trace, reject.status().as_u16());
-                    body.refuse(
-                        reject.into_response(),
-                        &trace,
-                        &keep,
-                        head_request,
-                        deadline,
-                    )
-                    .await
-                }
-            }
+            gateway
+                .forwarded(route, sent)
+                .map_err(Reject::into_response)
         }
-        Decision::Preflight => {
-            let response = gateway.preflight();
-            gateway.trace.finish(&trace, response.status().as_u16());
-            body.refuse(response, &trace, &keep, false, deadline).await
+        Decision::Preflight => Err(gateway.preflight()),
+        Decision::Refuse(reject) => Err(reject.into_response()),
+    };
+    // The request is counted before its answer's head goes out, so a client
+    // that has read the answer also sees it in the metrics.
+    let keep_alive = match outcome {
+        Ok(response) => {
+            gateway.trace.finish(&trace, response.head.status.as_u16());
+            let keep = keep(body.client);
+            let idle = gateway.limits.upstream_response_timeout;
+            pass_on(&mut body, response, &trace, keep, deadline, idle).await
         }
-        Decision::Refuse(reject) => {
-            gateway.trace.finish(&trace, reject.status().as_u16());
-            body.refuse(
-                reject.into_response(),
-                &trace,
-                &keep,
-                head_request,
-                deadline,
-            )
-            .await
+        Err(answer) => {
+            gateway.trace.finish(&trace, answer.status().as_u16());
+            body.refuse(answer, &trace, &keep, head_request, deadline)
+                .await
         }
     };
     body.client.bufs.up = up;
