@@ -4,16 +4,14 @@
 //! Under the default policy a thread woken by a socket event preempts
 //! whatever runs on its CPU. On a machine the proxy shares (with the load,
 //! the engine, other services) that makes each worker wake for a request or
-//! two, sleep, and wake again: measured here at 0.4 sleeps per request
-//! against nginx's 0.02, at several µs each. `SCHED_BATCH` turns wake-up
-//! preemption off for these threads only, so events gather while the
-//! running thread finishes its slice and a worker handles them in one go
-//! (README, "Performance").
+//! two, sleep, and wake again, paying a wake-up each time. `SCHED_BATCH`
+//! turns wake-up preemption off for these threads only, so events gather
+//! while the running thread finishes its slice and a worker handles them
+//! in one go (README, "Performance", has the measurements).
 //!
 //! The kernel may also put two workers on one CPU for a while, where they
-//! take turns while the other CPU runs the rest: side by side with nginx
-//! that cost keygate 10–20 % of its rate for as long as it lasted. With as
-//! many workers as CPUs, each worker keeps to its own CPU (`sched_setaffinity`,
+//! take turns while the other CPU runs the rest, and the rate drops for as
+//! long as it lasts. With as many workers as CPUs, each worker keeps to its own CPU (`sched_setaffinity`,
 //! `worker_cpu_affinity: auto`).
 //!
 //! Setting the policy is the crate's one `unsafe` block (`lib.rs` denies

@@ -41,9 +41,11 @@ pub struct Admin {
     token: AdminToken,
 }
 
-/// Largest admin request body.
+/// Admin bodies carry a name or a user id; this bounds what one request
+/// can make the admin API hold.
 const MAX_BODY: usize = 64 * 1024;
-/// How long an admin request body may take to arrive.
+/// A client sending its body slower than this loses the connection, so a
+/// slow sender cannot hold one open.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Admin {

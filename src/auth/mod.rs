@@ -9,9 +9,9 @@
 //!   ages checked on read against the TTL;
 //! - [`front`]: per-thread copies of served answers, under the same rules.
 //!
-//! All caches are `quick_cache` caches (one table, entries inline: 162
-//! bytes per entry where moka took 481), so a reload can change their
-//! capacities and TTLs without emptying them. Store reads made for one
+//! All caches are `quick_cache` caches (one table, entries held inline, so
+//! an entry costs little; README gives the sizes), whose capacities and
+//! TTLs a reload can change without emptying them. Store reads made for one
 //! request share one deadline ([`Budget`]).
 
 mod cache;

@@ -68,7 +68,7 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
-    /// The request target as sent (origin-form for any routed request).
+    /// The request target as sent.
     pub fn target<'a>(&self, head: &'a [u8]) -> &'a str {
         std::str::from_utf8(&head[self.target.clone()]).unwrap_or("")
     }

@@ -26,7 +26,8 @@ pub(crate) use hop::{connection_named, fields_of, is};
 /// Longest request or response head accepted by default
 /// (`limits.max_header_bytes`).
 pub const MAX_HEAD: usize = 64 * 1024;
-/// Most header fields in one head.
+/// Most header fields in one head: the parser fills a fixed array of this
+/// many slots on the stack (more is a 431).
 pub const MAX_HEADERS: usize = 100;
 
 /// How a message body is delimited.

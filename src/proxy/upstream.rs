@@ -1,5 +1,5 @@
 //! The upstream client: one pool per upstream per worker runtime, each a
-//! stack of idle HTTP/1.1 connections, spoken to with [`super::wire`] from
+//! stack of idle HTTP/1.1 connections, spoken to with [`crate::http1`] from
 //! the task of the request that holds the connection (no connection task,
 //! no channel between the two).
 //!

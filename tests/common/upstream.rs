@@ -22,6 +22,7 @@ pub struct Seen {
     pub uri: String,
     pub version: http::Version,
     pub headers: http::HeaderMap,
+    /// `usize::MAX` where the body did not arrive whole.
     pub body_len: usize,
 }
 
@@ -101,6 +102,14 @@ impl Upstream {
 
     pub fn requests(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// How many requests arrived with their whole body.
+    pub fn whole_bodies(&self) -> usize {
+        self.requests()
+            .iter()
+            .filter(|s| s.body_len != usize::MAX)
+            .count()
     }
 }
 
