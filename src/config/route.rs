@@ -96,32 +96,37 @@ pub fn is_dot_segment(segment: &str) -> bool {
     dots == 1 || dots == 2
 }
 
-pub(super) fn route(i: usize, r: RawRoute, default: &Upstream) -> Result<RouteConfig, ConfigError> {
-    let field = format!("routes[{i}]");
-    let pattern = Pattern::parse(&r.path).map_err(|e| ConfigError(format!("{field}.path: {e}")))?;
-    let methods = match r.methods {
+pub(super) fn route(
+    index: usize,
+    raw: RawRoute,
+    default: &Upstream,
+) -> Result<RouteConfig, ConfigError> {
+    let field = format!("routes[{index}]");
+    let pattern =
+        Pattern::parse(&raw.path).map_err(|e| ConfigError(format!("{field}.path: {e}")))?;
+    let methods = match raw.methods {
         None => vec![Method::POST],
-        Some(m) if m.is_empty() => {
+        Some(listed) if listed.is_empty() => {
             return err(format!("{field}.methods: list at least one method"));
         }
-        Some(m) => m
+        Some(listed) => listed
             .iter()
-            .map(|s| {
-                Method::from_bytes(s.to_ascii_uppercase().as_bytes())
-                    .map_err(|_| ConfigError(format!("{field}.methods: invalid method {s:?}")))
+            .map(|name| {
+                Method::from_bytes(name.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| ConfigError(format!("{field}.methods: invalid method {name:?}")))
             })
             .collect::<Result<_, _>>()?,
     };
     Ok(RouteConfig {
-        path: r.path,
+        path: raw.path,
         pattern,
         methods,
-        upstream: match r.upstream {
-            Some(u) => upstream(&format!("{field}.upstream"), &u)?,
+        upstream: match raw.upstream {
+            Some(url) => upstream(&format!("{field}.upstream"), &url)?,
             None => default.clone(),
         },
-        forward_authorization: r.forward_authorization.unwrap_or(false),
-        preserve_host: r.preserve_host.unwrap_or(false),
+        forward_authorization: raw.forward_authorization.unwrap_or(false),
+        preserve_host: raw.preserve_host.unwrap_or(false),
     })
 }
 

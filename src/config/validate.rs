@@ -435,10 +435,10 @@ fn cache_size(
     capacity: u64,
     ttl: &str,
 ) -> Result<CacheSize, ConfigError> {
-    let (c, t) = raw.map_or((None, None), |r| (r.capacity, r.ttl));
+    let (given_capacity, given_ttl) = raw.map_or((None, None), |r| (r.capacity, r.ttl));
     let size = CacheSize {
-        capacity: c.unwrap_or(capacity),
-        ttl: duration(&format!("{field}.ttl"), t.as_deref(), ttl)?,
+        capacity: given_capacity.unwrap_or(capacity),
+        ttl: duration(&format!("{field}.ttl"), given_ttl.as_deref(), ttl)?,
     };
     if size.ttl.is_zero() {
         return err(format!("{field}.ttl: must be more than 0"));
@@ -456,16 +456,16 @@ fn duration(field: &str, value: Option<&str>, default: &str) -> Result<Duration,
 }
 
 /// `500ms`, `5s`, `2m`, `1h`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (digits, unit) = text.split_at(split);
+    let count: u64 = digits.parse().ok()?;
     match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
-        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
+        "ms" => Some(Duration::from_millis(count)),
+        "s" => Some(Duration::from_secs(count)),
+        "m" => Some(Duration::from_secs(count.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(count.checked_mul(3600)?)),
         _ => None,
     }
 }
