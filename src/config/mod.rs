@@ -2,12 +2,18 @@
 //! ([`raw`]: unknown keys rejected with their name and line, a value of the
 //! wrong type with its field), then checked section by section
 //! ([`validate`]) into [`Config`], the type the rest of the crate uses.
-//! Routes are parsed once, into patterns ([`route`]).
+//! Routes are parsed once, into patterns ([`route`]); the postgres store's
+//! section, with its URL and the engine's table names, is [`postgres`].
 
+mod postgres;
 mod raw;
 mod route;
 mod validate;
 
+pub use postgres::{
+    EngineTables, KeysTable, PgTls, PostgresConfig, RootCerts, UsersTable, WorkflowsTable,
+    is_identifier,
+};
 pub use route::{DEFAULT_ROUTE, Pattern, RouteConfig, is_dot_segment};
 pub use validate::parse_duration;
 
@@ -92,8 +98,12 @@ pub struct TlsFiles {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
-    Embedded { path: PathBuf },
+    Embedded {
+        path: PathBuf,
+    },
     Redis(RedisConfig),
+    /// Boxed: tokio-postgres's config is large, the others small.
+    Postgres(Box<PostgresConfig>),
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -173,6 +183,27 @@ pub struct CacheConfig {
     pub keys: CacheSize,
     pub negative: CacheSize,
     pub owners: CacheSize,
+    /// The longest any answer is cached while the store cannot tell keygate
+    /// of changes made behind its back (a postgres store without its
+    /// triggers): every TTL above is held to it then.
+    pub ttl_without_notify: Duration,
+}
+
+impl CacheConfig {
+    /// These TTLs, each held to at most `ceiling`.
+    #[must_use]
+    pub fn capped(&self, ceiling: Duration) -> CacheConfig {
+        let cap = |size: CacheSize| CacheSize {
+            ttl: size.ttl.min(ceiling),
+            ..size
+        };
+        CacheConfig {
+            keys: cap(self.keys),
+            negative: cap(self.negative),
+            owners: cap(self.owners),
+            ..*self
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

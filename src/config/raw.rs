@@ -38,6 +38,7 @@ pub(super) struct RawTls {
 pub(super) struct RawStore {
     pub(super) embedded: Option<RawEmbedded>,
     pub(super) redis: Option<RawRedis>,
+    pub(super) postgres: Option<RawPostgres>,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +53,52 @@ pub(super) struct RawRedis {
     pub(super) url: String,
     pub(super) prefix: Option<String>,
     pub(super) timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPostgres {
+    pub(super) url: String,
+    pub(super) timeout: Option<String>,
+    pub(super) pool_size: Option<usize>,
+    pub(super) channel: Option<String>,
+    pub(super) tables: Option<RawTables>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTables {
+    pub(super) api_keys: Option<RawKeysTable>,
+    pub(super) workflows: Option<RawWorkflowsTable>,
+    pub(super) users: Option<RawUsersTable>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKeysTable {
+    pub(super) table: Option<String>,
+    pub(super) id: Option<String>,
+    pub(super) user_id: Option<String>,
+    pub(super) name: Option<String>,
+    pub(super) key_hash: Option<String>,
+    pub(super) key_prefix: Option<String>,
+    pub(super) created_at: Option<String>,
+    pub(super) last_used_at: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWorkflowsTable {
+    pub(super) table: Option<String>,
+    pub(super) id: Option<String>,
+    pub(super) user_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUsersTable {
+    pub(super) table: Option<String>,
+    pub(super) id: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -93,7 +140,7 @@ pub(super) struct RawHeaders {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCache {
-    pub(super) keys: Option<RawCacheSize>,
+    pub(super) keys: Option<RawKeyCache>,
     pub(super) negative: Option<RawCacheSize>,
     pub(super) owners: Option<RawCacheSize>,
 }
@@ -103,6 +150,16 @@ pub(super) struct RawCache {
 pub(super) struct RawCacheSize {
     pub(super) capacity: Option<u64>,
     pub(super) ttl: Option<String>,
+}
+
+/// `cache.keys`: a size, and the TTL bound that holds while the store
+/// cannot notify keygate of the engine's own changes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKeyCache {
+    pub(super) capacity: Option<u64>,
+    pub(super) ttl: Option<String>,
+    pub(super) ttl_without_notify: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -71,7 +71,39 @@ fn bad_values_are_explained() {
         ("cache:\n  keys:\n    ttl: soon\n", "cache.keys.ttl"),
         (
             "store:\n  embedded: {}\n  redis: {url: \"redis://x:1\"}\n",
-            "not both",
+            "not several",
+        ),
+        (
+            "store:\n  postgres: {url: \"mysql://x\"}\n",
+            "store.postgres.url",
+        ),
+        (
+            "store:\n  postgres: {url: \"postgres://h/db\"}\n",
+            "store.postgres.url: no user",
+        ),
+        (
+            "store:\n  postgres: {url: \"postgres://u@h/db\", pool_size: 0}\n",
+            "store.postgres.pool_size",
+        ),
+        (
+            "store:\n  postgres: {url: \"postgres://u@h/db\", channel: \"a-b\"}\n",
+            "store.postgres.channel",
+        ),
+        (
+            "store:\n  postgres:\n    url: \"postgres://u@h/db\"\n    tables: {api_keys: {key_hash: \"x; DROP\"}}\n",
+            "store.postgres.tables.api_keys.key_hash",
+        ),
+        (
+            "store:\n  postgres:\n    url: \"postgres://u@h/db\"\n    tables: {users: {table: \"a.b.c\"}}\n",
+            "store.postgres.tables.users.table",
+        ),
+        (
+            "store:\n  postgres:\n    url: \"postgres://u@h/db\"\n    tables: {keys: {}}\n",
+            "keys",
+        ),
+        (
+            "cache:\n  keys:\n    ttl_without_notify: 0s\n",
+            "cache.keys.ttl_without_notify",
         ),
         ("routes:\n  - path: /no/capture\n", "routes[0].path"),
         ("log:\n  format: xml\n", "log.format"),
@@ -104,6 +136,38 @@ fn debug_output_hides_secrets() {
         !shown.contains("hunter2") && !shown.contains("s3cret"),
         "{shown}"
     );
+    let c =
+        parse("store:\n  postgres:\n    url: \"postgres://u:hunter2@db/engine?sslmode=require\"\n")
+            .unwrap();
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("engine"), "{shown}");
+}
+
+#[test]
+fn a_postgres_store_defaults_to_the_templates_tables() {
+    let c = parse("store:\n  postgres:\n    url: \"postgres://u@db/engine\"\n").unwrap();
+    let StoreConfig::Postgres(pg) = c.store else {
+        panic!("{:?}", c.store)
+    };
+    assert_eq!(pg.tables.api_keys.table, "api_keys");
+    assert_eq!(pg.tables.api_keys.key_hash, "key_hash");
+    assert_eq!(pg.tables.workflows.user_id, "user_id");
+    assert_eq!(pg.tables.users.table, "users");
+    assert_eq!(pg.channel, "keygate_invalidate");
+    assert_eq!(pg.pool_size, 4);
+    assert_eq!(pg.timeout, Duration::from_secs(2));
+    assert_eq!(pg.connect.get_application_name(), Some("keygate"));
+    assert_eq!(
+        pg.connect.get_connect_timeout(),
+        Some(&Duration::from_secs(2))
+    );
+    assert_eq!(
+        pg.connect.get_options(),
+        Some("-c statement_timeout=2000 -c TimeZone=UTC")
+    );
+    assert_eq!(c.cache.ttl_without_notify, Duration::from_secs(1));
+    assert!(c.admin.token_file.ends_with("data/admin.token"));
 }
 
 #[test]

@@ -92,24 +92,16 @@ fn tls(files: RawTls, base: &Path) -> TlsFiles {
 
 fn store(raw: Option<RawStore>, base: &Path, env: Env<'_>) -> Result<StoreConfig, ConfigError> {
     const DEFAULT_PATH: &str = "data/keygate.redb";
-    match raw {
-        None => Ok(StoreConfig::Embedded {
+    let Some(raw) = raw else {
+        return Ok(StoreConfig::Embedded {
             path: resolve(base, DEFAULT_PATH),
-        }),
-        Some(RawStore {
-            embedded: Some(_),
-            redis: Some(_),
-        }) => err("store: choose one of `embedded` or `redis`, not both"),
-        Some(RawStore {
-            embedded: Some(embedded),
-            redis: None,
-        }) => Ok(StoreConfig::Embedded {
+        });
+    };
+    match (raw.embedded, raw.redis, raw.postgres) {
+        (Some(embedded), None, None) => Ok(StoreConfig::Embedded {
             path: resolve(base, embedded.path.as_deref().unwrap_or(DEFAULT_PATH)),
         }),
-        Some(RawStore {
-            embedded: None,
-            redis: Some(redis),
-        }) => {
+        (None, Some(redis), None) => {
             let url = from_env("store.redis.url", &redis.url, env)?;
             if url.starts_with("rediss://") {
                 return err(
@@ -125,10 +117,14 @@ fn store(raw: Option<RawStore>, base: &Path, env: Env<'_>) -> Result<StoreConfig
                 timeout: duration("store.redis.timeout", redis.timeout.as_deref(), "2s")?,
             }))
         }
-        Some(RawStore {
-            embedded: None,
-            redis: None,
-        }) => err("store: set `embedded` or `redis`"),
+        (None, None, Some(postgres)) => {
+            let url = from_env("store.postgres.url", &postgres.url, env)?;
+            Ok(StoreConfig::Postgres(Box::new(super::postgres::postgres(
+                postgres, &url, base,
+            )?)))
+        }
+        (None, None, None) => err("store: set one of `embedded`, `redis` or `postgres`"),
+        _ => err("store: choose one of `embedded`, `redis` or `postgres`, not several"),
     }
 }
 
@@ -142,7 +138,9 @@ fn admin(
     let token_file = match (&raw.token_file, store) {
         (Some(path), _) => resolve(base, path),
         (None, StoreConfig::Embedded { path }) => path.parent().unwrap_or(base).join("admin.token"),
-        (None, StoreConfig::Redis(_)) => resolve(base, "data/admin.token"),
+        (None, StoreConfig::Redis(_) | StoreConfig::Postgres(_)) => {
+            resolve(base, "data/admin.token")
+        }
     };
     let token = match raw.token {
         None => None,
@@ -215,8 +213,27 @@ fn headers(raw: RawHeaders) -> Result<HeaderNames, ConfigError> {
 }
 
 fn cache(raw: RawCache) -> Result<CacheConfig, ConfigError> {
+    let (keys, ttl_without_notify) = match raw.keys {
+        None => (None, None),
+        Some(keys) => (
+            Some(RawCacheSize {
+                capacity: keys.capacity,
+                ttl: keys.ttl,
+            }),
+            keys.ttl_without_notify,
+        ),
+    };
+    let ttl_without_notify = duration(
+        "cache.keys.ttl_without_notify",
+        ttl_without_notify.as_deref(),
+        "1s",
+    )?;
+    if ttl_without_notify.is_zero() {
+        return err("cache.keys.ttl_without_notify: must be more than 0");
+    }
     Ok(CacheConfig {
-        keys: cache_size("cache.keys", raw.keys, 100_000, "60s")?,
+        ttl_without_notify,
+        keys: cache_size("cache.keys", keys, 100_000, "60s")?,
         negative: cache_size("cache.negative", raw.negative, 100_000, "5s")?,
         owners: cache_size("cache.owners", raw.owners, 100_000, "60s")?,
     })
@@ -446,7 +463,11 @@ fn cache_size(
     Ok(size)
 }
 
-fn duration(field: &str, value: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+pub(super) fn duration(
+    field: &str,
+    value: Option<&str>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
     let value = value.unwrap_or(default);
     parse_duration(value).ok_or_else(|| {
         ConfigError(format!(
