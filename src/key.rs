@@ -132,10 +132,38 @@ pub fn random_id(tag: &str) -> Result<String, getrandom::Error> {
     Ok(format!("{tag}_{}", base64url(&bytes)))
 }
 
+/// `len` characters of `[0-9a-z]`, each uniformly drawn (bytes past the
+/// last whole multiple of 36 are drawn again), as the engine's own ids.
+pub fn random_lowercase_id(len: usize) -> Result<String, getrandom::Error> {
+    const ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut id = String::with_capacity(len);
+    let mut bytes = [0u8; 32];
+    while id.len() < len {
+        getrandom::fill(&mut bytes)?;
+        for b in bytes.iter().filter(|b| **b < 252) {
+            if id.len() < len {
+                id.push(char::from(ALPHABET[usize::from(*b % 36)]));
+            }
+        }
+    }
+    Ok(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn lowercase_ids_look_like_the_engines() {
+        let id = random_lowercase_id(21).unwrap();
+        assert_eq!(id.len(), 21);
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+        );
+        assert_ne!(id, random_lowercase_id(21).unwrap());
+    }
 
     #[test]
     fn generated_key_has_the_documented_shape() {

@@ -175,7 +175,7 @@ impl Admin {
         if !valid_name(&name) {
             return error(StatusCode::BAD_REQUEST, NAME_RULE);
         }
-        let (Ok(key), Ok(id)) = (NewKey::generate(), crate::key::random_id("key")) else {
+        let (Ok(key), Ok(id)) = (NewKey::generate(), self.store.new_key_id()) else {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the OS random source failed",
@@ -296,14 +296,16 @@ impl Admin {
         }
         self.auth.invalidate_workflow(workflow);
         self.invalidator.workflow_changed(workflow).await;
-        tracing::info!(workflow, user = %body.user_id, %caller, "workflow owner set");
-        json(
-            StatusCode::OK,
-            &WorkflowView {
-                workflow_id: workflow.to_owned(),
-                user_id: body.user_id,
-            },
-        )
+        let in_engine = self.store.owners_in_engine();
+        tracing::info!(workflow, user = %body.user_id, in_engine, %caller, "workflow owner set");
+        let mut answer = serde_json::json!(WorkflowView {
+            workflow_id: workflow.to_owned(),
+            user_id: body.user_id,
+        });
+        if in_engine {
+            answer["note"] = "set in the engine's workflows table".into();
+        }
+        json(StatusCode::OK, &answer)
     }
 
     async fn remove_owner(&self, workflow: &str, caller: SocketAddr) -> AdminResponse {

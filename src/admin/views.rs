@@ -91,6 +91,10 @@ pub(super) fn store_error(e: StoreError) -> AdminResponse {
         StoreError::Conflict(what) => {
             error(StatusCode::CONFLICT, format!("already exists: {what}"))
         }
+        StoreError::UnknownUser(what) => {
+            error(StatusCode::NOT_FOUND, format!("unknown user: {what}"))
+        }
+        StoreError::Refused(why) => error(StatusCode::CONFLICT, why),
         e @ (StoreError::Unavailable(_) | StoreError::Corrupt(_)) => {
             tracing::warn!(error = %e, "admin call failed on the store");
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());

@@ -1,8 +1,10 @@
 //! Where keys and workflow owners live: one [`Store`] trait with an embedded
-//! (redb file) and a Redis implementation. Both pass the same conformance
-//! suite (`tests/store_conformance.rs`).
+//! (redb file), a Redis and a postgres (the engine's own database)
+//! implementation. All pass the same conformance suite
+//! (`tests/store_conformance.rs`).
 
 pub mod embedded;
+pub mod postgres;
 pub mod redis;
 
 use crate::key::KeyHash;
@@ -82,6 +84,10 @@ pub enum StoreError {
     UnknownKey(String),
     /// No owner registered for this workflow.
     UnknownWorkflow(String),
+    /// A user the store must know (the engine's users table) and does not.
+    UnknownUser(String),
+    /// A change this store does not make, and why.
+    Refused(String),
     /// A key with this id or hash exists already.
     Conflict(String),
     /// The store cannot be reached or did not answer in time.
@@ -95,6 +101,8 @@ impl fmt::Display for StoreError {
         match self {
             StoreError::UnknownKey(id) => write!(f, "unknown key id {id:?}"),
             StoreError::UnknownWorkflow(id) => write!(f, "workflow {id:?} has no owner"),
+            StoreError::UnknownUser(id) => write!(f, "unknown user {id}"),
+            StoreError::Refused(why) => f.write_str(why),
             StoreError::Conflict(what) => write!(f, "already exists: {what}"),
             StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
             StoreError::Corrupt(why) => write!(f, "store data unreadable: {why}"),
@@ -107,6 +115,17 @@ impl std::error::Error for StoreError {}
 pub trait Store: Send + Sync + 'static {
     /// Which implementation, for logs and metrics.
     fn kind(&self) -> &'static str;
+
+    /// The id for a key keygate creates.
+    fn new_key_id(&self) -> Result<String, getrandom::Error> {
+        crate::key::random_id("key")
+    }
+
+    /// True when owners live in the engine's own tables (so setting one
+    /// changes the engine's data, and removing one is not keygate's to do).
+    fn owners_in_engine(&self) -> bool {
+        false
+    }
 
     fn create_key(&self, record: KeyRecord) -> StoreFuture<'_, ()>;
 

@@ -1,0 +1,460 @@
+//! The postgres store: the engine's own database, read as it is. Keys are
+//! rows of the engine's `api_keys` (hash and prefix only, as the engine
+//! keeps them), owners are `workflows.user_id`, users must exist in
+//! `users`; the names are configurable ([`crate::config::EngineTables`]).
+//!
+//! Each thread that uses the store (a data-plane worker, the control
+//! plane) has its own small pool, so a connection's driver runs on the
+//! runtime of the thread that waits on it, as with the Redis store. Every
+//! statement is prepared once per connection ([`sql`]); one call is bounded
+//! by `timeout` in all, connection and retry included, and the server
+//! stops a statement past it too.
+//!
+//! Changes the engine makes behind keygate's back reach the caches through
+//! triggers ([`prepare`], `keygate store prepare`) that `pg_notify` the
+//! channel one connection per instance listens on (`crate::invalidate`).
+
+pub mod prepare;
+pub mod schema;
+mod sql;
+pub mod tls;
+
+use super::{KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner};
+use crate::config::PostgresConfig;
+use crate::key::KeyHash;
+use dashmap::DashMap;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use sql::Statements;
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tls::Connector;
+use tokio_postgres::error::SqlState;
+
+pub use sql::quoted;
+
+pub struct PostgresStore {
+    connect: tokio_postgres::Config,
+    tls: Connector,
+    pool_size: usize,
+    pools: DashMap<std::thread::ThreadId, Pool>,
+    sql: Statements,
+    timeout: Duration,
+    channel: String,
+    users_table: String,
+}
+
+/// Why one attempt at an operation failed.
+enum Failure {
+    Postgres(tokio_postgres::Error),
+    Pool(deadpool_postgres::PoolError),
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Failure {
+        Failure::Postgres(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Failure {
+    fn from(e: deadpool_postgres::PoolError) -> Failure {
+        Failure::Pool(e)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        Failure::Store(e)
+    }
+}
+
+impl From<Failure> for StoreError {
+    fn from(f: Failure) -> StoreError {
+        match f {
+            Failure::Postgres(e) => StoreError::Unavailable(format!("postgres: {}", describe(&e))),
+            Failure::Pool(e) => StoreError::Unavailable(format!("postgres: {e}")),
+            Failure::Store(e) => e,
+        }
+    }
+}
+
+/// A database error with its message and detail, else tokio-postgres's
+/// own wording.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => {
+            let mut text = e.to_string();
+            if let Some(source) = std::error::Error::source(e) {
+                text = format!("{text}: {source}");
+            }
+            text
+        }
+    }
+}
+
+fn code(f: &Failure) -> Option<&SqlState> {
+    match f {
+        Failure::Postgres(e) => e.code(),
+        _ => None,
+    }
+}
+
+/// A pooled connection the server closed while it sat idle (a restart, an
+/// administrator's `pg_terminate_backend`) fails its next statement before
+/// the pool notices; that statement never ran.
+fn stale_connection(f: &Failure) -> bool {
+    matches!(f, Failure::Postgres(e) if e.is_closed())
+}
+
+/// Whether an operation may run a second time after a stale connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Safe,
+    /// Inserts and deletes: a second run would answer differently.
+    Never,
+}
+
+impl PostgresStore {
+    /// Connects lazily: the gateway starts (and answers 503, not ready)
+    /// while the database is down, and each call tries again.
+    pub fn connect(config: &PostgresConfig) -> Result<PostgresStore, StoreError> {
+        Ok(PostgresStore {
+            connect: config.connect.clone(),
+            tls: Connector::new(&config.tls).map_err(StoreError::Unavailable)?,
+            pool_size: config.pool_size,
+            pools: DashMap::new(),
+            sql: Statements::new(&config.tables),
+            timeout: config.timeout,
+            channel: config.channel.clone(),
+            users_table: config.tables.users.table.clone(),
+        })
+    }
+
+    /// This thread's pool.
+    fn pool(&self) -> Result<Pool, Failure> {
+        let thread = std::thread::current().id();
+        if let Some(pool) = self.pools.get(&thread) {
+            return Ok(pool.clone());
+        }
+        let manager = Manager::from_config(
+            self.connect.clone(),
+            self.tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.timeout))
+            .create_timeout(Some(self.timeout))
+            .recycle_timeout(Some(self.timeout))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("postgres pool: {e}")))?;
+        self.pools.insert(thread, pool.clone());
+        Ok(pool)
+    }
+
+    /// Runs one operation on a pooled connection within one deadline;
+    /// retries once on a stale connection when that is safe.
+    async fn run<T, F, Fut>(&self, retry: Retry, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(Object) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let attempt = || async {
+            let client = self.pool()?.get().await?;
+            op(client).await
+        };
+        let attempts = async {
+            match attempt().await {
+                Err(f) if retry == Retry::Safe && stale_connection(&f) => attempt().await,
+                other => other,
+            }
+        };
+        tokio::time::timeout(self.timeout, attempts)
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("postgres: timed out".into()).into()))
+            .map_err(StoreError::from)
+    }
+
+    /// Tells every instance's listener (and this one's) what changed.
+    pub async fn notify(&self, message: String) -> Result<(), StoreError> {
+        self.run(Retry::Safe, |client| {
+            let message = message.clone();
+            async move {
+                let statement = client.prepare_cached("SELECT pg_notify($1, $2)").await?;
+                client
+                    .execute(&statement, &[&self.channel, &message])
+                    .await?;
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Refuses a user the engine does not know.
+    async fn user_must_exist(&self, client: &Object, user: &str) -> Result<(), Failure> {
+        let statement = client.prepare_cached(&self.sql.user_exists).await?;
+        match client.query_opt(&statement, &[&user]).await? {
+            Some(_) => Ok(()),
+            None => Err(self.unknown_user(user).into()),
+        }
+    }
+
+    fn unknown_user(&self, user: &str) -> StoreError {
+        StoreError::UnknownUser(format!(
+            "{user} (not in the engine's {} table)",
+            self.users_table
+        ))
+    }
+}
+
+/// A connection of its own, outside the pools (the invalidation listener,
+/// `store prepare`, the schema check), opened within the config's timeout;
+/// the caller drives the connection.
+pub async fn open(
+    config: &PostgresConfig,
+    connect: &tokio_postgres::Config,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tls::TlsStream>,
+    ),
+    String,
+> {
+    let tls = Connector::new(&config.tls)?;
+    match tokio::time::timeout(config.timeout, connect.connect(tls)).await {
+        Ok(Ok(pair)) => Ok(pair),
+        Ok(Err(e)) => Err(format!("postgres: {}", describe(&e))),
+        Err(_) => Err("postgres: timed out connecting".to_owned()),
+    }
+}
+
+/// [`open`], the connection driven by a task of its own until the client
+/// is dropped.
+pub async fn open_driven(config: &PostgresConfig) -> Result<tokio_postgres::Client, String> {
+    let (client, connection) = open(config, &config.connect).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A key row, in [`sql`]'s column order.
+fn key_record(row: &tokio_postgres::Row) -> Result<KeyRecord, Failure> {
+    let id: String = row.try_get(0)?;
+    let hex: String = row.try_get(3)?;
+    let hash = KeyHash::from_hex(&hex).ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "the key hash of key {id} is not a SHA-256 hex digest"
+        ))
+    })?;
+    Ok(KeyRecord {
+        user_id: row.try_get(1)?,
+        name: row.try_get::<_, Option<String>>(2)?.unwrap_or_default(),
+        hash,
+        prefix: row.try_get(4)?,
+        created_at: unix_ms(row.try_get(5)?),
+        last_used_at: row.try_get::<_, Option<SystemTime>>(6)?.map(unix_ms),
+        id,
+    })
+}
+
+/// A database time (UTC) as Unix milliseconds.
+fn unix_ms(at: SystemTime) -> i64 {
+    match at.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Unix milliseconds as a database time.
+fn system_time(ms: i64) -> SystemTime {
+    let magnitude = Duration::from_millis(ms.unsigned_abs());
+    if ms >= 0 {
+        UNIX_EPOCH + magnitude
+    } else {
+        UNIX_EPOCH - magnitude
+    }
+}
+
+impl Store for PostgresStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    /// Ids as the engine makes its own: 21 of `[0-9a-z]`.
+    fn new_key_id(&self) -> Result<String, getrandom::Error> {
+        crate::key::random_lowercase_id(21)
+    }
+
+    fn owners_in_engine(&self) -> bool {
+        true
+    }
+
+    fn create_key(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
+        Box::pin(self.run(Retry::Never, move |client| {
+            let record = record.clone();
+            async move {
+                self.user_must_exist(&client, &record.user_id).await?;
+                let statement = client.prepare_cached(&self.sql.insert_key).await?;
+                let inserted = client
+                    .execute(
+                        &statement,
+                        &[
+                            &record.id,
+                            &record.user_id,
+                            &record.name,
+                            &record.hash.to_hex(),
+                            &record.prefix,
+                            &system_time(record.created_at),
+                        ],
+                    )
+                    .await;
+                match inserted {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        let failure = Failure::from(e);
+                        Err(match code(&failure) {
+                            Some(&SqlState::UNIQUE_VIOLATION) => {
+                                StoreError::Conflict(format!("key {}", record.id)).into()
+                            }
+                            // The user was deleted between the check and the insert.
+                            Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                                self.unknown_user(&record.user_id).into()
+                            }
+                            _ => failure,
+                        })
+                    }
+                }
+            }
+        }))
+    }
+
+    fn find_by_hash(&self, hash: KeyHash) -> StoreFuture<'_, Option<KeyRecord>> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            let statement = client.prepare_cached(&self.sql.find_by_hash).await?;
+            client
+                .query_opt(&statement, &[&hash.to_hex()])
+                .await?
+                .map(|row| key_record(&row))
+                .transpose()
+        }))
+    }
+
+    fn list_keys<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<KeyRecord>> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            let statement = client.prepare_cached(&self.sql.list_keys).await?;
+            client
+                .query(&statement, &[&user_id])
+                .await?
+                .iter()
+                .map(key_record)
+                .collect()
+        }))
+    }
+
+    fn revoke_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, KeyRecord> {
+        Box::pin(self.run(Retry::Never, move |client| async move {
+            let statement = client.prepare_cached(&self.sql.delete_key).await?;
+            match client.query_opt(&statement, &[&id]).await? {
+                Some(row) => key_record(&row),
+                None => Err(StoreError::UnknownKey(id.to_owned()).into()),
+            }
+        }))
+    }
+
+    fn record_last_used(&self, batch: Vec<LastUsed>) -> StoreFuture<'_, ()> {
+        let ids: Vec<String> = batch.iter().map(|u| u.id.clone()).collect();
+        let times: Vec<SystemTime> = batch.iter().map(|u| system_time(u.at)).collect();
+        Box::pin(self.run(Retry::Safe, move |client| {
+            let (ids, times) = (ids.clone(), times.clone());
+            async move {
+                if ids.is_empty() {
+                    return Ok(());
+                }
+                let statement = client.prepare_cached(&self.sql.last_used).await?;
+                client.execute(&statement, &[&ids, &times]).await?;
+                Ok(())
+            }
+        }))
+    }
+
+    fn set_owner<'a>(&'a self, workflow_id: &'a str, user_id: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            self.user_must_exist(&client, user_id).await?;
+            let statement = client.prepare_cached(&self.sql.set_owner).await?;
+            match client.execute(&statement, &[&workflow_id, &user_id]).await {
+                Ok(0) => Err(StoreError::UnknownWorkflow(format!(
+                    "{workflow_id} (the engine has no such workflow; create it there)"
+                ))
+                .into()),
+                Ok(_) => Ok(()),
+                Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                    Err(self.unknown_user(user_id).into())
+                }
+                Err(e) => Err(e.into()),
+            }
+        }))
+    }
+
+    fn remove_owner<'a>(&'a self, workflow_id: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            Err(StoreError::Refused(format!(
+                "workflow {workflow_id}: owners come from the engine's workflows table; delete the workflow in the engine, or give it another owner with set-owner"
+            )))
+        })
+    }
+
+    fn get_owner<'a>(&'a self, workflow_id: &'a str) -> StoreFuture<'a, Option<String>> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            let statement = client.prepare_cached(&self.sql.get_owner).await?;
+            Ok(match client.query_opt(&statement, &[&workflow_id]).await? {
+                Some(row) => Some(row.try_get(0)?),
+                None => None,
+            })
+        }))
+    }
+
+    fn list_workflows(&self) -> StoreFuture<'_, Vec<WorkflowOwner>> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            let statement = client.prepare_cached(&self.sql.list_workflows).await?;
+            client
+                .query(&statement, &[])
+                .await?
+                .iter()
+                .map(|row| {
+                    Ok(WorkflowOwner {
+                        workflow_id: row.try_get(0)?,
+                        owner: row.try_get(1)?,
+                    })
+                })
+                .collect()
+        }))
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            client.simple_query("SELECT 1").await?;
+            Ok(())
+        }))
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_in_milliseconds() {
+        for ms in [0, 1, 1_767_323_045_678, -1, -86_400_000] {
+            assert_eq!(unix_ms(system_time(ms)), ms);
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The statements the postgres store runs, written once from the
+//! configured table and column names (each quoted, so an engine's
+//! `"userId"` keeps its case). Every one is prepared once per connection.
+
+use crate::config::EngineTables;
+
+/// A configured name as SQL: `"name"`, or `"schema"."name"`. The config
+/// admits only letters, digits and `_`, so nothing needs escaping.
+pub fn quoted(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{part}\""))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The columns of a key row, in the order [`super::key_record`] reads them.
+fn key_columns(t: &EngineTables) -> String {
+    let k = &t.api_keys;
+    [
+        &k.id,
+        &k.user_id,
+        &k.name,
+        &k.key_hash,
+        &k.key_prefix,
+        &k.created_at,
+        &k.last_used_at,
+    ]
+    .iter()
+    .map(|c| quoted(c))
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+pub(super) struct Statements {
+    pub(super) find_by_hash: String,
+    pub(super) insert_key: String,
+    pub(super) list_keys: String,
+    pub(super) delete_key: String,
+    pub(super) last_used: String,
+    pub(super) user_exists: String,
+    pub(super) get_owner: String,
+    pub(super) set_owner: String,
+    pub(super) list_workflows: String,
+}
+
+impl Statements {
+    pub(super) fn new(t: &EngineTables) -> Statements {
+        let keys = quoted(&t.api_keys.table);
+        let k = &t.api_keys;
+        let (id, user, hash, created, last_used) = (
+            quoted(&k.id),
+            quoted(&k.user_id),
+            quoted(&k.key_hash),
+            quoted(&k.created_at),
+            quoted(&k.last_used_at),
+        );
+        let columns = key_columns(t);
+        let workflows = quoted(&t.workflows.table);
+        let (workflow_id, owner) = (quoted(&t.workflows.id), quoted(&t.workflows.user_id));
+        let users = quoted(&t.users.table);
+        let user_id = quoted(&t.users.id);
+        Statements {
+            find_by_hash: format!("SELECT {columns} FROM {keys} WHERE {hash} = $1"),
+            insert_key: format!(
+                "INSERT INTO {keys} ({id}, {user}, {}, {hash}, {}, {created}) VALUES ($1, $2, $3, $4, $5, $6)",
+                quoted(&k.name),
+                quoted(&k.key_prefix),
+            ),
+            list_keys: format!(
+                "SELECT {columns} FROM {keys} WHERE {user} = $1 ORDER BY {created} DESC, {id} DESC"
+            ),
+            delete_key: format!("DELETE FROM {keys} WHERE {id} = $1 RETURNING {columns}"),
+            // One statement a flush, whatever its size; a time never moves
+            // back, and a key deleted meanwhile has no row to update.
+            last_used: format!(
+                "UPDATE {keys} AS k SET {last_used} = u.at \
+                 FROM unnest($1::text[], $2::timestamp[]) AS u(id, at) \
+                 WHERE k.{id} = u.id AND (k.{last_used} IS NULL OR k.{last_used} < u.at)"
+            ),
+            user_exists: format!("SELECT 1 FROM {users} WHERE {user_id} = $1"),
+            get_owner: format!("SELECT {owner} FROM {workflows} WHERE {workflow_id} = $1"),
+            set_owner: format!("UPDATE {workflows} SET {owner} = $2 WHERE {workflow_id} = $1"),
+            list_workflows: format!(
+                "SELECT {workflow_id}, {owner} FROM {workflows} ORDER BY {workflow_id}"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn names_are_quoted_and_mapped() {
+        assert_eq!(quoted("engine.api_keys"), "\"engine\".\"api_keys\"");
+        let yaml = "store:\n  postgres:\n    url: postgres://u@h/db\n    tables:\n      workflows: {table: flows, user_id: userId}\n";
+        let config = Config::from_yaml(yaml, std::path::Path::new(".")).unwrap();
+        let crate::config::StoreConfig::Postgres(pg) = config.store else {
+            panic!("not postgres")
+        };
+        let sql = Statements::new(&pg.tables);
+        assert_eq!(
+            sql.get_owner,
+            "SELECT \"userId\" FROM \"flows\" WHERE \"id\" = $1"
+        );
+        assert!(
+            sql.find_by_hash
+                .ends_with("FROM \"api_keys\" WHERE \"key_hash\" = $1"),
+            "{}",
+            sql.find_by_hash
+        );
+    }
+}
