@@ -1,6 +1,8 @@
-//! The `keygate` command line. `serve` runs the gateway; every other command
-//! drives a running gateway's admin API, found through the same config file
-//! (`admin.listen`, and `admin.token` or the token file the server wrote).
+//! The `keygate` command line. `serve` runs the gateway, `check` checks a
+//! config and `store prepare` sets up the engine's database; every other
+//! command drives a running gateway's admin API, found through the same
+//! config file (`admin.listen`, and `admin.token` or the token file the
+//! server wrote).
 
 use crate::admin::client::{AdminClient, CallError};
 use crate::admin::{percent_encode, read_token_file};
@@ -57,6 +59,15 @@ pub enum Command {
     /// Manage workflow owners.
     #[command(subcommand)]
     Workflows(WorkflowsCommand),
+    /// Set up the store itself.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCommand {
+    /// Install, in the engine's database (postgres store), the triggers that tell every keygate of the engine's own key and owner changes at once, and an index on the key hash; prints each change, and is safe to run again.
+    Prepare,
 }
 
 #[derive(Subcommand, Debug)]
@@ -153,6 +164,11 @@ pub fn check(config: &Config) -> Result<String, String> {
             redis::Client::open(redis.url.as_str()).map_err(|e| format!("store.redis.url: {e}"))?;
             "redis store".to_owned()
         }
+        crate::config::StoreConfig::Postgres(postgres) => {
+            crate::store::postgres::tls::Connector::new(&postgres.tls)?;
+            let database = postgres.connect.get_dbname().unwrap_or("(the user's)");
+            format!("postgres store, database {database}")
+        }
     };
     if config.admin.token.is_none() && config.admin.token_file.exists() {
         read_token_file(&config.admin.token_file).map_err(|e| {
@@ -203,6 +219,33 @@ fn worded(e: CallError, client: Option<&AdminClient>, config: &Config) -> CliErr
     })
 }
 
+/// `store prepare`: connects to the engine's database itself (no running
+/// gateway needed) and returns a line per object it checked or made.
+pub async fn store_prepare(config: &Config) -> Result<String, CliError> {
+    let crate::config::StoreConfig::Postgres(postgres) = &config.store else {
+        let kind = match config.store {
+            crate::config::StoreConfig::Embedded { .. } => "embedded",
+            _ => "redis",
+        };
+        return Err(CliError(format!(
+            "store prepare is for the postgres store; this config uses the {kind} store, which needs no preparing"
+        )));
+    };
+    let mut client = crate::store::postgres::open_driven(postgres)
+        .await
+        .map_err(|e| CliError(format!("cannot reach the engine's database: {e}")))?;
+    if let Err(problems) = crate::store::postgres::schema::check(&client, postgres)
+        .await
+        .map_err(|e| CliError(format!("store prepare: {e}")))?
+    {
+        return Err(CliError(problems));
+    }
+    let done = crate::store::postgres::prepare::prepare(&mut client, postgres)
+        .await
+        .map_err(CliError)?;
+    Ok(done.join("\n"))
+}
+
 /// Runs an admin command, returning what to print on stdout.
 pub async fn admin_command(config: &Config, command: Command) -> Result<String, CliError> {
     // Never echo a secret, not even in an error.
@@ -221,7 +264,9 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
             .map_err(|e| worded(e, Some(&client), config))
     };
     match command {
-        Command::Serve { .. } | Command::Check => Err(CliError("not an admin command".into())),
+        Command::Serve { .. } | Command::Check | Command::Store(_) => {
+            Err(CliError("not an admin command".into()))
+        }
         Command::Keys(KeysCommand::Create { user, name, json }) => {
             let mut body = serde_json::json!({ "userId": user });
             if let Some(name) = name {
@@ -277,8 +322,11 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
         Command::Workflows(WorkflowsCommand::SetOwner { workflow_id, user }) => {
             let path = format!("/admin/v1/workflows/{}", percent_encode(&workflow_id));
             let body = serde_json::json!({ "userId": user });
-            call(Method::PUT, &path, Some(body)).await?;
-            Ok(format!("workflow {workflow_id} is owned by {user}"))
+            let answer = call(Method::PUT, &path, Some(body)).await?;
+            Ok(match answer.get("note").and_then(Value::as_str) {
+                Some(note) => format!("workflow {workflow_id} is owned by {user} ({note})"),
+                None => format!("workflow {workflow_id} is owned by {user}"),
+            })
         }
         Command::Workflows(WorkflowsCommand::Remove { workflow_id }) => {
             let path = format!("/admin/v1/workflows/{}", percent_encode(&workflow_id));

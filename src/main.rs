@@ -47,6 +47,15 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Store(keygate::cli::StoreCommand::Prepare) => {
+            match runtime.block_on(keygate::cli::store_prepare(&config)) {
+                Ok(out) => {
+                    println!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.0),
+            }
+        }
         command => match runtime.block_on(admin_command(&config, command)) {
             Ok(out) => {
                 println!("{out}");

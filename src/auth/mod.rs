@@ -72,6 +72,10 @@ pub struct Auth {
     metrics: Arc<Metrics>,
     /// Tells this `Auth`'s front copies from another's on the same thread.
     id: u64,
+    /// The configured sizes and TTLs, and whether the store tells this
+    /// instance of changes made behind its back; when it does not, every
+    /// TTL is held to `ttl_without_notify`.
+    sizes: std::sync::Mutex<(CacheConfig, bool)>,
 }
 
 /// Reads that lose a race with an invalidation are retried this many times
@@ -101,12 +105,40 @@ impl Auth {
                 static NEXT: AtomicU64 = AtomicU64::new(0);
                 NEXT.fetch_add(1, Ordering::Relaxed)
             },
+            sizes: std::sync::Mutex::new((*config, true)),
         }
     }
 
     /// Applies new cache capacities and TTLs in place (a reload): nothing
     /// cached is lost, and no entry is served past the new TTL.
     pub fn resize(&self, config: &CacheConfig) {
+        let mut sizes = self
+            .sizes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        sizes.0 = *config;
+        self.apply(&sizes.0, sizes.1);
+    }
+
+    /// Whether the store notifies this instance of changes made behind its
+    /// back (a postgres store with its triggers). Without that, every TTL
+    /// is held to `ttl_without_notify`, entries already cached included.
+    pub fn set_notified(&self, notified: bool) {
+        let mut sizes = self
+            .sizes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if sizes.1 != notified {
+            sizes.1 = notified;
+            self.apply(&sizes.0, notified);
+        }
+    }
+
+    fn apply(&self, config: &CacheConfig, notified: bool) {
+        let config = match notified {
+            true => *config,
+            false => config.capped(config.ttl_without_notify),
+        };
         self.keys.resize(config.keys, config.negative.ttl);
         self.owners.resize(config.owners, config.owners.ttl);
         self.unknown.set_capacity(config.negative.capacity);

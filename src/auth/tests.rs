@@ -179,6 +179,7 @@ fn auth_over(store: Arc<GatedStore>, ttl: Duration) -> Arc<Auth> {
         keys: size,
         negative: size,
         owners: size,
+        ttl_without_notify: Duration::from_secs(1),
     };
     Arc::new(Auth::new(store, &config, Arc::new(Metrics::new([]))))
 }

@@ -1,36 +1,46 @@
-//! Cache invalidation across instances. With Redis, a revoke or an owner
-//! change publishes the key hash or workflow id on `<prefix>invalidate`, and
-//! every instance drops that entry on receipt. The subscription runs on a
-//! dedicated pub/sub connection that this module re-establishes itself;
-//! after every (re)subscription the instance flushes all its caches, since
-//! messages sent while it was not listening are lost.
+//! Cache invalidation across instances. A revoke or an owner change is
+//! published as `key:<hash hex>` or `workflow:<id>` (or `flush` when what
+//! changed is unknown), and every instance drops that entry on receipt:
+//! - with Redis, on the `<prefix>invalidate` pub/sub channel ([`redis`]);
+//! - with postgres, by `pg_notify` on the configured channel, which the
+//!   engine's own writes reach too, through the triggers `keygate store
+//!   prepare` installs ([`postgres`]).
+//!
+//! Each instance listens on a dedicated connection that this module
+//! re-establishes itself; after every (re)subscription it flushes all its
+//! caches, since messages sent while it was not listening are lost.
 //!
 //! With the embedded store there is one instance and nobody to tell.
 
+mod postgres;
+mod redis;
+
 use crate::auth::Auth;
-use crate::config::RedisConfig;
+use crate::config::{PostgresConfig, RedisConfig};
 use crate::key::KeyHash;
-use futures_core::Stream;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::pin::Pin;
+use crate::store::postgres::PostgresStore;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 
 pub struct Invalidator {
-    bus: Option<RedisBus>,
+    bus: Option<Bus>,
 }
 
-struct RedisBus {
-    publisher: ConnectionManager,
-    channel: String,
-    /// True while the subscription is live; `/readyz` reports it.
+enum Bus {
+    Redis(redis::RedisBus),
+    Postgres(postgres::PostgresBus),
+}
+
+/// A listener: whether it is subscribed (`/readyz` reports it), and its
+/// task.
+struct Listening {
     subscribed: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
-/// How often the subscriber checks its connection with a PING.
+/// How often a listener checks its connection.
 const PING_EVERY: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -43,40 +53,32 @@ impl Invalidator {
     /// Publishes to, and subscribes on, the Redis invalidation channel;
     /// received messages are applied to `auth`.
     pub fn redis(config: &RedisConfig, auth: Arc<Auth>) -> Result<Invalidator, String> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| format!("invalid redis url: {e}"))?;
-        let publisher = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(config.timeout))
-                .set_response_timeout(Some(config.timeout))
-                .set_number_of_retries(1),
-        )
-        .map_err(|e| format!("redis: {e}"))?;
-        let channel = format!("{}invalidate", config.prefix);
-        let subscribed = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(subscribe(
-            client,
-            channel.clone(),
-            config.timeout,
-            auth,
-            subscribed.clone(),
-        ));
         Ok(Invalidator {
-            bus: Some(RedisBus {
-                publisher,
-                channel,
-                subscribed,
-                task,
-            }),
+            bus: Some(Bus::Redis(redis::RedisBus::new(config, auth)?)),
         })
+    }
+
+    /// Notifies through `store`, and listens on the postgres channel.
+    pub fn postgres(
+        config: &PostgresConfig,
+        store: Arc<PostgresStore>,
+        auth: Arc<Auth>,
+    ) -> Invalidator {
+        Invalidator {
+            bus: Some(Bus::Postgres(postgres::PostgresBus::new(
+                config, store, auth,
+            ))),
+        }
     }
 
     /// False while a shared store's invalidation stream is down.
     pub fn ready(&self) -> bool {
-        self.bus
-            .as_ref()
-            .is_none_or(|b| b.subscribed.load(Ordering::Acquire))
+        let listening = match &self.bus {
+            None => return true,
+            Some(Bus::Redis(bus)) => &bus.listening,
+            Some(Bus::Postgres(bus)) => &bus.listening,
+        };
+        listening.subscribed.load(Ordering::Acquire)
     }
 
     /// Each of these returns false when other instances may not have been
@@ -96,33 +98,17 @@ impl Invalidator {
     }
 
     async fn publish(&self, message: String) -> bool {
-        let Some(bus) = &self.bus else { return true };
-        for attempt in 0..3 {
-            let mut conn = bus.publisher.clone();
-            let sent: Result<i64, _> = redis::cmd("PUBLISH")
-                .arg(&bus.channel)
-                .arg(&message)
-                .query_async(&mut conn)
-                .await;
-            match sent {
-                Ok(_) => return true,
-                Err(e) if attempt == 2 => {
-                    // Other instances hold the entry until its TTL, or until
-                    // they resubscribe and flush.
-                    tracing::error!(error = %e, "could not publish a cache invalidation");
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
+        match &self.bus {
+            None => true,
+            Some(Bus::Redis(bus)) => bus.publish(message).await,
+            Some(Bus::Postgres(bus)) => bus.publish(message).await,
         }
-        false
     }
 }
 
-impl Drop for Invalidator {
+impl Drop for Listening {
     fn drop(&mut self) {
-        if let Some(bus) = &self.bus {
-            bus.task.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -157,68 +143,11 @@ fn apply(auth: &Auth, message: Message) {
     }
 }
 
-async fn subscribe(
-    client: redis::Client,
-    channel: String,
-    timeout: Duration,
-    auth: Arc<Auth>,
-    subscribed: Arc<AtomicBool>,
-) {
-    let mut backoff = Duration::from_millis(50);
-    let mut ever = false;
-    loop {
-        let connected = tokio::time::timeout(timeout, async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        })
-        .await;
-        let pubsub = match connected {
-            Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "invalidation subscribe failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-            Err(_) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-        };
-        // Anything cached may predate a message we never saw.
-        auth.invalidate_all();
-        subscribed.store(true, Ordering::Release);
-        if ever {
-            tracing::info!("invalidation stream resubscribed; caches flushed");
-        }
-        ever = true;
-        backoff = Duration::from_millis(50);
-
-        let (mut sink, stream) = pubsub.split();
-        let mut stream: Pin<Box<dyn Stream<Item = redis::Msg> + Send>> = Box::pin(stream);
-        let mut ping = tokio::time::interval(PING_EVERY);
-        ping.tick().await;
-        loop {
-            tokio::select! {
-                message = std::future::poll_fn(|cx| stream.as_mut().poll_next(cx)) => {
-                    let Some(message) = message else { break };
-                    apply(&auth, parse(message.get_payload_bytes()));
-                }
-                _ = ping.tick() => {
-                    // On a subscribed RESP2 connection PING answers
-                    // ["pong", ""], so take any value as a sign of life.
-                    let alive = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
-                    if !matches!(alive, Ok(Ok(_))) {
-                        break;
-                    }
-                }
-            }
-        }
-        subscribed.store(false, Ordering::Release);
-        tracing::warn!("invalidation stream lost; resubscribing");
-    }
+/// The next wait before subscribing again.
+fn back_off(backoff: &mut Duration) -> Duration {
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    wait
 }
 
 #[cfg(test)]

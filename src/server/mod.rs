@@ -17,12 +17,13 @@ mod workers;
 
 use crate::admin::{self, Admin};
 use crate::auth::Auth;
-use crate::config::{Config, StoreConfig};
+use crate::config::{Config, PostgresConfig, StoreConfig};
 use crate::invalidate::Invalidator;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, Live};
 use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::postgres::PostgresStore;
 use crate::store::redis::RedisStore;
 use crate::usage::{Usage, UsageHandle};
 use hyper::service::service_fn;
@@ -92,7 +93,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Str
     if let Some(previous) = &previous {
         previous.terminate()?;
     }
-    let store = open_store(&config, previous.as_ref().map(|_| handover)).await?;
+    let (store, postgres) = open_store(&config, previous.as_ref().map(|_| handover)).await?;
     warn_if_unreachable(store.clone());
     let token = admin::server_token(config.admin.token.as_deref(), &config.admin.token_file)?;
     let admin_listener =
@@ -110,9 +111,15 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Str
         config.workers + 1,
     ));
     let auth = Arc::new(Auth::new(store.clone(), &config.cache, metrics.clone()));
-    let invalidator = Arc::new(match &config.store {
-        StoreConfig::Redis(redis) => Invalidator::redis(redis, auth.clone())?,
-        StoreConfig::Embedded { .. } => Invalidator::local(),
+    let invalidator = Arc::new(match (&config.store, postgres) {
+        (StoreConfig::Redis(redis), _) => Invalidator::redis(redis, auth.clone())?,
+        (StoreConfig::Postgres(config), Some(store)) => {
+            // Until the listener finds the engine's triggers, nothing tells
+            // this instance of the engine's own changes.
+            auth.set_notified(false);
+            Invalidator::postgres(config, store, auth.clone())
+        }
+        _ => Invalidator::local(),
     });
     let usage = Arc::new(Usage::new(config.usage.max_pending, metrics.clone()));
     let gateway = Gateway::new(&config, auth.clone(), usage.clone(), metrics.clone())?;
@@ -186,16 +193,20 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Str
     Ok(running)
 }
 
-/// The configured store. After a takeover the previous instance may still
-/// hold an embedded store's file while it drains: it is tried again until
-/// `wait` has passed.
-async fn open_store(config: &Config, wait: Option<Duration>) -> Result<Arc<dyn Store>, String> {
-    match &config.store {
+/// The configured store (and, for postgres, the store itself, which the
+/// invalidations are published through). After a takeover the previous
+/// instance may still hold an embedded store's file while it drains: it is
+/// tried again until `wait` has passed.
+async fn open_store(
+    config: &Config,
+    wait: Option<Duration>,
+) -> Result<(Arc<dyn Store>, Option<Arc<PostgresStore>>), String> {
+    let store: Arc<dyn Store> = match &config.store {
         StoreConfig::Embedded { path } => {
             let until = tokio::time::Instant::now() + wait.unwrap_or_default();
             loop {
                 match EmbeddedStore::open(path) {
-                    Ok(store) => return Ok(Arc::new(store)),
+                    Ok(store) => break Arc::new(store),
                     Err(e) if wait.is_some() && tokio::time::Instant::now() < until => {
                         tracing::debug!(error = %e, "waiting for the previous instance to release the store");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -204,9 +215,36 @@ async fn open_store(config: &Config, wait: Option<Duration>) -> Result<Arc<dyn S
                 }
             }
         }
-        StoreConfig::Redis(redis) => Ok(Arc::new(
-            RedisStore::connect(redis).map_err(|e| e.to_string())?,
-        )),
+        StoreConfig::Redis(redis) => {
+            Arc::new(RedisStore::connect(redis).map_err(|e| e.to_string())?)
+        }
+        StoreConfig::Postgres(postgres) => {
+            check_engine_schema(postgres).await?;
+            let store = Arc::new(PostgresStore::connect(postgres).map_err(|e| e.to_string())?);
+            return Ok((store.clone(), Some(store)));
+        }
+    };
+    Ok((store, None))
+}
+
+/// Refuses to start when the engine's tables lack a column the config
+/// names. A database that cannot be reached now is not an error: the
+/// gateway starts not ready, as with Redis.
+async fn check_engine_schema(config: &PostgresConfig) -> Result<(), String> {
+    let client = match crate::store::postgres::open_driven(config).await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::debug!(error = %e, "engine schema not checked");
+            return Ok(());
+        }
+    };
+    match crate::store::postgres::schema::check(&client, config).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(problems)) => Err(problems),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the engine's schema");
+            Ok(())
+        }
     }
 }
 
