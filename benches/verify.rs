@@ -40,6 +40,7 @@ fn verification(c: &mut Criterion) {
             keys: size,
             negative: size,
             owners: size,
+            ttl_without_notify: std::time::Duration::from_secs(1),
         },
         Arc::new(Metrics::new([])),
     );

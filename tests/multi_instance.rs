@@ -4,12 +4,7 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
-use http::Request;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -36,60 +31,13 @@ async fn pair(
     (a, b, upstream, da, db)
 }
 
-/// A keep-alive client, so polling measures the gateway, not TCP set-up.
-struct Client {
-    sender: SendRequest<Full<Bytes>>,
-}
-
-impl Client {
-    async fn connect(addr: SocketAddr) -> Client {
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        Client { sender }
-    }
-
-    async fn post(&mut self, workflow: &str, key: &str) -> u16 {
-        let req = Request::builder()
-            .method("POST")
-            .uri(format!("/api/workflows/{workflow}/webhook"))
-            .header("host", "gw")
-            .header("authorization", bearer(key))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        self.sender.ready().await.unwrap();
-        let response = self.sender.send_request(req).await.unwrap();
-        let status = response.status().as_u16();
-        response.into_body().collect().await.unwrap();
-        status
-    }
-}
-
-async fn cache_flushes(gw: &Gw) -> String {
-    gw.metrics()
-        .await
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("keygate_cache_flushes_total ")
-                .map(str::to_owned)
-        })
-        .unwrap()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 #[tokio::test]
 async fn revocation_through_one_instance_reaches_the_other_at_once() {
     let redis = RedisServer::start();
     // Each revoke ends in a 401: keep the failure limiter out of the way.
     let (a, b, _upstream, _da, _db) = pair(&redis, "rate_limit:\n  max_failures: 0\n").await;
     a.set_owner("wf", "alice").await;
-    let mut client = Client::connect(b.listen).await;
+    let mut client = KeepAlive::connect(b.listen).await;
     let mut delays = Vec::with_capacity(100);
     for _ in 0..100 {
         let (id, key) = a.create_key("alice").await;
@@ -134,7 +82,7 @@ async fn a_healthy_subscription_is_kept_and_caches_are_not_flushed() {
     // here, and none may count as a lost subscription.
     tokio::time::sleep(Duration::from_millis(1600)).await;
     assert_eq!(
-        cache_flushes(&a).await,
+        &a.metric("keygate_cache_flushes_total").await,
         "1",
         "the subscription was dropped and re-made"
     );
@@ -147,7 +95,10 @@ async fn a_flush_message_empties_every_instance_cache() {
     let (a, b, _upstream, _da, _db) = pair(&redis, "").await;
     let (_, key) = a.create_key("alice").await;
     a.set_owner("wf", "alice").await;
-    assert_eq!(Client::connect(b.listen).await.post("wf", &key).await, 200);
+    assert_eq!(
+        KeepAlive::connect(b.listen).await.post("wf", &key).await,
+        200
+    );
     // What an instance publishes after a write that may or may not have
     // reached Redis: every instance drops everything.
     redis
@@ -156,13 +107,16 @@ async fn a_flush_message_empties_every_instance_cache() {
     for gw in [&a, &b] {
         assert!(
             eventually(Duration::from_secs(2), || async {
-                cache_flushes(gw).await == "2"
+                gw.metric("keygate_cache_flushes_total").await == "2"
             })
             .await
         );
     }
     // The key is still valid: it is read again from Redis.
-    assert_eq!(Client::connect(b.listen).await.post("wf", &key).await, 200);
+    assert_eq!(
+        KeepAlive::connect(b.listen).await.post("wf", &key).await,
+        200
+    );
 }
 
 #[tokio::test]
@@ -172,12 +126,12 @@ async fn owner_change_through_one_instance_reaches_the_other() {
     let (_, alice) = a.create_key("alice").await;
     let (_, bob) = a.create_key("bob").await;
     a.set_owner("wf", "alice").await;
-    let mut client = Client::connect(b.listen).await;
+    let mut client = KeepAlive::connect(b.listen).await;
     assert_eq!(client.post("wf", &alice).await, 200);
     a.set_owner("wf", "bob").await;
     assert!(
         eventually(Duration::from_millis(200), || async {
-            Client::connect(b.listen).await.post("wf", &alice).await == 403
+            KeepAlive::connect(b.listen).await.post("wf", &alice).await == 403
         })
         .await
     );
@@ -186,7 +140,7 @@ async fn owner_change_through_one_instance_reaches_the_other() {
     assert_eq!(status, 200);
     assert!(
         eventually(Duration::from_millis(200), || async {
-            Client::connect(b.listen).await.post("wf", &bob).await == 404
+            KeepAlive::connect(b.listen).await.post("wf", &bob).await == 404
         })
         .await
     );
@@ -200,7 +154,7 @@ async fn redis_outage_serves_cached_keys_refuses_the_rest_and_recovers() {
     let (_, uncached) = a.create_key("alice").await;
     let unknown = format!("wfb_{}", "Z".repeat(38));
     a.set_owner("wf", "alice").await;
-    let mut client = Client::connect(b.listen).await;
+    let mut client = KeepAlive::connect(b.listen).await;
     assert_eq!(client.post("wf", &cached).await, 200);
     redis.save();
 
@@ -211,7 +165,7 @@ async fn redis_outage_serves_cached_keys_refuses_the_rest_and_recovers() {
     let flowing = tokio::spawn({
         let made = made.clone();
         async move {
-            let mut client = Client::connect(listen).await;
+            let mut client = KeepAlive::connect(listen).await;
             let mut statuses = Vec::new();
             for _ in 0..200 {
                 statuses.push(client.post("wf", &key).await);
@@ -259,7 +213,7 @@ async fn redis_outage_serves_cached_keys_refuses_the_rest_and_recovers() {
     let back = Instant::now();
     assert!(
         eventually(Duration::from_secs(2), || async {
-            Client::connect(listen).await.post("wf", &uncached).await == 200
+            KeepAlive::connect(listen).await.post("wf", &uncached).await == 200
         })
         .await,
         "service did not return within 2 s of Redis"
@@ -272,7 +226,7 @@ async fn redis_outage_serves_cached_keys_refuses_the_rest_and_recovers() {
         .await
     );
     assert_eq!(
-        Client::connect(listen).await.post("wf", &unknown).await,
+        KeepAlive::connect(listen).await.post("wf", &unknown).await,
         401
     );
 }
@@ -322,10 +276,13 @@ async fn caches_are_flushed_when_redis_returns_empty() {
     let (a, b, _upstream, _da, _db) = pair(&redis, "").await;
     let (_, key) = a.create_key("alice").await;
     a.set_owner("wf", "alice").await;
-    assert_eq!(Client::connect(b.listen).await.post("wf", &key).await, 200);
+    assert_eq!(
+        KeepAlive::connect(b.listen).await.post("wf", &key).await,
+        200
+    );
     redis.kill();
     assert_eq!(
-        Client::connect(b.listen).await.post("wf", &key).await,
+        KeepAlive::connect(b.listen).await.post("wf", &key).await,
         200,
         "cached key refused during outage"
     );
@@ -334,7 +291,7 @@ async fn caches_are_flushed_when_redis_returns_empty() {
     // make B forget the key.
     assert!(
         eventually(Duration::from_secs(5), || async {
-            Client::connect(b.listen).await.post("wf", &key).await == 401
+            KeepAlive::connect(b.listen).await.post("wf", &key).await == 401
         })
         .await,
         "a key cached before the gap was still accepted after Redis came back empty"
@@ -355,7 +312,7 @@ async fn last_used_written_after_redis_returns_and_none_lost_on_graceful_stop() 
     let (a, mut b, _upstream, _da, _db) = pair(&redis, "usage:\n  flush_interval: 100ms\n").await;
     let (_, k1) = a.create_key("alice").await;
     a.set_owner("wf", "alice").await;
-    let mut client = Client::connect(b.listen).await;
+    let mut client = KeepAlive::connect(b.listen).await;
     assert_eq!(client.post("wf", &k1).await, 200);
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -405,7 +362,10 @@ async fn last_used_written_after_redis_returns_and_none_lost_on_graceful_stop() 
     };
     let (_, k2) = a.create_key("carol").await;
     a.set_owner("wf_c", "carol").await;
-    assert_eq!(Client::connect(c.listen).await.post("wf_c", &k2).await, 200);
+    assert_eq!(
+        KeepAlive::connect(c.listen).await.post("wf_c", &k2).await,
+        200
+    );
     let mut c = c;
     assert!(a.list_keys("carol").await[0]["lastUsedAt"].is_null());
     assert_eq!(c.shutdown().await, 0);

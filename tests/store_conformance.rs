@@ -1,12 +1,16 @@
-//! One conformance suite, run against both stores: the embedded redb file
-//! and a real `redis-server` started by the test on a free port.
+//! One conformance suite, run against every store: the embedded redb file,
+//! a real `redis-server` and a real PostgreSQL (with the engine's tables)
+//! started by the test on free ports. Owners differ by design: the
+//! embedded and Redis stores keep them, the postgres store reads the
+//! engine's workflows table.
 
 mod common;
 
-use common::{RedisServer, eventually};
-use keygate::config::RedisConfig;
+use common::{PostgresServer, RedisServer, eventually};
+use keygate::config::{Config, PostgresConfig, RedisConfig, StoreConfig};
 use keygate::key::{KeyHash, NewKey};
 use keygate::store::embedded::EmbeddedStore;
+use keygate::store::postgres::PostgresStore;
 use keygate::store::redis::RedisStore;
 use keygate::store::{KeyRecord, LastUsed, Store, StoreError};
 use std::time::Duration;
@@ -25,7 +29,17 @@ fn record(id: &str, user: &str, created_at: i64) -> (KeyRecord, NewKey) {
     (r, key)
 }
 
+/// The whole suite, for a store that keeps owners itself.
 async fn conformance(store: &dyn Store) -> Vec<NewKey> {
+    let secrets = keys_conform(store).await;
+    owners_kept_by_keygate(store).await;
+    store.ping().await.unwrap();
+    secrets
+}
+
+/// Keys: created, found, listed, last used, revoked; for users `user_1`
+/// and `user_2`.
+async fn keys_conform(store: &dyn Store) -> Vec<NewKey> {
     let mut secrets = Vec::new();
 
     // create + find by hash
@@ -126,8 +140,12 @@ async fn conformance(store: &dyn Store) -> Vec<NewKey> {
         .map(|k| k.id)
         .collect();
     assert_eq!(ids, ["key_a"]);
+    secrets.extend([ka, kb, kc]);
+    secrets
+}
 
-    // workflow owners
+/// Owners registered through keygate (the embedded and Redis stores).
+async fn owners_kept_by_keygate(store: &dyn Store) {
     assert_eq!(store.get_owner("wf_1").await.unwrap(), None);
     store.set_owner("wf_1", "user_1").await.unwrap();
     store.set_owner("wf_2", "user_2").await.unwrap();
@@ -152,10 +170,6 @@ async fn conformance(store: &dyn Store) -> Vec<NewKey> {
         store.remove_owner("wf_1").await,
         Err(StoreError::UnknownWorkflow(_))
     ));
-
-    store.ping().await.unwrap();
-    secrets.extend([ka, kb, kc]);
-    secrets
 }
 
 #[tokio::test]
@@ -223,5 +237,119 @@ async fn redis_store_reports_an_outage_as_unavailable() {
         })
         .await,
         "store did not reconnect"
+    );
+}
+
+fn postgres_config(url: &str, timeout: &str) -> PostgresConfig {
+    let yaml = format!("store:\n  postgres:\n    url: \"{url}\"\n    timeout: {timeout}\n");
+    match Config::from_yaml(&yaml, std::path::Path::new("."))
+        .unwrap()
+        .store
+    {
+        StoreConfig::Postgres(config) => *config,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Owners from the engine's workflows table: present as soon as the engine
+/// writes them, set by updating it, never removed by keygate.
+async fn owners_from_the_engine(store: &dyn Store, db: &PostgresServer) {
+    assert_eq!(store.get_owner("wf_1").await.unwrap(), None);
+    assert!(matches!(
+        store.set_owner("wf_1", "user_1").await,
+        Err(StoreError::UnknownWorkflow(_))
+    ));
+    db.psql(
+        "INSERT INTO workflows (id, name, user_id, nodes, edges) VALUES \
+         ('wf_1', 'one', 'user_1', '[]', '[]'), ('wf_2', 'two', 'user_2', '[]', '[]')",
+    );
+    assert_eq!(
+        store.get_owner("wf_1").await.unwrap().as_deref(),
+        Some("user_1")
+    );
+    store.set_owner("wf_1", "user_2").await.unwrap();
+    assert_eq!(
+        db.psql("SELECT user_id FROM workflows WHERE id = 'wf_1'"),
+        "user_2"
+    );
+    assert!(matches!(
+        store.set_owner("wf_1", "nobody").await,
+        Err(StoreError::UnknownUser(_))
+    ));
+    let list = store.list_workflows().await.unwrap();
+    assert_eq!(
+        list.iter()
+            .map(|w| (w.workflow_id.as_str(), w.owner.as_str()))
+            .collect::<Vec<_>>(),
+        [("wf_1", "user_2"), ("wf_2", "user_2")]
+    );
+    let refused = store.remove_owner("wf_1").await;
+    assert!(
+        matches!(&refused, Err(StoreError::Refused(why)) if why.contains("engine")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.get_owner("wf_1").await.unwrap().as_deref(),
+        Some("user_2")
+    );
+}
+
+#[tokio::test]
+async fn postgres_store_conforms_and_never_holds_a_key() {
+    let db = PostgresServer::start();
+    db.psql("INSERT INTO users (id) VALUES ('user_1'), ('user_2')");
+    let store = PostgresStore::connect(&postgres_config(&db.url(), "2s")).unwrap();
+    let secrets = keys_conform(&store).await;
+    owners_from_the_engine(&store, &db).await;
+    store.ping().await.unwrap();
+    // A key for a user the engine does not have is refused, clearly.
+    let (stranger, _) = record("key_x", "user_9", 7_000);
+    let refused = store.create_key(stranger).await;
+    assert!(
+        matches!(&refused, Err(StoreError::UnknownUser(u)) if u.contains("user_9")),
+        "{refused:?}"
+    );
+    // Rows as the engine reads them: hex hash, 11-character prefix, UTC.
+    let row = db.psql("SELECT key_hash, key_prefix, created_at FROM api_keys WHERE id = 'key_a'");
+    let fields: Vec<&str> = row.split('|').collect();
+    assert_eq!(fields[0].len(), 64, "{row}");
+    assert_eq!(fields[1].len(), 11, "{row}");
+    assert_eq!(fields[2], "1970-01-01 00:00:01", "{row}");
+    db.psql("CHECKPOINT");
+    let bytes = db.data_bytes();
+    for key in &secrets {
+        let needle = key.secret().as_bytes();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "full key found in the database files"
+        );
+    }
+}
+
+#[tokio::test]
+async fn postgres_store_reports_an_outage_as_unavailable() {
+    let mut db = PostgresServer::start();
+    let store = PostgresStore::connect(&postgres_config(&db.url(), "500ms")).unwrap();
+    store.ping().await.unwrap();
+    db.stop();
+    assert!(matches!(
+        store.ping().await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        store.find_by_hash(KeyHash::of("wfb_x")).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    db.restart();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            store.ping().await.is_ok()
+        })
+        .await,
+        "store did not reconnect"
+    );
+    assert_eq!(
+        store.find_by_hash(KeyHash::of("wfb_x")).await.unwrap(),
+        None
     );
 }

@@ -658,6 +658,7 @@ async fn cache_memory(redis_port: u16) -> (u64, f64) {
             keys: size,
             negative: size,
             owners: size,
+            ttl_without_notify: std::time::Duration::from_secs(1),
         },
         metrics,
     ));

@@ -2,10 +2,12 @@
 //! `keygate serve` child process on free ports, and the exact shape of what
 //! each command prints (DESIGN.md, "CLI"). [`keys`]: the key and workflow
 //! commands; [`failures`]: how each failure reads; [`operations`]:
-//! running a gateway (stop, reload, check, takeover, logs, help).
+//! running a gateway (stop, reload, check, takeover, logs, help);
+//! [`engine`]: in front of an engine's own database.
 
 #[path = "../common/mod.rs"]
 mod common;
+mod engine;
 mod failures;
 mod keys;
 mod operations;

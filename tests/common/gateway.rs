@@ -18,6 +18,8 @@ use tokio::net::TcpStream;
 pub enum StoreKind {
     Embedded(PathBuf),
     Redis(String),
+    /// The URL, and YAML to add under `store.postgres` (indented 4).
+    Postgres(String, String),
 }
 
 impl StoreKind {
@@ -28,6 +30,9 @@ impl StoreKind {
             }
             StoreKind::Redis(url) => {
                 format!("store:\n  redis:\n    url: \"{url}\"\n    timeout: 500ms\n")
+            }
+            StoreKind::Postgres(url, more) => {
+                format!("store:\n  postgres:\n    url: \"{url}\"\n    timeout: 1s\n{more}")
             }
         }
     }
@@ -181,6 +186,16 @@ impl Gw {
         .unwrap()
     }
 
+    /// The value of one unlabelled metric.
+    pub async fn metric(&self, name: &str) -> String {
+        let prefix = format!("{name} ");
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+
     pub async fn metrics(&self) -> String {
         let req = Request::builder()
             .uri("/metrics")
@@ -237,4 +252,37 @@ async fn read_response(
     let (parts, body) = response.into_parts();
     let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((status, parts.headers, bytes))
+}
+
+/// One keep-alive HTTP/1.1 connection to a gateway, for calls in a loop.
+pub struct KeepAlive {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl KeepAlive {
+    pub async fn connect(addr: SocketAddr) -> KeepAlive {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        KeepAlive { sender }
+    }
+
+    /// POSTs to `workflow`'s webhook with `key`; the status.
+    pub async fn post(&mut self, workflow: &str, key: &str) -> u16 {
+        let req = Request::builder()
+            .method("POST")
+            .uri(format!("/api/workflows/{workflow}/webhook"))
+            .header("host", "gw")
+            .header("authorization", bearer(key))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        self.sender.ready().await.unwrap();
+        let response = self.sender.send_request(req).await.unwrap();
+        let status = response.status().as_u16();
+        response.into_body().collect().await.unwrap();
+        status
+    }
 }

@@ -1,13 +1,15 @@
-//! Test harness: real upstreams ([`upstream`]) and `redis-server`
-//! processes ([`redis`]) on free loopback ports, a gateway under test with
+//! Test harness: real upstreams ([`upstream`]), `redis-server` processes
+//! ([`redis`]) and PostgreSQL servers ([`postgres`]) on free loopback ports, a gateway under test with
 //! clients for it ([`gateway`]), and waiting with deadlines.
 #![allow(dead_code, unused_imports)]
 
 pub mod gateway;
+pub mod postgres;
 pub mod redis;
 pub mod upstream;
 
 pub use gateway::*;
+pub use postgres::*;
 pub use redis::*;
 pub use upstream::*;
 
@@ -30,6 +32,11 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The `p` quantile (0 to 1) of sorted durations, nearest rank.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 pub fn json(bytes: &Bytes) -> serde_json::Value {
