@@ -15,9 +15,9 @@
 //! | [`proxy`] | the data plane: the gateway's decision, refusals, trusted identity, the h1 and h2 sides, upstream pools |
 //! | [`http1`] | the HTTP/1.1 engine: heads, body decoding, encoding, hop-by-hop rules; knows no key, route or store |
 //! | [`auth`] | key and owner checks: caches, per-thread front copies, invalidation fences |
-//! | [`store`] | the `Store` trait and its embedded (redb) and Redis implementations |
+//! | [`store`] | the `Store` trait and its embedded (redb), Redis and postgres (the engine's own tables) implementations |
 //! | [`usage`] | the `lastUsedAt` batcher and its final flush |
-//! | [`invalidate`] | revocations and owner changes published to every instance (Redis pub/sub) |
+//! | [`invalidate`] | revocations and owner changes published to every instance (Redis pub/sub, postgres `LISTEN`/`NOTIFY`) |
 //! | [`admin`] | the admin API: routes, views, input rules, token, and the client the CLI uses |
 //! | [`cli`] | the `keygate` command line |
 //! | [`config`] | YAML to checked types, one check per section; routes parsed once |

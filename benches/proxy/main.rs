@@ -6,6 +6,9 @@
 mod idle;
 mod load;
 mod procs;
+/// The tests' own PostgreSQL starter, with the engine's tables.
+#[path = "../../tests/common/postgres.rs"]
+mod postgres_server;
 /// The tests' own `redis-server` starter.
 #[path = "../../tests/common/redis.rs"]
 mod redis_server;
@@ -25,6 +28,10 @@ const ROUNDS: usize = 5;
 const SECONDS: u32 = 3;
 const CONNECTIONS: u32 = 64;
 const ROUND_ROBIN_KEYS: usize = 10_000;
+/// Keys the engine issued for the cold-key run on postgres, through a key
+/// cache of [`COLD_CACHE`]: almost every request a miss.
+const COLD_KEYS: usize = 10_000;
+const COLD_CACHE: usize = 100;
 const MEMORY_KEYS: usize = 1_000_000;
 /// Idle client connections held for the memory-per-connection phase;
 /// `KEYGATE_BENCH_IDLE` overrides.
@@ -133,8 +140,9 @@ fn main() {
     let use_wrk = have("wrk");
     let use_nginx = have("nginx");
     let use_redis = have("redis-server");
+    let use_postgres = postgres_server::installed();
     println!(
-        "load generator: {}; upstream: {}; redis: {}",
+        "load generator: {}; upstream: {}; redis: {}; postgres: {}",
         if use_wrk {
             "wrk"
         } else {
@@ -149,6 +157,11 @@ fn main() {
             "yes"
         } else {
             "not installed: Redis variants skipped"
+        },
+        if use_postgres {
+            "yes"
+        } else {
+            "not installed: postgres variants skipped"
         },
     );
 
@@ -321,6 +334,36 @@ fn main() {
         round_robin = Some(keys);
         redis_instances.push(kg_f);
     }
+    // g: the engine's own database, its keys inserted as the engine does,
+    // after `store prepare` (triggers and the key-hash index).
+    let engine_db = use_postgres.then(postgres_server::PostgresServer::start);
+    let mut postgres_instances = Vec::new();
+    let mut cold = None;
+    if let Some(db) = &engine_db {
+        db.psql(&format!(
+            "INSERT INTO users (id) VALUES ('{user}'); INSERT INTO workflows (id, name, user_id, nodes, edges) VALUES ('wf_bench', 'bench', '{user}', '[]', '[]')"
+        ));
+        let pg_yaml = format!("store:\n  postgres:\n    url: \"{}\"\n", db.url());
+        print!("{}", procs::store_prepare(dir.path(), &pg_yaml));
+        let kg_g = keygate(dir.path(), "keygate-postgres", upstream_port, &pg_yaml, no_limit);
+        variants.push(Variant {
+            id: "g",
+            what: "keygate, postgres store (the engine's tables), one cached key",
+            port: kg_g.port,
+            auth: Auth::One(create_key(&kg_g, user)),
+        });
+        let keys = rt.block_on(engine_keys(db, user, COLD_KEYS));
+        let kg_cold = keygate(
+            dir.path(),
+            "keygate-postgres-cold",
+            upstream_port,
+            &pg_yaml,
+            &format!("{no_limit}cache:\n  keys: {{ capacity: {COLD_CACHE}, ttl: 60s }}\n"),
+        );
+        cold = Some((kg_cold.port, std::sync::Arc::new(keys)));
+        postgres_instances.push(kg_g);
+        postgres_instances.push(kg_cold);
+    }
     // Cache rejections count from here; e2 must make no store call.
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
     let mut redis_per_request: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
@@ -479,6 +522,31 @@ fn main() {
         summarize(&runs)
     });
 
+    // g cold: every request a key the cache does not hold, at 1,000 req/s.
+    let g_cold = cold.as_ref().map(|(port, keys)| {
+        let kg_cold = &postgres_instances[1];
+        let misses_before = metric(kg_cold, "keygate_key_cache_misses_total");
+        let mut requests = 0;
+        let runs: Vec<Sample> = (0..rounds)
+            .map(|_| {
+                let s = rt.block_on(load::fixed_rate(
+                    *port,
+                    &Auth::RoundRobin(keys.clone()),
+                    1000,
+                    SECONDS,
+                ));
+                requests += s.requests;
+                println!(
+                    "g cold at 1000 req/s: p50 {:.0} µs  p99 {:.0} µs  non-2xx {}",
+                    s.p50_us, s.p99_us, s.non_2xx
+                );
+                s
+            })
+            .collect();
+        let misses = metric(kg_cold, "keygate_key_cache_misses_total") - misses_before;
+        (summarize(&runs), misses / requests.max(1) as f64)
+    });
+
     let memory = use_redis.then(|| rt.block_on(cache_memory(redis_port)));
     let idle_memory = measure_idle();
 
@@ -530,6 +598,15 @@ fn main() {
             f.p99_us
         );
     }
+    println!("g/b = {}   (postgres store, cached key, over embedded)", fmt(ratio("g", "b")));
+    if let Some((g, miss_ratio)) = &g_cold {
+        println!(
+            "g cold at 1,000 req/s: p50 {:.0} µs, p99 {:.0} µs, {:.1} % of requests a cache miss   (target p99 ≤ 2000 µs)",
+            g.p50_us,
+            g.p99_us,
+            miss_ratio * 100.0
+        );
+    }
     println!(
         "keygate RSS: idle {:.1} MB, after load {:.1} MB   (target idle ≤ 30 MB)",
         idle_rss as f64 / 1e6,
@@ -562,12 +639,13 @@ fn main() {
         "rounds": rounds,
         "seconds_per_round": SECONDS,
         "variants": variants.iter().map(|v| json!({"id": v.id, "what": v.what, "median": result[v.id], "rounds": samples[v.id]})).collect::<Vec<_>>(),
-        "ratios": {"b_over_d": ratio("b", "d"), "b_over_a": ratio("b", "a"), "e1_over_b": ratio("e1", "b"), "e2_over_b": ratio("e2", "b"), "b_over_b0": ratio("b", "b0")},
+        "ratios": {"g_over_b": ratio("g", "b"), "b_over_d": ratio("b", "d"), "b_over_a": ratio("b", "a"), "e1_over_b": ratio("e1", "b"), "e2_over_b": ratio("e2", "b"), "b_over_b0": ratio("b", "b0")},
         "idle_connections": idle_memory,
         "malformed_key_store_calls": malformed_store_calls,
         "redis_commands_per_request": {"c": cmds("c"), "f": cmds("f")},
         "half_load": {"rate": half, "a": at_half["a"], "b": at_half["b"], "p99_gap_ms": p99_gap_ms},
         "f_at_1000_rps": f_at_1000,
+        "g_cold_at_1000_rps": g_cold.as_ref().map(|(s, miss_ratio)| json!({"sample": s, "miss_ratio": miss_ratio})),
         "keygate_rss_bytes": {"idle": idle_rss, "after_load": loaded_rss},
         "cache_memory": memory.map(|(keys, per_key)| json!({"keys": keys, "bytes_per_key": per_key})),
         "duration_seconds": started.elapsed().as_secs_f64(),
@@ -581,7 +659,35 @@ fn main() {
     .unwrap();
     println!("wrote target/bench/proxy.json");
     drop(redis_instances);
+    drop(postgres_instances);
     drop(baseline);
+}
+
+/// `n` keys inserted into the engine's `api_keys` as the engine issues them
+/// (36 characters, hex SHA-256, 11-character prefix), in one statement;
+/// returns their `Authorization` values.
+async fn engine_keys(db: &postgres_server::PostgresServer, user: &str, n: usize) -> Vec<String> {
+    use sha2::Digest;
+    let mut keys = Vec::with_capacity(n);
+    let (mut ids, mut hashes, mut prefixes) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let mut bytes = [0u8; 24];
+        getrandom::fill(&mut bytes).unwrap();
+        let key = format!("wfb_{}", keygate::key::base64url(&bytes));
+        ids.push(format!("cold{i}"));
+        hashes.push(hex::encode(sha2::Sha256::digest(key.as_bytes())));
+        prefixes.push(key[..11].to_owned());
+        keys.push(format!("Bearer {key}"));
+    }
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO api_keys (id, user_id, key_hash, key_prefix) SELECT id, $4, h, p FROM unnest($1::text[], $2::text[], $3::text[]) AS t(id, h, p)",
+            &[&ids, &hashes, &prefixes, &user],
+        )
+        .await
+        .unwrap();
+    keys
 }
 
 fn machine() -> serde_json::Value {

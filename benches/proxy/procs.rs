@@ -96,6 +96,25 @@ pub fn nginx(dir: &Path, name: &'static str, workers: &str, http_body: &str, por
     Proc { child }
 }
 
+/// `keygate store prepare` for a store section (the engine's triggers and
+/// key-hash index), as an operator runs it before serving.
+pub fn store_prepare(dir: &Path, store_yaml: &str) -> String {
+    let config = dir.join("prepare.yaml");
+    std::fs::write(&config, store_yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("--config")
+        .arg(&config)
+        .args(["store", "prepare"])
+        .output()
+        .expect("keygate runs");
+    assert!(
+        out.status.success(),
+        "store prepare failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A keygate instance started from its release binary.
 pub struct Keygate {
     pub proc: Proc,

@@ -61,6 +61,17 @@ fn server_user() -> Option<(u32, u32)> {
     ))
 }
 
+/// Whether Debian's `postgresql` package (or another initdb on `PATH`) is
+/// there to start servers from.
+pub fn installed() -> bool {
+    let bin = bin_dir();
+    if bin.as_os_str().is_empty() {
+        Command::new("initdb").arg("--version").output().is_ok()
+    } else {
+        true
+    }
+}
+
 impl PostgresServer {
     /// A server with the engine's tables.
     pub fn start() -> PostgresServer {
