@@ -72,6 +72,43 @@ async fn prepare(config: &Config) -> String {
         .unwrap_or_else(|e| panic!("{}", e.0))
 }
 
+/// An engine's database, a gateway in front of it (listening: its first
+/// subscription has flushed the caches) and the upstream it forwards to.
+struct Front {
+    db: PostgresServer,
+    gw: Gw,
+    upstream: Upstream,
+    /// What `store prepare` printed; empty without the triggers.
+    prepared: String,
+    dir: tempfile::TempDir,
+}
+
+async fn front(triggers: bool, extra: &str) -> Front {
+    let db = engine();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start().await;
+    let config = pg_config(&dir, &db, &upstream.url(), extra);
+    let prepared = match triggers {
+        true => prepare(&config).await,
+        false => String::new(),
+    };
+    let gw = Gw::start(config).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            gw.admin_call("GET", "/readyz", None).await.0 == 200
+        })
+        .await,
+        "the gateway did not get ready"
+    );
+    Front {
+        db,
+        gw,
+        upstream,
+        prepared,
+        dir,
+    }
+}
+
 /// Polls `post` until it answers `status`; how long that took from `since`.
 async fn until_status(
     client: &mut KeepAlive,
@@ -96,12 +133,9 @@ async fn until_status(
 
 #[tokio::test]
 async fn keys_and_workflows_the_engine_wrote_work_as_they_are() {
-    let db = engine();
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = Upstream::start().await;
-    let config = pg_config(&dir, &db, &upstream.url(), "");
-    prepare(&config).await;
-    let gw = Gw::start(config).await;
+    let Front {
+        db, gw, upstream, ..
+    } = front(true, "").await;
     // A 36-character key the engine issued, inserted the engine's way.
     let key = engine_key();
     insert_engine_key(&db, "k1", "alice", &key);
@@ -138,10 +172,7 @@ async fn keys_and_workflows_the_engine_wrote_work_as_they_are() {
 
 #[tokio::test]
 async fn keys_keygate_creates_live_in_the_engines_table() {
-    let db = engine();
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = Upstream::start().await;
-    let gw = Gw::start(pg_config(&dir, &db, &upstream.url(), "")).await;
+    let Front { db, gw, .. } = front(false, "").await;
     let (id, key) = gw.create_key("alice").await;
     assert_eq!(key.len(), 42);
     assert_eq!(id.len(), 21, "{id}");
@@ -200,21 +231,16 @@ async fn keys_keygate_creates_live_in_the_engines_table() {
 
 #[tokio::test]
 async fn deletions_and_owner_changes_in_the_engine_take_effect_at_once() {
-    let db = engine();
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = Upstream::start().await;
-    let config = pg_config(&dir, &db, &upstream.url(), "");
-    let prepared = prepare(&config).await;
+    let Front {
+        db,
+        gw,
+        upstream,
+        prepared,
+        dir,
+    } = front(true, "").await;
     assert!(
         prepared.contains("trigger keygate_notify on api_keys: created"),
         "{prepared}"
-    );
-    let gw = Gw::start(config).await;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            gw.admin_call("GET", "/readyz", None).await.0 == 200
-        })
-        .await
     );
     let sql = db.client().await;
     let mut client = KeepAlive::connect(gw.listen).await;
@@ -274,16 +300,11 @@ async fn deletions_and_owner_changes_in_the_engine_take_effect_at_once() {
 
 #[tokio::test]
 async fn without_the_triggers_a_deletion_is_honoured_within_the_ttl_bound() {
-    let db = engine();
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = Upstream::start().await;
     let bound = Duration::from_millis(400);
-    let gw = Gw::start(pg_config(
-        &dir,
-        &db,
-        &upstream.url(),
+    let Front { db, gw, .. } = front(
+        false,
         "cache:\n  keys:\n    ttl: 60s\n    ttl_without_notify: 400ms\n",
-    ))
+    )
     .await;
     let mut client = KeepAlive::connect(gw.listen).await;
     for i in 0..5 {
@@ -308,18 +329,8 @@ async fn without_the_triggers_a_deletion_is_honoured_within_the_ttl_bound() {
 
 #[tokio::test]
 async fn a_killed_listener_is_replaced_and_the_caches_flushed() {
-    let db = engine();
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = Upstream::start().await;
-    let config = pg_config(&dir, &db, &upstream.url(), "");
-    prepare(&config).await;
-    let gw = Gw::start(config).await;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            gw.metric("keygate_cache_flushes_total").await == "1"
-        })
-        .await
-    );
+    let Front { db, gw, .. } = front(true, "").await;
+    assert_eq!(gw.metric("keygate_cache_flushes_total").await, "1");
     let killed = db.psql(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'keygate listener'",
     );
@@ -356,19 +367,7 @@ async fn a_killed_listener_is_replaced_and_the_caches_flushed() {
 
 #[tokio::test]
 async fn a_database_outage_never_lets_an_unknown_or_deleted_key_through_and_heals() {
-    let mut db = engine();
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = Upstream::start().await;
-    let config = pg_config(&dir, &db, &upstream.url(), "");
-    prepare(&config).await;
-    let gw = Gw::start(config).await;
-    // Listening (its first subscription flushes the caches).
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            gw.admin_call("GET", "/readyz", None).await.0 == 200
-        })
-        .await
-    );
+    let Front { mut db, gw, .. } = front(true, "").await;
     let (cached, deleted, unknown) = (engine_key(), engine_key(), engine_key());
     insert_engine_key(&db, "cached", "alice", &cached);
     insert_engine_key(&db, "deleted", "alice", &deleted);
@@ -448,22 +447,13 @@ async fn a_database_outage_never_lets_an_unknown_or_deleted_key_through_and_heal
 
 #[tokio::test]
 async fn last_used_goes_to_the_engines_column_in_one_statement_per_flush() {
-    let db = engine();
+    let Front { db, gw, .. } = front(false, "usage:\n  flush_interval: 200ms\n").await;
     // Counts the statements (not rows) that write last_used_at.
     db.psql(
         "CREATE TABLE flushes (n int);
          CREATE FUNCTION count_flush() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO flushes VALUES (1); RETURN NULL; END $$;
          CREATE TRIGGER count_flush AFTER UPDATE OF last_used_at ON api_keys FOR EACH STATEMENT EXECUTE FUNCTION count_flush();",
     );
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = Upstream::start().await;
-    let gw = Gw::start(pg_config(
-        &dir,
-        &db,
-        &upstream.url(),
-        "usage:\n  flush_interval: 200ms\n",
-    ))
-    .await;
     let (a, b) = (engine_key(), engine_key());
     insert_engine_key(&db, "a", "alice", &a);
     insert_engine_key(&db, "b", "alice", &b);

@@ -5,10 +5,10 @@
 
 mod idle;
 mod load;
-mod procs;
 /// The tests' own PostgreSQL starter, with the engine's tables.
 #[path = "../../tests/common/postgres.rs"]
 mod postgres_server;
+mod procs;
 /// The tests' own `redis-server` starter.
 #[path = "../../tests/common/redis.rs"]
 mod redis_server;
@@ -345,7 +345,13 @@ fn main() {
         ));
         let pg_yaml = format!("store:\n  postgres:\n    url: \"{}\"\n", db.url());
         print!("{}", procs::store_prepare(dir.path(), &pg_yaml));
-        let kg_g = keygate(dir.path(), "keygate-postgres", upstream_port, &pg_yaml, no_limit);
+        let kg_g = keygate(
+            dir.path(),
+            "keygate-postgres",
+            upstream_port,
+            &pg_yaml,
+            no_limit,
+        );
         variants.push(Variant {
             id: "g",
             what: "keygate, postgres store (the engine's tables), one cached key",
@@ -598,7 +604,10 @@ fn main() {
             f.p99_us
         );
     }
-    println!("g/b = {}   (postgres store, cached key, over embedded)", fmt(ratio("g", "b")));
+    println!(
+        "g/b = {}   (postgres store, cached key, over embedded)",
+        fmt(ratio("g", "b"))
+    );
     if let Some((g, miss_ratio)) = &g_cold {
         println!(
             "g cold at 1,000 req/s: p50 {:.0} µs, p99 {:.0} µs, {:.1} % of requests a cache miss   (target p99 ≤ 2000 µs)",

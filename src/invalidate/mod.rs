@@ -143,6 +143,17 @@ fn apply(auth: &Auth, message: Message) {
     }
 }
 
+/// What a listener does each time it is subscribed again: anything cached
+/// may predate a message this instance never received.
+fn now_subscribed(auth: &Auth, subscribed: &AtomicBool, ever: &mut bool) {
+    auth.invalidate_all();
+    subscribed.store(true, Ordering::Release);
+    if *ever {
+        tracing::info!("invalidation stream resubscribed; caches flushed");
+    }
+    *ever = true;
+}
+
 /// The next wait before subscribing again.
 fn back_off(backoff: &mut Duration) -> Duration {
     let wait = *backoff;

@@ -7,7 +7,7 @@
 //! `cache.keys.ttl_without_notify`, so a deletion in the engine is honoured
 //! within that bound; with them, at once.
 
-use super::{Listening, PING_EVERY, apply, back_off, parse};
+use super::{Listening, PING_EVERY, apply, back_off, now_subscribed, parse};
 use crate::auth::Auth;
 use crate::config::PostgresConfig;
 use crate::store::postgres::{PostgresStore, open, prepare, quoted};
@@ -105,14 +105,8 @@ async fn listen(config: PostgresConfig, auth: Arc<Auth>, subscribed: Arc<AtomicB
             continue;
         };
         note_triggers(&auth, &mut triggers, found);
-        // Listening first, then the flush: anything cached may predate a
-        // notification this instance never received.
-        auth.invalidate_all();
-        subscribed.store(true, Ordering::Release);
-        if ever {
-            tracing::info!("invalidation stream resubscribed; caches flushed");
-        }
-        ever = true;
+        // Listening first, then the flush.
+        now_subscribed(&auth, &subscribed, &mut ever);
         backoff = Duration::from_millis(50);
 
         let mut ping = tokio::time::interval(PING_EVERY);

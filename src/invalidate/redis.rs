@@ -2,7 +2,7 @@
 //! `<prefix>invalidate`, received on a dedicated subscribed connection
 //! that is checked with a PING every [`PING_EVERY`].
 
-use super::{Listening, PING_EVERY, apply, back_off, parse};
+use super::{Listening, PING_EVERY, apply, back_off, now_subscribed, parse};
 use crate::auth::Auth;
 use crate::config::RedisConfig;
 use futures_core::Stream;
@@ -96,13 +96,7 @@ async fn subscribe(
                 continue;
             }
         };
-        // Anything cached may predate a message we never saw.
-        auth.invalidate_all();
-        subscribed.store(true, Ordering::Release);
-        if ever {
-            tracing::info!("invalidation stream resubscribed; caches flushed");
-        }
-        ever = true;
+        now_subscribed(&auth, &subscribed, &mut ever);
         backoff = Duration::from_millis(50);
 
         let (mut sink, stream) = pubsub.split();
