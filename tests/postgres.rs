@@ -133,12 +133,11 @@ async fn until_status(
 
 #[tokio::test]
 async fn keys_and_workflows_the_engine_wrote_work_as_they_are() {
-    let Front {
-        db, gw, upstream, ..
-    } = front(true, "").await;
+    let f = front(true, "").await;
+    let (db, gw, upstream) = (&f.db, &f.gw, &f.upstream);
     // A 36-character key the engine issued, inserted the engine's way.
     let key = engine_key();
-    insert_engine_key(&db, "k1", "alice", &key);
+    insert_engine_key(db, "k1", "alice", &key);
     let (status, _, _) = gw.webhook("wf", Some(&bearer(&key.key))).await;
     assert_eq!(status, 200);
     let seen = upstream.requests().pop().unwrap();
@@ -146,13 +145,13 @@ async fn keys_and_workflows_the_engine_wrote_work_as_they_are() {
     assert_eq!(seen.headers["x-api-key-id"], "k1");
     // Another user's key: the workflow is alice's.
     let bobs = engine_key();
-    insert_engine_key(&db, "k2", "bob", &bobs);
+    insert_engine_key(db, "k2", "bob", &bobs);
     assert_eq!(gw.webhook("wf", Some(&bearer(&bobs.key))).await.0, 403);
     // A workflow the engine creates after start works with no keygate call,
     // even one a caller tried before it existed.
     let mut client = KeepAlive::connect(gw.listen).await;
     assert_eq!(client.post("wf_new", &key.key).await, 404);
-    insert_workflow(&db, "wf_new", "alice");
+    insert_workflow(db, "wf_new", "alice");
     let took = until_status(
         &mut client,
         "wf_new",
@@ -172,7 +171,8 @@ async fn keys_and_workflows_the_engine_wrote_work_as_they_are() {
 
 #[tokio::test]
 async fn keys_keygate_creates_live_in_the_engines_table() {
-    let Front { db, gw, .. } = front(false, "").await;
+    let f = front(false, "").await;
+    let (db, gw) = (&f.db, &f.gw);
     let (id, key) = gw.create_key("alice").await;
     assert_eq!(key.len(), 42);
     assert_eq!(id.len(), 21, "{id}");
@@ -231,13 +231,8 @@ async fn keys_keygate_creates_live_in_the_engines_table() {
 
 #[tokio::test]
 async fn deletions_and_owner_changes_in_the_engine_take_effect_at_once() {
-    let Front {
-        db,
-        gw,
-        upstream,
-        prepared,
-        dir,
-    } = front(true, "").await;
+    let f = front(true, "").await;
+    let (db, gw, upstream, prepared, dir) = (&f.db, &f.gw, &f.upstream, &f.prepared, &f.dir);
     assert!(
         prepared.contains("trigger keygate_notify on api_keys: created"),
         "{prepared}"
@@ -247,7 +242,7 @@ async fn deletions_and_owner_changes_in_the_engine_take_effect_at_once() {
     let mut delays = Vec::new();
     for i in 0..100 {
         let key = engine_key();
-        insert_engine_key(&db, &format!("d{i}"), "alice", &key);
+        insert_engine_key(db, &format!("d{i}"), "alice", &key);
         // Cached: the next calls are answered from memory.
         assert_eq!(client.post("wf", &key.key).await, 200);
         assert_eq!(client.post("wf", &key.key).await, 200);
@@ -276,7 +271,7 @@ async fn deletions_and_owner_changes_in_the_engine_take_effect_at_once() {
     assert!(p99 <= Duration::from_millis(100), "p99 {p99:?}");
     // An owner change in the engine: the old owner's key is refused at once.
     let key = engine_key();
-    insert_engine_key(&db, "owner_key", "alice", &key);
+    insert_engine_key(db, "owner_key", "alice", &key);
     assert_eq!(client.post("wf", &key.key).await, 200);
     sql.execute("UPDATE workflows SET user_id = 'bob' WHERE id = 'wf'", &[])
         .await
@@ -294,22 +289,23 @@ async fn deletions_and_owner_changes_in_the_engine_take_effect_at_once() {
     println!("UPDATE workflows SET user_id to 403: {took:?}");
     assert!(took <= Duration::from_millis(100), "{took:?}");
     // A second prepare changes nothing.
-    let again = prepare(&pg_config(&dir, &db, &upstream.url(), "")).await;
+    let again = prepare(&pg_config(dir, db, &upstream.url(), "")).await;
     assert!(again.lines().all(|l| l.contains("unchanged")), "{again}");
 }
 
 #[tokio::test]
 async fn without_the_triggers_a_deletion_is_honoured_within_the_ttl_bound() {
     let bound = Duration::from_millis(400);
-    let Front { db, gw, .. } = front(
+    let f = front(
         false,
         "cache:\n  keys:\n    ttl: 60s\n    ttl_without_notify: 400ms\n",
     )
     .await;
+    let (db, gw) = (&f.db, &f.gw);
     let mut client = KeepAlive::connect(gw.listen).await;
     for i in 0..5 {
         let key = engine_key();
-        insert_engine_key(&db, &format!("t{i}"), "alice", &key);
+        insert_engine_key(db, &format!("t{i}"), "alice", &key);
         assert_eq!(client.post("wf", &key.key).await, 200);
         let cached_at = Instant::now();
         db.psql(&format!("DELETE FROM api_keys WHERE id = 't{i}'"));
@@ -329,7 +325,8 @@ async fn without_the_triggers_a_deletion_is_honoured_within_the_ttl_bound() {
 
 #[tokio::test]
 async fn a_killed_listener_is_replaced_and_the_caches_flushed() {
-    let Front { db, gw, .. } = front(true, "").await;
+    let f = front(true, "").await;
+    let (db, gw) = (&f.db, &f.gw);
     assert_eq!(gw.metric("keygate_cache_flushes_total").await, "1");
     let killed = db.psql(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'keygate listener'",
@@ -350,7 +347,7 @@ async fn a_killed_listener_is_replaced_and_the_caches_flushed() {
     );
     // And it listens again: a deletion is seen at once.
     let key = engine_key();
-    insert_engine_key(&db, "after", "alice", &key);
+    insert_engine_key(db, "after", "alice", &key);
     let mut client = KeepAlive::connect(gw.listen).await;
     assert_eq!(client.post("wf", &key.key).await, 200);
     db.psql("DELETE FROM api_keys WHERE id = 'after'");
@@ -367,14 +364,14 @@ async fn a_killed_listener_is_replaced_and_the_caches_flushed() {
 
 #[tokio::test]
 async fn a_database_outage_never_lets_an_unknown_or_deleted_key_through_and_heals() {
-    let Front { mut db, gw, .. } = front(true, "").await;
+    let mut f = front(true, "").await;
     let (cached, deleted, unknown) = (engine_key(), engine_key(), engine_key());
-    insert_engine_key(&db, "cached", "alice", &cached);
-    insert_engine_key(&db, "deleted", "alice", &deleted);
-    let mut client = KeepAlive::connect(gw.listen).await;
+    insert_engine_key(&f.db, "cached", "alice", &cached);
+    insert_engine_key(&f.db, "deleted", "alice", &deleted);
+    let mut client = KeepAlive::connect(f.gw.listen).await;
     assert_eq!(client.post("wf", &cached.key).await, 200);
     assert_eq!(client.post("wf", &deleted.key).await, 200);
-    db.psql("DELETE FROM api_keys WHERE id = 'deleted'");
+    f.db.psql("DELETE FROM api_keys WHERE id = 'deleted'");
     until_status(
         &mut client,
         "wf",
@@ -386,7 +383,7 @@ async fn a_database_outage_never_lets_an_unknown_or_deleted_key_through_and_heal
     .await;
 
     // Calls keep coming while the database stops and starts again.
-    let listen = gw.listen;
+    let listen = f.gw.listen;
     let keys = (deleted.key.clone(), unknown.key.clone());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let traffic = tokio::spawn({
@@ -403,10 +400,10 @@ async fn a_database_outage_never_lets_an_unknown_or_deleted_key_through_and_heal
         }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    db.stop();
+    f.db.stop();
     assert!(
         eventually(Duration::from_secs(5), || async {
-            gw.admin_call("GET", "/readyz", None).await.0 == 503
+            f.gw.admin_call("GET", "/readyz", None).await.0 == 503
         })
         .await,
         "/readyz still ready with the database down"
@@ -415,16 +412,16 @@ async fn a_database_outage_never_lets_an_unknown_or_deleted_key_through_and_heal
     assert_eq!(client.post("wf", &cached.key).await, 200);
     let fresh = engine_key();
     assert_eq!(client.post("wf", &fresh.key).await, 503);
-    db.restart();
+    f.db.restart();
     // Back on its own: ready, and a key written after the outage works.
     assert!(
         eventually(Duration::from_secs(10), || async {
-            gw.admin_call("GET", "/readyz", None).await.0 == 200
+            f.gw.admin_call("GET", "/readyz", None).await.0 == 200
         })
         .await,
         "/readyz did not recover"
     );
-    insert_engine_key(&db, "fresh", "alice", &fresh);
+    insert_engine_key(&f.db, "fresh", "alice", &fresh);
     until_status(
         &mut client,
         "wf",
@@ -447,7 +444,8 @@ async fn a_database_outage_never_lets_an_unknown_or_deleted_key_through_and_heal
 
 #[tokio::test]
 async fn last_used_goes_to_the_engines_column_in_one_statement_per_flush() {
-    let Front { db, gw, .. } = front(false, "usage:\n  flush_interval: 200ms\n").await;
+    let f = front(false, "usage:\n  flush_interval: 200ms\n").await;
+    let (db, gw) = (&f.db, &f.gw);
     // Counts the statements (not rows) that write last_used_at.
     db.psql(
         "CREATE TABLE flushes (n int);
@@ -455,8 +453,8 @@ async fn last_used_goes_to_the_engines_column_in_one_statement_per_flush() {
          CREATE TRIGGER count_flush AFTER UPDATE OF last_used_at ON api_keys FOR EACH STATEMENT EXECUTE FUNCTION count_flush();",
     );
     let (a, b) = (engine_key(), engine_key());
-    insert_engine_key(&db, "a", "alice", &a);
-    insert_engine_key(&db, "b", "alice", &b);
+    insert_engine_key(db, "a", "alice", &a);
+    insert_engine_key(db, "b", "alice", &b);
     let started = Instant::now();
     let mut client = KeepAlive::connect(gw.listen).await;
     for _ in 0..500 {
