@@ -48,3 +48,4 @@ pub mod server;
 pub mod store;
 pub(crate) mod tls;
 pub(crate) mod usage;
+pub mod vault;

@@ -9,6 +9,7 @@ mod postgres;
 mod raw;
 mod route;
 mod validate;
+mod vault;
 
 pub use postgres::{
     EngineTables, KeysTable, PgTls, PostgresConfig, RootCerts, UsersTable, WorkflowsTable,
@@ -16,6 +17,10 @@ pub use postgres::{
 };
 pub use route::{DEFAULT_ROUTE, Pattern, RouteConfig, is_dot_segment};
 pub use validate::parse_duration;
+pub use vault::{
+    EgressConfig, MasterKey, MintToken, Part, Provider, ProviderUrl, SecretKey, Template,
+    VaultConfig,
+};
 
 use http::HeaderName;
 use std::fmt;
@@ -81,6 +86,10 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub log: LogConfig,
     pub shutdown_timeout: Duration,
+    /// Integration credentials' master keys; `None`: no vault, no egress.
+    pub vault: Option<VaultConfig>,
+    /// Present exactly when `vault` is.
+    pub egress: Option<EgressConfig>,
 }
 
 /// An HTTP/1.1 upstream, `http://host:port`.
@@ -161,6 +170,8 @@ pub struct CorsConfig {
 pub struct HeaderNames {
     pub user_id: HeaderName,
     pub key_id: HeaderName,
+    /// Carries the run token a webhook call's steps present to egress.
+    pub run_token: HeaderName,
     /// Client headers never forwarded: ones an engine behind keygate may
     /// trust for routing or to skip its own checks (lower case).
     pub strip: Vec<HeaderName>,

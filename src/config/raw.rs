@@ -24,6 +24,41 @@ pub(super) struct Raw {
     pub(super) rate_limit: Option<RawRateLimit>,
     pub(super) log: Option<RawLog>,
     pub(super) shutdown_timeout: Option<String>,
+    pub(super) vault: Option<RawVault>,
+    pub(super) egress: Option<RawEgress>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawVault {
+    pub(super) master_keys: Vec<RawMasterKey>,
+    pub(super) run_token_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMasterKey {
+    pub(super) id: String,
+    pub(super) key: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEgress {
+    pub(super) listen: Option<String>,
+    pub(super) run_token_ttl: Option<String>,
+    pub(super) mint_token: Option<String>,
+    pub(super) connect_timeout: Option<String>,
+    pub(super) response_timeout: Option<String>,
+    pub(super) providers: Option<std::collections::BTreeMap<String, RawProvider>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProvider {
+    pub(super) base_url: Option<String>,
+    pub(super) inject: Option<std::collections::BTreeMap<String, String>>,
+    pub(super) ca_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -134,6 +169,7 @@ pub(super) struct RawCors {
 pub(super) struct RawHeaders {
     pub(super) user_id: Option<String>,
     pub(super) key_id: Option<String>,
+    pub(super) run_token: Option<String>,
     pub(super) strip: Option<Vec<String>>,
 }
 

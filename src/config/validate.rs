@@ -32,6 +32,17 @@ pub(super) fn config(raw: Raw, base: &Path, env: Env<'_>) -> Result<Config, Conf
     )?;
     let store = store(raw.store, base, env)?;
     let admin = admin(raw.admin.unwrap_or_default(), &store, listen, base, env)?;
+    let vault = raw
+        .vault
+        .map(|vault| super::vault::vault(vault, env))
+        .transpose()?;
+    let egress = match (&vault, raw.egress) {
+        (Some(_), egress) => Some(super::vault::egress(egress.unwrap_or_default(), base, env)?),
+        (None, Some(_)) => {
+            return err("egress: needs vault.master_keys, to open the credentials it injects");
+        }
+        (None, None) => None,
+    };
     Ok(Config {
         listen,
         workers: workers(raw.workers)?,
@@ -50,6 +61,8 @@ pub(super) fn config(raw: Raw, base: &Path, env: Env<'_>) -> Result<Config, Conf
         rate_limit: rate_limit(raw.rate_limit.unwrap_or_default())?,
         log: log(raw.log.unwrap_or_default())?,
         shutdown_timeout: duration("shutdown_timeout", raw.shutdown_timeout.as_deref(), "30s")?,
+        vault,
+        egress,
     })
 }
 
@@ -195,6 +208,10 @@ fn headers(raw: RawHeaders) -> Result<HeaderNames, ConfigError> {
             "headers.key_id",
             raw.key_id.as_deref().unwrap_or("X-Api-Key-Id"),
         )?,
+        run_token: header_name(
+            "headers.run_token",
+            raw.run_token.as_deref().unwrap_or("X-Keygate-Run"),
+        )?,
         strip: match raw.strip {
             None => DEFAULT_STRIP
                 .iter()
@@ -206,8 +223,11 @@ fn headers(raw: RawHeaders) -> Result<HeaderNames, ConfigError> {
                 .collect::<Result<_, _>>()?,
         },
     };
-    if headers.user_id == headers.key_id {
-        return err("headers: user_id and key_id must differ");
+    if headers.user_id == headers.key_id
+        || headers.run_token == headers.user_id
+        || headers.run_token == headers.key_id
+    {
+        return err("headers: user_id, key_id and run_token must differ");
     }
     Ok(headers)
 }
@@ -343,7 +363,7 @@ fn log(raw: RawLog) -> Result<LogConfig, ConfigError> {
 
 /// `${NAME}` takes the value from the environment, so secrets stay out of
 /// the file.
-fn from_env(
+pub(super) fn from_env(
     field: &str,
     value: &str,
     env: &dyn Fn(&str) -> Option<String>,
@@ -357,13 +377,13 @@ fn from_env(
 
 /// `base` joined with `path`, without `./` in the middle, so logs and
 /// errors show the path an operator would write.
-fn resolve(base: &Path, path: impl AsRef<Path>) -> PathBuf {
+pub(super) fn resolve(base: &Path, path: impl AsRef<Path>) -> PathBuf {
     base.join(path).components().collect()
 }
 
 /// An IP address and port, or a host name that resolves to one (the first
 /// address it resolves to).
-fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+pub(super) fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     if let Ok(addr) = value.parse() {
         return Ok(addr);
     }
@@ -441,7 +461,7 @@ fn cors(raw: Option<RawCors>) -> Result<Option<CorsConfig>, ConfigError> {
     }))
 }
 
-fn header_name(field: &str, value: &str) -> Result<HeaderName, ConfigError> {
+pub(super) fn header_name(field: &str, value: &str) -> Result<HeaderName, ConfigError> {
     HeaderName::from_bytes(value.as_bytes())
         .map_err(|_| ConfigError(format!("{field}: invalid header name {value:?}")))
 }
