@@ -12,7 +12,7 @@ use keygate::key::{KeyHash, NewKey};
 use keygate::store::embedded::EmbeddedStore;
 use keygate::store::postgres::PostgresStore;
 use keygate::store::redis::RedisStore;
-use keygate::store::{KeyRecord, LastUsed, Store, StoreError};
+use keygate::store::{IntegrationRecord, KeyRecord, LastUsed, Store, StoreError};
 use std::time::Duration;
 
 fn record(id: &str, user: &str, created_at: i64) -> (KeyRecord, NewKey) {
@@ -33,6 +33,7 @@ fn record(id: &str, user: &str, created_at: i64) -> (KeyRecord, NewKey) {
 async fn conformance(store: &dyn Store) -> Vec<NewKey> {
     let secrets = keys_conform(store).await;
     owners_kept_by_keygate(store).await;
+    integrations_conform(store).await;
     store.ping().await.unwrap();
     secrets
 }
@@ -142,6 +143,104 @@ async fn keys_conform(store: &dyn Store) -> Vec<NewKey> {
     assert_eq!(ids, ["key_a"]);
     secrets.extend([ka, kb, kc]);
     secrets
+}
+
+fn integration(id: &str, user: &str, created_at: i64) -> IntegrationRecord {
+    IntegrationRecord {
+        id: id.to_owned(),
+        user_id: user.to_owned(),
+        kind: "skytells".to_owned(),
+        name: format!("name of {id}"),
+        created_at,
+        last_used_at: None,
+        key_id: "k1".to_owned(),
+        nonce: vec![7; 12],
+        ciphertext: format!("sealed {id}").into_bytes(),
+    }
+}
+
+/// Integration records: the sealed secret kept as given, listed per user,
+/// last use never backwards, re-sealed in place, removed for good.
+async fn integrations_conform(store: &dyn Store) {
+    let (a, b, c) = (
+        integration("int_a", "user_1", 1_000),
+        integration("int_b", "user_1", 2_000),
+        integration("int_c", "user_2", 3_000),
+    );
+    for r in [&a, &b, &c] {
+        store.create_integration(r.clone()).await.unwrap();
+    }
+    assert!(matches!(
+        store
+            .create_integration(integration("int_a", "user_2", 9))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.get_integration("int_a").await.unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(store.get_integration("int_none").await.unwrap(), None);
+    let ids = |list: Vec<IntegrationRecord>| list.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.list_integrations("user_1").await.unwrap()),
+        ["int_b", "int_a"]
+    );
+    assert!(store.list_integrations("nobody").await.unwrap().is_empty());
+    let mut all = ids(store.all_integrations().await.unwrap());
+    all.sort();
+    assert_eq!(all, ["int_a", "int_b", "int_c"]);
+
+    store.integration_used("int_a", 5_000).await.unwrap();
+    store.integration_used("int_a", 4_000).await.unwrap();
+    let used = store.get_integration("int_a").await.unwrap().unwrap();
+    assert_eq!(used.last_used_at, Some(5_000), "time moved backwards");
+
+    let resealed = IntegrationRecord {
+        key_id: "k2".into(),
+        nonce: vec![8; 12],
+        ciphertext: b"sealed again".to_vec(),
+        // Only the seal changes, whatever else is passed.
+        name: "ignored".into(),
+        ..a.clone()
+    };
+    store.reseal_integration(resealed).await.unwrap();
+    let now = store.get_integration("int_a").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            now.key_id.as_str(),
+            now.nonce.as_slice(),
+            now.ciphertext.as_slice()
+        ),
+        ("k2", &[8u8; 12][..], &b"sealed again"[..])
+    );
+    assert_eq!(
+        (now.name.as_str(), now.last_used_at),
+        ("name of int_a", Some(5_000))
+    );
+    assert!(matches!(
+        store
+            .reseal_integration(integration("int_none", "user_1", 1))
+            .await,
+        Err(StoreError::UnknownIntegration(_))
+    ));
+
+    let removed = store.remove_integration("int_b").await.unwrap();
+    assert_eq!(removed.user_id, "user_1");
+    assert!(matches!(
+        store.remove_integration("int_b").await,
+        Err(StoreError::UnknownIntegration(_))
+    ));
+    store.integration_used("int_b", 9_000).await.unwrap();
+    assert_eq!(
+        store.get_integration("int_b").await.unwrap(),
+        None,
+        "a removed integration came back"
+    );
+    assert_eq!(
+        ids(store.list_integrations("user_1").await.unwrap()),
+        ["int_a"]
+    );
 }
 
 /// Owners registered through keygate (the embedded and Redis stores).
@@ -298,9 +397,17 @@ async fn owners_from_the_engine(store: &dyn Store, db: &PostgresServer) {
 async fn postgres_store_conforms_and_never_holds_a_key() {
     let db = PostgresServer::start();
     db.psql("INSERT INTO users (id) VALUES ('user_1'), ('user_2')");
-    let store = PostgresStore::connect(&postgres_config(&db.url(), "2s")).unwrap();
+    let config = postgres_config(&db.url(), "2s");
+    let mut client = keygate::store::postgres::open_driven(&config)
+        .await
+        .unwrap();
+    keygate::store::postgres::prepare::prepare(&mut client, &config)
+        .await
+        .unwrap();
+    let store = PostgresStore::connect(&config).unwrap();
     let secrets = keys_conform(&store).await;
     owners_from_the_engine(&store, &db).await;
+    integrations_conform(&store).await;
     store.ping().await.unwrap();
     // A key for a user the engine does not have is refused, clearly.
     let (stranger, _) = record("key_x", "user_9", 7_000);

@@ -95,6 +95,10 @@ pub(super) fn store_error(e: StoreError) -> AdminResponse {
             error(StatusCode::NOT_FOUND, format!("unknown user: {what}"))
         }
         StoreError::Refused(why) => error(StatusCode::CONFLICT, why),
+        StoreError::UnknownIntegration(id) => error(
+            StatusCode::NOT_FOUND,
+            format!("unknown integration id: {id}"),
+        ),
         e @ (StoreError::Unavailable(_) | StoreError::Corrupt(_)) => {
             tracing::warn!(error = %e, "admin call failed on the store");
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());

@@ -219,7 +219,7 @@ async fn open_store(
             Arc::new(RedisStore::connect(redis).map_err(|e| e.to_string())?)
         }
         StoreConfig::Postgres(postgres) => {
-            check_engine_schema(postgres).await?;
+            check_engine_schema(postgres, config.vault.is_some()).await?;
             let store = Arc::new(PostgresStore::connect(postgres).map_err(|e| e.to_string())?);
             return Ok((store.clone(), Some(store)));
         }
@@ -228,9 +228,10 @@ async fn open_store(
 }
 
 /// Refuses to start when the engine's tables lack a column the config
-/// names. A database that cannot be reached now is not an error: the
-/// gateway starts not ready, as with Redis.
-async fn check_engine_schema(config: &PostgresConfig) -> Result<(), String> {
+/// names, or (with a vault) keygate's integrations table is missing. A
+/// database that cannot be reached now is not an error: the gateway starts
+/// not ready, as with Redis.
+async fn check_engine_schema(config: &PostgresConfig, vault: bool) -> Result<(), String> {
     let client = match crate::store::postgres::open_driven(config).await {
         Ok(client) => client,
         Err(e) => {
@@ -238,6 +239,15 @@ async fn check_engine_schema(config: &PostgresConfig) -> Result<(), String> {
             return Ok(());
         }
     };
+    if vault
+        && let Ok(false) =
+            crate::store::postgres::prepare::integrations_table_exists(&client, config).await
+    {
+        return Err(
+            "store.postgres: the vault keeps integrations in keygate_integrations, which this database lacks; run `keygate store prepare`"
+                .to_owned(),
+        );
+    }
     match crate::store::postgres::schema::check(&client, config).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(problems)) => Err(problems),

@@ -1,11 +1,14 @@
 //! The default store: one crash-safe redb file, nothing to install.
 //!
 //! Tables: `keys` (id → JSON record), `key_by_hash` (SHA-256 → id),
-//! `user_keys` (user → ids, multimap) and `owners` (workflow → user).
+//! `user_keys` (user → ids, multimap), `owners` (workflow → user),
+//! `integrations` (id → JSON record, the secret sealed) and
+//! `user_integrations` (user → ids, multimap).
 //! redb is synchronous, so every call runs on tokio's blocking pool.
 
 use super::{
-    KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner, sort_newest_first,
+    IntegrationRecord, KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner,
+    sort_integrations, sort_newest_first,
 };
 use crate::key::KeyHash;
 use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
@@ -16,6 +19,9 @@ const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 const KEY_BY_HASH: TableDefinition<&[u8], &str> = TableDefinition::new("key_by_hash");
 const USER_KEYS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("user_keys");
 const OWNERS: TableDefinition<&str, &str> = TableDefinition::new("owners");
+const INTEGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("integrations");
+const USER_INTEGRATIONS: MultimapTableDefinition<&str, &str> =
+    MultimapTableDefinition::new("user_integrations");
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
@@ -45,6 +51,8 @@ impl EmbeddedStore {
         txn.open_table(KEY_BY_HASH).map_err(fail)?;
         txn.open_multimap_table(USER_KEYS).map_err(fail)?;
         txn.open_table(OWNERS).map_err(fail)?;
+        txn.open_table(INTEGRATIONS).map_err(fail)?;
+        txn.open_multimap_table(USER_INTEGRATIONS).map_err(fail)?;
         txn.commit().map_err(fail)?;
         Ok(EmbeddedStore { db: Arc::new(db) })
     }
@@ -69,6 +77,14 @@ fn decode(bytes: &[u8]) -> Result<KeyRecord, StoreError> {
 
 fn encode(record: &KeyRecord) -> Vec<u8> {
     serde_json::to_vec(record).expect("a key record always serializes")
+}
+
+fn decode_integration(bytes: &[u8]) -> Result<IntegrationRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode_integration(record: &IntegrationRecord) -> Vec<u8> {
+    serde_json::to_vec(record).expect("an integration record always serializes")
 }
 
 impl Store for EmbeddedStore {
@@ -246,6 +262,145 @@ impl Store for EmbeddedStore {
                 });
             }
             Ok(out)
+        })
+    }
+
+    fn create_integration(&self, record: IntegrationRecord) -> StoreFuture<'_, ()> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(fail)?;
+            {
+                let mut table = txn.open_table(INTEGRATIONS).map_err(fail)?;
+                if table.get(record.id.as_str()).map_err(fail)?.is_some() {
+                    return Err(StoreError::Conflict(format!("integration {}", record.id)));
+                }
+                table
+                    .insert(record.id.as_str(), encode_integration(&record).as_slice())
+                    .map_err(fail)?;
+                txn.open_multimap_table(USER_INTEGRATIONS)
+                    .map_err(fail)?
+                    .insert(record.user_id.as_str(), record.id.as_str())
+                    .map_err(fail)?;
+            }
+            txn.commit().map_err(fail)
+        })
+    }
+
+    fn get_integration<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<IntegrationRecord>> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(fail)?;
+            let table = txn.open_table(INTEGRATIONS).map_err(fail)?;
+            table
+                .get(id.as_str())
+                .map_err(fail)?
+                .map(|v| decode_integration(v.value()))
+                .transpose()
+        })
+    }
+
+    fn list_integrations<'a>(
+        &'a self,
+        user_id: &'a str,
+    ) -> StoreFuture<'a, Vec<IntegrationRecord>> {
+        let user_id = user_id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(fail)?;
+            let table = txn.open_table(INTEGRATIONS).map_err(fail)?;
+            let ids = txn.open_multimap_table(USER_INTEGRATIONS).map_err(fail)?;
+            let mut out = Vec::new();
+            for id in ids.get(user_id.as_str()).map_err(fail)? {
+                let id = id.map_err(fail)?;
+                if let Some(bytes) = table.get(id.value()).map_err(fail)? {
+                    out.push(decode_integration(bytes.value())?);
+                }
+            }
+            sort_integrations(&mut out);
+            Ok(out)
+        })
+    }
+
+    fn all_integrations(&self) -> StoreFuture<'_, Vec<IntegrationRecord>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(fail)?;
+            let table = txn.open_table(INTEGRATIONS).map_err(fail)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(fail)? {
+                let (_, bytes) = entry.map_err(fail)?;
+                out.push(decode_integration(bytes.value())?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn reseal_integration(&self, record: IntegrationRecord) -> StoreFuture<'_, ()> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(fail)?;
+            {
+                let mut table = txn.open_table(INTEGRATIONS).map_err(fail)?;
+                let current = match table.get(record.id.as_str()).map_err(fail)? {
+                    Some(bytes) => decode_integration(bytes.value())?,
+                    None => return Err(StoreError::UnknownIntegration(record.id)),
+                };
+                let resealed = IntegrationRecord {
+                    key_id: record.key_id,
+                    nonce: record.nonce,
+                    ciphertext: record.ciphertext,
+                    ..current
+                };
+                table
+                    .insert(
+                        resealed.id.as_str(),
+                        encode_integration(&resealed).as_slice(),
+                    )
+                    .map_err(fail)?;
+            }
+            txn.commit().map_err(fail)
+        })
+    }
+
+    fn remove_integration<'a>(&'a self, id: &'a str) -> StoreFuture<'a, IntegrationRecord> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(fail)?;
+            let removed = {
+                let mut table = txn.open_table(INTEGRATIONS).map_err(fail)?;
+                let removed = match table.remove(id.as_str()).map_err(fail)? {
+                    Some(bytes) => decode_integration(bytes.value())?,
+                    None => return Err(StoreError::UnknownIntegration(id)),
+                };
+                txn.open_multimap_table(USER_INTEGRATIONS)
+                    .map_err(fail)?
+                    .remove(removed.user_id.as_str(), id.as_str())
+                    .map_err(fail)?;
+                removed
+            };
+            txn.commit().map_err(fail)?;
+            Ok(removed)
+        })
+    }
+
+    fn integration_used<'a>(&'a self, id: &'a str, at: i64) -> StoreFuture<'a, ()> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(fail)?;
+            {
+                let mut table = txn.open_table(INTEGRATIONS).map_err(fail)?;
+                let current = match table.get(id.as_str()).map_err(fail)? {
+                    Some(bytes) => decode_integration(bytes.value())?,
+                    None => return Ok(()),
+                };
+                if current.last_used_at.is_some_and(|t| t >= at) {
+                    return Ok(());
+                }
+                let used = IntegrationRecord {
+                    last_used_at: Some(at),
+                    ..current
+                };
+                table
+                    .insert(id.as_str(), encode_integration(&used).as_slice())
+                    .map_err(fail)?;
+            }
+            txn.commit().map_err(fail)
         })
     }
 

@@ -63,6 +63,79 @@ impl fmt::Debug for KeyRecord {
     }
 }
 
+/// An integration credential as stored: who it is for, and its secret
+/// sealed by the vault (never the plaintext). The serde form (`camelCase`,
+/// bytes in base64) is what the embedded store keeps.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IntegrationRecord {
+    pub id: String,
+    pub user_id: String,
+    /// The provider type (`skytells`, `stripe`, ...).
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub name: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    #[serde(default)]
+    pub last_used_at: Option<i64>,
+    /// The master key that sealed it.
+    pub key_id: String,
+    #[serde(with = "base64_bytes")]
+    pub nonce: Vec<u8>,
+    #[serde(with = "base64_bytes")]
+    pub ciphertext: Vec<u8>,
+}
+
+impl IntegrationRecord {
+    /// What the vault binds its secret to.
+    pub fn binding(&self) -> crate::vault::Binding<'_> {
+        crate::vault::Binding {
+            id: &self.id,
+            user_id: &self.user_id,
+            kind: &self.kind,
+        }
+    }
+
+    /// Its secret, sealed; `None` for a nonce of the wrong length.
+    pub fn sealed(&self) -> Option<crate::vault::Sealed> {
+        Some(crate::vault::Sealed {
+            key_id: self.key_id.clone(),
+            nonce: self.nonce.as_slice().try_into().ok()?,
+            ciphertext: self.ciphertext.clone(),
+        })
+    }
+}
+
+impl fmt::Debug for IntegrationRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IntegrationRecord")
+            .field("id", &self.id)
+            .field("user_id", &self.user_id)
+            .field("kind", &self.kind)
+            .field("name", &self.name)
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes as base64 in serde forms.
+mod base64_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// One pending `lastUsedAt` write. The hash is carried so stores keyed by
 /// hash need no extra lookup; it never leaves the process except to the store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +161,8 @@ pub enum StoreError {
     UnknownUser(String),
     /// A change this store does not make, and why.
     Refused(String),
+    /// No integration with this id.
+    UnknownIntegration(String),
     /// A key with this id or hash exists already.
     Conflict(String),
     /// The store cannot be reached or did not answer in time.
@@ -103,6 +178,7 @@ impl fmt::Display for StoreError {
             StoreError::UnknownWorkflow(id) => write!(f, "workflow {id:?} has no owner"),
             StoreError::UnknownUser(id) => write!(f, "unknown user {id}"),
             StoreError::Refused(why) => f.write_str(why),
+            StoreError::UnknownIntegration(id) => write!(f, "unknown integration id {id:?}"),
             StoreError::Conflict(what) => write!(f, "already exists: {what}"),
             StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
             StoreError::Corrupt(why) => write!(f, "store data unreadable: {why}"),
@@ -151,6 +227,53 @@ pub trait Store: Send + Sync + 'static {
     /// All workflows with an owner, sorted by id.
     fn list_workflows(&self) -> StoreFuture<'_, Vec<WorkflowOwner>>;
 
+    // Integration credentials. A store that keeps none refuses them (the
+    // three stores here all keep them).
+
+    /// Conflict if the id is taken.
+    fn create_integration(&self, record: IntegrationRecord) -> StoreFuture<'_, ()> {
+        drop(record);
+        no_integrations()
+    }
+
+    fn get_integration<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<IntegrationRecord>> {
+        let _ = id;
+        no_integrations()
+    }
+
+    /// A user's integrations, newest first.
+    fn list_integrations<'a>(
+        &'a self,
+        user_id: &'a str,
+    ) -> StoreFuture<'a, Vec<IntegrationRecord>> {
+        let _ = user_id;
+        no_integrations()
+    }
+
+    /// Every integration (for re-sealing them under a new master key).
+    fn all_integrations(&self) -> StoreFuture<'_, Vec<IntegrationRecord>> {
+        no_integrations()
+    }
+
+    /// Replaces a record's sealed secret (`key_id`, `nonce`, `ciphertext`);
+    /// `UnknownIntegration` if it is gone.
+    fn reseal_integration(&self, record: IntegrationRecord) -> StoreFuture<'_, ()> {
+        drop(record);
+        no_integrations()
+    }
+
+    /// Deletes and returns it; `UnknownIntegration` if there is none.
+    fn remove_integration<'a>(&'a self, id: &'a str) -> StoreFuture<'a, IntegrationRecord> {
+        let _ = id;
+        no_integrations()
+    }
+
+    /// Never moves the time backwards; a removed integration stays removed.
+    fn integration_used<'a>(&'a self, id: &'a str, at: i64) -> StoreFuture<'a, ()> {
+        let _ = (id, at);
+        no_integrations()
+    }
+
     /// Succeeds when the store answers; backs `/readyz`.
     fn ping(&self) -> StoreFuture<'_, ()>;
 
@@ -160,6 +283,23 @@ pub trait Store: Send + Sync + 'static {
     fn timeout(&self) -> Option<std::time::Duration> {
         None
     }
+}
+
+fn no_integrations<T>() -> StoreFuture<'static, T> {
+    Box::pin(async {
+        Err(StoreError::Refused(
+            "this store keeps no integrations".into(),
+        ))
+    })
+}
+
+/// Newest first; ties broken by id so listings are stable.
+pub(crate) fn sort_integrations(list: &mut [IntegrationRecord]) {
+    list.sort_by(|a, b| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then_with(|| b.id.cmp(&a.id))
+    });
 }
 
 /// Newest first; ties broken by id so listings are stable.

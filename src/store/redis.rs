@@ -10,6 +10,10 @@
 //! | `user:<user id>` | sorted set | the user's key ids, scored by `createdAt` |
 //! | `lastused` | sorted set | key SHA-256 hex, scored by `lastUsedAt` (Unix ms) |
 //! | `owners` | hash | workflow id → owner user id |
+//! | `integration:<id>` | string | the integration record as JSON, its secret sealed |
+//! | `user_integrations:<user id>` | sorted set | the user's integration ids, scored by `createdAt` |
+//! | `integrations` | set | every integration id (for re-sealing) |
+//! | `integration_used` | sorted set | integration id, scored by `lastUsedAt` (Unix ms) |
 //!
 //! The hot path (`find_by_hash`) is one round trip: `HGETALL` of the key and
 //! `ZSCORE` of its last use. A whole batch of last-used times is one
@@ -25,7 +29,8 @@
 //! single node; a cluster connection is not implemented yet.
 
 use super::{
-    KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner, sort_newest_first,
+    IntegrationRecord, KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner,
+    sort_integrations, sort_newest_first,
 };
 use crate::config::RedisConfig;
 use crate::key::KeyHash;
@@ -143,6 +148,52 @@ impl RedisStore {
         format!("{}owners", self.prefix)
     }
 
+    fn integration_key(&self, id: &str) -> String {
+        format!("{}integration:{id}", self.prefix)
+    }
+
+    fn user_integrations_key(&self, user: &str) -> String {
+        format!("{}user_integrations:{user}", self.prefix)
+    }
+
+    fn integrations_key(&self) -> String {
+        format!("{}integrations", self.prefix)
+    }
+
+    fn integration_used_key(&self) -> String {
+        format!("{}integration_used", self.prefix)
+    }
+
+    /// The records of `ids` that still exist, with their last use.
+    async fn integrations_of(
+        &self,
+        conn: &mut ConnectionManager,
+        ids: &[String],
+    ) -> Result<Vec<IntegrationRecord>, Failure> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("GET").arg(self.integration_key(id));
+        }
+        let records: Vec<Option<String>> = pipe.query_async(conn).await?;
+        let mut scores = redis::cmd("ZMSCORE");
+        scores.arg(self.integration_used_key());
+        for id in ids {
+            scores.arg(id);
+        }
+        let used: Vec<Option<f64>> = scores.query_async(conn).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (json, used) in records.into_iter().zip(used) {
+            // One removed between the two reads is left out.
+            if let Some(json) = json {
+                out.push(parse_integration(&json, used)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Runs one store operation within one deadline (`timeout`), so a
     /// stalled Redis becomes a 503 rather than a hung request, and a
     /// reconnect or a retry does not stretch it; retries once on a stale
@@ -193,6 +244,22 @@ fn parse_record(
         // Unix ms fit a double's 53-bit mantissa exactly.
         last_used_at: last_used.map(|t| t as i64),
     })
+}
+
+fn parse_integration(json: &str, used: Option<f64>) -> Result<IntegrationRecord, StoreError> {
+    let mut record: IntegrationRecord = serde_json::from_str(json)
+        .map_err(|e| StoreError::Corrupt(format!("integration record: {e}")))?;
+    // Unix ms fit a double's 53-bit mantissa exactly.
+    record.last_used_at = used.map(|t| t as i64);
+    Ok(record)
+}
+
+fn integration_json(record: &IntegrationRecord) -> String {
+    let stored = IntegrationRecord {
+        last_used_at: None,
+        ..record.clone()
+    };
+    serde_json::to_string(&stored).expect("an integration record always serializes")
 }
 
 impl Store for RedisStore {
@@ -419,6 +486,153 @@ impl Store for RedisStore {
                 .collect();
             out.sort_by(|a, b| a.workflow_id.cmp(&b.workflow_id));
             Ok(out)
+        }))
+    }
+
+    fn create_integration(&self, record: IntegrationRecord) -> StoreFuture<'_, ()> {
+        Box::pin(self.run(Retry::Never, move |mut conn| {
+            let record = record.clone();
+            async move {
+                let created: Option<String> = redis::cmd("SET")
+                    .arg(self.integration_key(&record.id))
+                    .arg(integration_json(&record))
+                    .arg("NX")
+                    .query_async(&mut conn)
+                    .await?;
+                if created.is_none() {
+                    return Err(StoreError::Conflict(format!("integration {}", record.id)).into());
+                }
+                redis::pipe()
+                    .cmd("ZADD")
+                    .arg(self.user_integrations_key(&record.user_id))
+                    .arg(record.created_at)
+                    .arg(&record.id)
+                    .ignore()
+                    .cmd("SADD")
+                    .arg(self.integrations_key())
+                    .arg(&record.id)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await?;
+                Ok(())
+            }
+        }))
+    }
+
+    fn get_integration<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<IntegrationRecord>> {
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
+            let found = self.integrations_of(&mut conn, &[id.to_owned()]).await?;
+            Ok(found.into_iter().next())
+        }))
+    }
+
+    fn list_integrations<'a>(
+        &'a self,
+        user_id: &'a str,
+    ) -> StoreFuture<'a, Vec<IntegrationRecord>> {
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
+            let ids: Vec<String> = redis::cmd("ZREVRANGE")
+                .arg(self.user_integrations_key(user_id))
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await?;
+            let mut out = self.integrations_of(&mut conn, &ids).await?;
+            sort_integrations(&mut out);
+            Ok(out)
+        }))
+    }
+
+    fn all_integrations(&self) -> StoreFuture<'_, Vec<IntegrationRecord>> {
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
+            let ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(self.integrations_key())
+                .query_async(&mut conn)
+                .await?;
+            self.integrations_of(&mut conn, &ids).await
+        }))
+    }
+
+    fn reseal_integration(&self, record: IntegrationRecord) -> StoreFuture<'_, ()> {
+        Box::pin(self.run(Retry::Safe, move |mut conn| {
+            let record = record.clone();
+            async move {
+                let key = self.integration_key(&record.id);
+                let json: Option<String> =
+                    redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+                let Some(json) = json else {
+                    return Err(StoreError::UnknownIntegration(record.id).into());
+                };
+                let current = parse_integration(&json, None)?;
+                let resealed = IntegrationRecord {
+                    key_id: record.key_id,
+                    nonce: record.nonce,
+                    ciphertext: record.ciphertext,
+                    ..current
+                };
+                let written: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(integration_json(&resealed))
+                    .arg("XX")
+                    .query_async(&mut conn)
+                    .await?;
+                match written {
+                    Some(_) => Ok(()),
+                    None => Err(StoreError::UnknownIntegration(resealed.id).into()),
+                }
+            }
+        }))
+    }
+
+    fn remove_integration<'a>(&'a self, id: &'a str) -> StoreFuture<'a, IntegrationRecord> {
+        Box::pin(self.run(Retry::Never, move |mut conn| async move {
+            let key = self.integration_key(id);
+            let json: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+            let Some(json) = json else {
+                return Err(StoreError::UnknownIntegration(id.to_owned()).into());
+            };
+            let record = parse_integration(&json, None)?;
+            let deleted: i64 = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+            redis::pipe()
+                .cmd("ZREM")
+                .arg(self.user_integrations_key(&record.user_id))
+                .arg(id)
+                .ignore()
+                .cmd("SREM")
+                .arg(self.integrations_key())
+                .arg(id)
+                .ignore()
+                .cmd("ZREM")
+                .arg(self.integration_used_key())
+                .arg(id)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await?;
+            if deleted == 0 {
+                return Err(StoreError::UnknownIntegration(id.to_owned()).into());
+            }
+            Ok(record)
+        }))
+    }
+
+    fn integration_used<'a>(&'a self, id: &'a str, at: i64) -> StoreFuture<'a, ()> {
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
+            // GT: never backwards. A use racing a removal can leave a
+            // score with no record, which no read returns.
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(self.integration_key(id))
+                .query_async(&mut conn)
+                .await?;
+            if exists {
+                redis::cmd("ZADD")
+                    .arg(self.integration_used_key())
+                    .arg("GT")
+                    .arg(at)
+                    .arg(id)
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+            Ok(())
         }))
     }
 

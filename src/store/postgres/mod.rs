@@ -19,7 +19,9 @@ pub mod schema;
 mod sql;
 pub mod tls;
 
-use super::{KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner};
+use super::{
+    IntegrationRecord, KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner,
+};
 use crate::config::PostgresConfig;
 use crate::key::KeyHash;
 use dashmap::DashMap;
@@ -262,6 +264,21 @@ fn key_record(row: &tokio_postgres::Row) -> Result<KeyRecord, Failure> {
     })
 }
 
+/// An integration row, in [`sql`]'s column order.
+fn integration_record(row: &tokio_postgres::Row) -> Result<IntegrationRecord, Failure> {
+    Ok(IntegrationRecord {
+        id: row.try_get(0)?,
+        user_id: row.try_get(1)?,
+        kind: row.try_get(2)?,
+        name: row.try_get(3)?,
+        created_at: unix_ms(row.try_get(4)?),
+        last_used_at: row.try_get::<_, Option<SystemTime>>(5)?.map(unix_ms),
+        key_id: row.try_get(6)?,
+        nonce: row.try_get(7)?,
+        ciphertext: row.try_get(8)?,
+    })
+}
+
 /// A database time (UTC) as Unix milliseconds.
 fn unix_ms(at: SystemTime) -> i64 {
     match at.duration_since(UNIX_EPOCH) {
@@ -432,6 +449,118 @@ impl Store for PostgresStore {
                     })
                 })
                 .collect()
+        }))
+    }
+
+    fn create_integration(&self, record: IntegrationRecord) -> StoreFuture<'_, ()> {
+        Box::pin(self.run(Retry::Never, move |client| {
+            let record = record.clone();
+            async move {
+                self.user_must_exist(&client, &record.user_id).await?;
+                let statement = client.prepare_cached(&self.sql.insert_integration).await?;
+                let inserted = client
+                    .execute(
+                        &statement,
+                        &[
+                            &record.id,
+                            &record.user_id,
+                            &record.kind,
+                            &record.name,
+                            &system_time(record.created_at),
+                            &record.key_id,
+                            &record.nonce,
+                            &record.ciphertext,
+                        ],
+                    )
+                    .await;
+                match inserted {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                        Err(StoreError::Conflict(format!("integration {}", record.id)).into())
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }))
+    }
+
+    fn get_integration<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<IntegrationRecord>> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            let statement = client.prepare_cached(&self.sql.get_integration).await?;
+            client
+                .query_opt(&statement, &[&id])
+                .await?
+                .map(|row| integration_record(&row))
+                .transpose()
+        }))
+    }
+
+    fn list_integrations<'a>(
+        &'a self,
+        user_id: &'a str,
+    ) -> StoreFuture<'a, Vec<IntegrationRecord>> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            let statement = client.prepare_cached(&self.sql.list_integrations).await?;
+            client
+                .query(&statement, &[&user_id])
+                .await?
+                .iter()
+                .map(integration_record)
+                .collect()
+        }))
+    }
+
+    fn all_integrations(&self) -> StoreFuture<'_, Vec<IntegrationRecord>> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            let statement = client.prepare_cached(&self.sql.all_integrations).await?;
+            client
+                .query(&statement, &[])
+                .await?
+                .iter()
+                .map(integration_record)
+                .collect()
+        }))
+    }
+
+    fn reseal_integration(&self, record: IntegrationRecord) -> StoreFuture<'_, ()> {
+        Box::pin(self.run(Retry::Safe, move |client| {
+            let record = record.clone();
+            async move {
+                let statement = client.prepare_cached(&self.sql.reseal_integration).await?;
+                let updated = client
+                    .execute(
+                        &statement,
+                        &[
+                            &record.id,
+                            &record.key_id,
+                            &record.nonce,
+                            &record.ciphertext,
+                        ],
+                    )
+                    .await?;
+                if updated == 0 {
+                    return Err(StoreError::UnknownIntegration(record.id).into());
+                }
+                Ok(())
+            }
+        }))
+    }
+
+    fn remove_integration<'a>(&'a self, id: &'a str) -> StoreFuture<'a, IntegrationRecord> {
+        Box::pin(self.run(Retry::Never, move |client| async move {
+            let statement = client.prepare_cached(&self.sql.delete_integration).await?;
+            match client.query_opt(&statement, &[&id]).await? {
+                Some(row) => integration_record(&row),
+                None => Err(StoreError::UnknownIntegration(id.to_owned()).into()),
+            }
+        }))
+    }
+
+    fn integration_used<'a>(&'a self, id: &'a str, at: i64) -> StoreFuture<'a, ()> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            let statement = client.prepare_cached(&self.sql.integration_used).await?;
+            client.execute(&statement, &[&id, &system_time(at)]).await?;
+            Ok(())
         }))
     }
 

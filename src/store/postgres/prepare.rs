@@ -9,6 +9,8 @@
 //!   OF` the id or owner column.
 //! - An index on the key hash column (`CREATE INDEX CONCURRENTLY`), which
 //!   the template lacks: every cache miss looks a hash up.
+//! - keygate's own `keygate_integrations` table, for integration
+//!   credentials (their secrets sealed by the vault).
 //!
 //! keygate's own `lastUsedAt` writes touch neither watched column, so they
 //! notify nobody. Each object is checked against what this config wants
@@ -238,9 +240,53 @@ pub async fn prepare(client: &mut Client, config: &PostgresConfig) -> Result<Vec
             done.push(line(&format!("trigger {name} on {}", watch.table), &was));
         }
     }
+    done.push(
+        integrations_table(&transaction, config)
+            .await
+            .map_err(failed)?,
+    );
     transaction.commit().await.map_err(failed)?;
     done.push(hash_index(client, config).await.map_err(failed)?);
     Ok(done)
+}
+
+/// keygate's own table for integration credentials (sealed secrets only),
+/// and its index by user.
+async fn integrations_table(
+    client: &impl GenericClient,
+    config: &PostgresConfig,
+) -> Result<String, tokio_postgres::Error> {
+    let name = super::sql::integrations_table(&config.tables);
+    let table = quoted(&name);
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await?
+        .get(0);
+    if exists {
+        return Ok(format!("table {name}: unchanged"));
+    }
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (\
+               id text PRIMARY KEY, user_id text NOT NULL, type text NOT NULL, name text NOT NULL, \
+               created_at timestamp NOT NULL, last_used_at timestamp, \
+               key_id text NOT NULL, nonce bytea NOT NULL, ciphertext bytea NOT NULL); \
+             CREATE INDEX keygate_integrations_user_id ON {table} (user_id)"
+        ))
+        .await?;
+    Ok(format!("table {name}: created"))
+}
+
+/// Whether keygate's integrations table is there.
+pub async fn integrations_table_exists(
+    client: &Client,
+    config: &PostgresConfig,
+) -> Result<bool, tokio_postgres::Error> {
+    let table = quoted(&super::sql::integrations_table(&config.tables));
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await?
+        .get(0))
 }
 
 fn line(what: &str, was: &State) -> String {

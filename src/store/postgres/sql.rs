@@ -31,6 +31,20 @@ fn key_columns(t: &EngineTables) -> String {
     .join(", ")
 }
 
+/// keygate's own table for integration credentials, beside the engine's
+/// keys table (in its schema when that is given), made by `store prepare`.
+pub(super) fn integrations_table(t: &EngineTables) -> String {
+    match t.api_keys.table.rsplit_once('.') {
+        Some((schema, _)) => format!("{schema}.keygate_integrations"),
+        None => "keygate_integrations".to_owned(),
+    }
+}
+
+/// The columns of an integration row, in the order
+/// [`super::integration_record`] reads them.
+const INTEGRATION_COLUMNS: &str =
+    "id, user_id, type, name, created_at, last_used_at, key_id, nonce, ciphertext";
+
 pub(super) struct Statements {
     pub(super) find_by_hash: String,
     pub(super) insert_key: String,
@@ -41,6 +55,13 @@ pub(super) struct Statements {
     pub(super) get_owner: String,
     pub(super) set_owner: String,
     pub(super) list_workflows: String,
+    pub(super) insert_integration: String,
+    pub(super) get_integration: String,
+    pub(super) list_integrations: String,
+    pub(super) all_integrations: String,
+    pub(super) reseal_integration: String,
+    pub(super) delete_integration: String,
+    pub(super) integration_used: String,
 }
 
 impl Statements {
@@ -59,6 +80,8 @@ impl Statements {
         let (workflow_id, owner) = (quoted(&t.workflows.id), quoted(&t.workflows.user_id));
         let users = quoted(&t.users.table);
         let user_id = quoted(&t.users.id);
+        let integrations = quoted(&integrations_table(t));
+        let all = INTEGRATION_COLUMNS;
         Statements {
             find_by_hash: format!("SELECT {columns} FROM {keys} WHERE {hash} = $1"),
             insert_key: format!(
@@ -82,6 +105,23 @@ impl Statements {
             set_owner: format!("UPDATE {workflows} SET {owner} = $2 WHERE {workflow_id} = $1"),
             list_workflows: format!(
                 "SELECT {workflow_id}, {owner} FROM {workflows} ORDER BY {workflow_id}"
+            ),
+            insert_integration: format!(
+                "INSERT INTO {integrations} (id, user_id, type, name, created_at, key_id, nonce, ciphertext) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            ),
+            get_integration: format!("SELECT {all} FROM {integrations} WHERE id = $1"),
+            list_integrations: format!(
+                "SELECT {all} FROM {integrations} WHERE user_id = $1 ORDER BY created_at DESC, id DESC"
+            ),
+            all_integrations: format!("SELECT {all} FROM {integrations} ORDER BY id"),
+            reseal_integration: format!(
+                "UPDATE {integrations} SET key_id = $2, nonce = $3, ciphertext = $4 WHERE id = $1"
+            ),
+            delete_integration: format!("DELETE FROM {integrations} WHERE id = $1 RETURNING {all}"),
+            integration_used: format!(
+                "UPDATE {integrations} SET last_used_at = $2 \
+                 WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2)"
             ),
         }
     }
