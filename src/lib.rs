@@ -26,6 +26,8 @@
 //! | [`clock`] | wall-clock and monotonic time, RFC 3339 and HTTP dates |
 //! | [`sched`] | the worker threads' scheduling policy and CPU affinity |
 //! | [`tls`] | rustls for the data plane, certificates swapped on reload |
+//! | [`vault`] | integration credentials sealed with AES-256-GCM, run tokens, the template's import |
+//! | [`egress`] | the listener that injects a run owner's credential on the way to a provider |
 //!
 //! `proxy`, `http1`, `usage`, `invalidate`, `admin` and `tls` are
 //! crate-private: tests and benches reach the gateway through [`server`],
@@ -38,6 +40,7 @@ pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub(crate) mod egress;
 pub(crate) mod http1;
 pub(crate) mod invalidate;
 pub mod key;

@@ -117,6 +117,9 @@ pub struct Metrics {
     routes: RwLock<Vec<String>>,
     shards: Vec<Counters>,
     pub connections: ConnectionCounts,
+    /// Egress calls by integration type and outcome: few, and off the
+    /// data plane, so a lock is fine.
+    egress: std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
 }
 
 const UNMATCHED: &str = "unmatched";
@@ -132,6 +135,7 @@ impl Metrics {
             routes: RwLock::new(vec![UNMATCHED.to_owned()]),
             shards: (0..shards.max(1)).map(|_| Counters::default()).collect(),
             connections: ConnectionCounts::default(),
+            egress: std::sync::Mutex::default(),
         };
         for label in route_labels {
             // Config validation keeps the routes within the slots.
@@ -204,8 +208,34 @@ impl Metrics {
         self.sum(|c| &c.requests[r][o])
     }
 
+    /// Counts one egress call of integration type `kind`.
+    pub fn egress(&self, kind: &str, outcome: &'static str) {
+        let mut egress = self
+            .egress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *egress.entry((kind.to_owned(), outcome)).or_default() += 1;
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
+        {
+            let egress = self
+                .egress
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !egress.is_empty() {
+                out.push_str("# HELP keygate_egress_requests_total Egress calls by integration type and outcome.\n");
+                out.push_str("# TYPE keygate_egress_requests_total counter\n");
+                for ((kind, outcome), count) in egress.iter() {
+                    let _ = writeln!(
+                        out,
+                        "keygate_egress_requests_total{{type=\"{}\",outcome=\"{outcome}\"}} {count}",
+                        escape(kind)
+                    );
+                }
+            }
+        }
         out.push_str("# HELP keygate_requests_total Requests by route and outcome.\n");
         out.push_str("# TYPE keygate_requests_total counter\n");
         let routes = self

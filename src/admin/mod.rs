@@ -1,10 +1,12 @@
 //! The admin API on its own listener: key lifecycle and workflow owners
-//! under `/admin/v1/...` (bearer admin token, see [`token`]), plus
-//! `/healthz`, `/readyz` and `/metrics`. [`views`] shapes the answers,
-//! [`rules`] the ids and names it accepts, and [`client`] is how the CLI
-//! (and a takeover) call it.
+//! under `/admin/v1/...` (bearer admin token, see [`token`]), integration
+//! credentials and run tokens ([`integrations`]), plus `/healthz`,
+//! `/readyz` and `/metrics`. [`views`] shapes the answers, [`rules`] the ids
+//! and names it accepts, and [`client`] is how the CLI (and a takeover)
+//! call it.
 
 pub mod client;
+mod integrations;
 mod rules;
 mod token;
 mod views;
@@ -19,6 +21,7 @@ use crate::invalidate::Invalidator;
 use crate::key::NewKey;
 use crate::metrics::Metrics;
 use crate::store::{KeyRecord, Store, StoreError};
+use crate::vault::Credentials;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -39,6 +42,10 @@ pub struct Admin {
     metrics: Arc<Metrics>,
     invalidator: Arc<Invalidator>,
     token: AdminToken,
+    /// With a vault: integration credentials and run tokens.
+    credentials: Option<Arc<Credentials>>,
+    /// `egress.mint_token`: admits `POST /admin/v1/run-tokens` and nothing else.
+    mint: Option<AdminToken>,
 }
 
 /// Admin bodies carry a name or a user id; this bounds what one request
@@ -55,13 +62,20 @@ impl Admin {
         metrics: Arc<Metrics>,
         invalidator: Arc<Invalidator>,
         token: &str,
+        credentials: Option<Arc<Credentials>>,
     ) -> Admin {
+        let mint = credentials
+            .as_ref()
+            .and_then(|c| c.mint_token.as_ref())
+            .map(|t| AdminToken::new(&t.0));
         Admin {
             store,
             auth,
             metrics,
             invalidator,
             token: AdminToken::new(token),
+            credentials,
+            mint,
         }
     }
 
@@ -87,6 +101,12 @@ impl Admin {
         let Some(rest) = path.strip_prefix("/admin/v1/") else {
             return error(StatusCode::NOT_FOUND, "Not found");
         };
+        if method == Method::POST
+            && rest == "run-tokens"
+            && self.mint.as_ref().is_some_and(|m| m.admits(&request))
+        {
+            return self.mint_run_token(request, caller, "mint_token").await;
+        }
         if !self.token.admits(&request) {
             let mut r = error(StatusCode::UNAUTHORIZED, "Invalid admin token");
             r.headers_mut()
@@ -137,9 +157,19 @@ impl Admin {
                 self.set_owner(&id, request, caller).await
             }
             (Method::DELETE, ["workflows", id]) => self.remove_owner(id, caller).await,
-            (_, ["keys" | "workflows"] | ["keys" | "workflows", _]) => {
-                error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed")
+            (Method::POST, ["integrations"]) => self.add_integration(request, caller).await,
+            (Method::GET, ["integrations"]) => {
+                let user = query_param(request.uri().query().unwrap_or(""), "userId");
+                self.list_integrations(user).await
             }
+            (Method::POST, ["integrations", "rekey"]) => self.rekey_integrations(caller).await,
+            (Method::DELETE, ["integrations", id]) => self.remove_integration(id, caller).await,
+            (Method::POST, ["run-tokens"]) => self.mint_run_token(request, caller, "admin").await,
+            (
+                _,
+                ["keys" | "workflows" | "integrations" | "run-tokens"]
+                | ["keys" | "workflows" | "integrations", _],
+            ) => error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed"),
             _ => error(StatusCode::NOT_FOUND, "Not found"),
         }
     }
@@ -330,25 +360,46 @@ impl Admin {
 async fn read_json<T: for<'de> Deserialize<'de>>(
     request: Request<Incoming>,
 ) -> Result<T, AdminResponse> {
-    let collected = tokio::time::timeout(
-        BODY_TIMEOUT,
-        Limited::new(request.into_body(), MAX_BODY).collect(),
-    )
-    .await
-    .map_err(|_| {
-        error(
-            StatusCode::REQUEST_TIMEOUT,
-            "request body not received in time",
-        )
-    })?;
-    let bytes = collected
-        .map_err(|_| {
-            error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body too large or unreadable",
-            )
-        })?
-        .to_bytes();
+    let bytes = read_body(request, MAX_BODY).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+/// A whole request body, within `limit` and [`BODY_TIMEOUT`], in a buffer
+/// zeroed when dropped (a body may hold a credential).
+async fn read_body(
+    request: Request<Incoming>,
+    limit: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, AdminResponse> {
+    let mut body = Limited::new(request.into_body(), limit);
+    let mut out = zeroize::Zeroizing::new(Vec::new());
+    let read = tokio::time::timeout(BODY_TIMEOUT, async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| ())?;
+            if let Some(data) = frame.data_ref() {
+                // Grown by hand, so no unzeroed copy is left behind.
+                if out.capacity() < out.len() + data.len() {
+                    let mut bigger = zeroize::Zeroizing::new(Vec::with_capacity(
+                        (out.len() + data.len()).max(out.capacity() * 2),
+                    ));
+                    bigger.extend_from_slice(&out);
+                    out = bigger;
+                }
+                out.extend_from_slice(data);
+            }
+        }
+        Ok::<(), ()>(())
+    })
+    .await;
+    match read {
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
+        )),
+        Ok(Err(())) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large or unreadable",
+        )),
+        Ok(Ok(())) => Ok(out),
+    }
 }

@@ -13,7 +13,7 @@ mod vault;
 
 pub use postgres::{
     EngineTables, KeysTable, PgTls, PostgresConfig, RootCerts, UsersTable, WorkflowsTable,
-    is_identifier,
+    database_url, is_identifier,
 };
 pub use route::{DEFAULT_ROUTE, Pattern, RouteConfig, is_dot_segment};
 pub use validate::parse_duration;
@@ -329,6 +329,8 @@ impl Config {
                 "shutdown_timeout",
                 self.shutdown_timeout != new.shutdown_timeout,
             ),
+            ("vault", self.vault != new.vault),
+            ("egress", self.egress != new.egress),
         ];
         differs
             .into_iter()
@@ -351,6 +353,8 @@ impl Config {
         self.usage = running.usage;
         self.log = running.log.clone();
         self.shutdown_timeout = running.shutdown_timeout;
+        self.vault = running.vault.clone();
+        self.egress = running.egress.clone();
     }
 }
 

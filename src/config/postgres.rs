@@ -136,6 +136,15 @@ pub(super) fn postgres(
     })
 }
 
+/// A database URL other than the store's (the template's, for `keygate
+/// integrations import`), read the same way.
+pub fn database_url(
+    url: &str,
+    base: &Path,
+) -> Result<(tokio_postgres::Config, PgTls), ConfigError> {
+    parse_url(url, Duration::from_secs(10), base)
+}
+
 /// The URL into tokio-postgres's config and the TLS mode. tokio-postgres
 /// reads `sslmode` only up to `require` and not `sslrootcert`: those are
 /// taken out here and carried out by keygate's own TLS connector.

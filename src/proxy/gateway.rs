@@ -18,6 +18,7 @@ use crate::http1::{Field, Framing};
 use crate::key::KeyHash;
 use crate::metrics::Metrics;
 use crate::usage::Usage;
+use crate::vault::Credentials;
 use http::header::HeaderValue;
 use http::{Method, Response, StatusCode};
 use std::net::SocketAddr;
@@ -41,6 +42,8 @@ pub struct Gateway {
     /// Distinct upstream authorities; each worker keeps a pool per entry.
     upstreams: Vec<String>,
     pub(crate) trace: Tracer,
+    /// With a vault: the run token each permitted call carries.
+    credentials: Option<Arc<Credentials>>,
 }
 
 /// One worker's upstream connections.
@@ -142,6 +145,7 @@ impl Gateway {
         auth: Arc<Auth>,
         usage: Arc<Usage>,
         metrics: Arc<Metrics>,
+        credentials: Option<Arc<Credentials>>,
     ) -> Result<Gateway, String> {
         let router = Router::new(&config.routes, config.cors.is_some());
         let trace = Tracer::new(
@@ -176,6 +180,7 @@ impl Gateway {
             route_upstreams,
             upstreams,
             trace,
+            credentials,
         })
     }
 
@@ -317,26 +322,36 @@ impl Gateway {
             );
             return Err(Reject::Internal);
         }
-        let removed = identity::write_upstream_request(
-            out,
-            request.method,
-            request.target,
-            request.fields.clone(),
-            &Injected {
-                user_header: &self.headers.user_id,
-                user_id,
-                key_header: &self.headers.key_id,
-                key_id,
-                forward_authorization: config.forward_authorization,
-                client_ip: conn.peer_ip.as_bytes(),
-                tls: conn.tls,
-                original_host: request.host,
-                upstream_host: host,
-                request_id: trace.request_id.as_bytes(),
-                strip: &self.headers.strip,
-            },
-            request.framing,
-        );
+        let mut write = |run_token: Option<&str>| {
+            identity::write_upstream_request(
+                out,
+                request.method,
+                request.target,
+                request.fields.clone(),
+                &Injected {
+                    user_header: &self.headers.user_id,
+                    user_id,
+                    key_header: &self.headers.key_id,
+                    key_id,
+                    run_header: &self.headers.run_token,
+                    run_token,
+                    forward_authorization: config.forward_authorization,
+                    client_ip: conn.peer_ip.as_bytes(),
+                    tls: conn.tls,
+                    original_host: request.host,
+                    upstream_host: host,
+                    request_id: trace.request_id.as_bytes(),
+                    strip: &self.headers.strip,
+                },
+                request.framing,
+            )
+        };
+        let removed = match &self.credentials {
+            Some(credentials) => {
+                super::run_token::with_run_token(credentials, user_id, key_id, |t| write(Some(t)))
+            }
+            None => write(None),
+        };
         let counters = self.metrics.local();
         if removed.spoofed > 0 {
             counters

@@ -13,6 +13,10 @@ pub struct Injected<'a> {
     pub user_id: &'a str,
     pub key_header: &'a HeaderName,
     pub key_id: &'a str,
+    /// The run-token header: client copies always removed; the token
+    /// written when there is one (a vault is configured).
+    pub run_header: &'a HeaderName,
+    pub run_token: Option<&'a str>,
     pub forward_authorization: bool,
     /// The client's address, already rendered.
     pub client_ip: &'a [u8],
@@ -58,6 +62,7 @@ pub fn write_upstream_request<'a>(
     let identity = [
         inject.user_header.as_str().as_bytes(),
         inject.key_header.as_str().as_bytes(),
+        inject.run_header.as_str().as_bytes(),
     ];
     let mut removed = Removed::default();
     for (name, value) in fields.clone() {
@@ -94,6 +99,9 @@ pub fn write_upstream_request<'a>(
     }
     field(out, identity[0], inject.user_id.as_bytes());
     field(out, identity[1], inject.key_id.as_bytes());
+    if let Some(token) = inject.run_token {
+        field(out, identity[2], token.as_bytes());
+    }
     // Earlier hops' addresses, in order, then the client's.
     out.extend_from_slice(b"x-forwarded-for: ");
     for (name, value) in fields {
@@ -139,6 +147,8 @@ mod tests {
             user_id: "user_1",
             key_header: key,
             key_id: "key_1",
+            run_header: &RUN,
+            run_token: Some("kgr_run"),
             forward_authorization: fwd_auth,
             client_ip: CLIENT,
             tls: false,
@@ -148,6 +158,8 @@ mod tests {
             strip: &STRIP,
         }
     }
+
+    static RUN: HeaderName = HeaderName::from_static("x-keygate-run");
 
     static STRIP: [HeaderName; 2] = [
         HeaderName::from_static("x-middleware-subrequest"),

@@ -26,6 +26,7 @@ pub(crate) mod limiter;
 pub(crate) mod live;
 pub(crate) mod reject;
 pub(crate) mod route;
+pub(crate) mod run_token;
 pub(crate) mod trace;
 pub(crate) mod upstream;
 

@@ -110,6 +110,17 @@ pub fn data_sockets(
 /// address until it starts to drain: it is tried again until `wait` has
 /// passed.
 pub async fn admin(addr: SocketAddr, wait: Option<Duration>) -> Result<TcpListener, String> {
+    control("admin", addr, wait).await
+}
+
+/// A control-plane listener (`what`: admin, egress); after a takeover the
+/// previous instance may hold the address until it lets go, so it is tried
+/// again until `wait` has passed.
+pub async fn control(
+    what: &str,
+    addr: SocketAddr,
+    wait: Option<Duration>,
+) -> Result<TcpListener, String> {
     let until = tokio::time::Instant::now() + wait.unwrap_or_default();
     loop {
         match TcpListener::bind(addr).await {
@@ -121,7 +132,7 @@ pub async fn admin(addr: SocketAddr, wait: Option<Duration>) -> Result<TcpListen
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(e) => return Err(format!("cannot listen on admin address {addr}: {e}")),
+            Err(e) => return Err(format!("cannot listen on {what} address {addr}: {e}")),
         }
     }
 }

@@ -18,6 +18,7 @@ mod workers;
 use crate::admin::{self, Admin};
 use crate::auth::Auth;
 use crate::config::{Config, PostgresConfig, StoreConfig};
+use crate::egress::Egress;
 use crate::invalidate::Invalidator;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, Live};
@@ -26,6 +27,7 @@ use crate::store::embedded::EmbeddedStore;
 use crate::store::postgres::PostgresStore;
 use crate::store::redis::RedisStore;
 use crate::usage::{Usage, UsageHandle};
+use crate::vault::Credentials;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -68,6 +70,10 @@ pub struct Running {
     admin_task: tokio::task::JoinHandle<()>,
     usage_task: UsageHandle,
     shutdown_timeout: Duration,
+    credentials: Option<Arc<Credentials>>,
+    /// Where the egress listener took its address, with a vault.
+    pub egress_addr: Option<SocketAddr>,
+    egress_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Opens the store, binds both listeners and starts serving.
@@ -121,8 +127,18 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Str
         }
         _ => Invalidator::local(),
     });
+    let credentials = match (&config.vault, &config.egress) {
+        (Some(vault), Some(egress)) => Some(Arc::new(Credentials::new(vault, egress))),
+        _ => None,
+    };
     let usage = Arc::new(Usage::new(config.usage.max_pending, metrics.clone()));
-    let gateway = Gateway::new(&config, auth.clone(), usage.clone(), metrics.clone())?;
+    let gateway = Gateway::new(
+        &config,
+        auth.clone(),
+        usage.clone(),
+        metrics.clone(),
+        credentials.clone(),
+    )?;
     let live = Arc::new(Live::new(Arc::new(gateway)));
     let (tls, certs) = match &config.tls {
         Some(files) => {
@@ -143,8 +159,36 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Str
         metrics.clone(),
         invalidator,
         &token,
+        credentials.clone(),
     ));
     let admin_task = tokio::spawn(serve_admin(admin_listener, admin, stopped.clone()));
+    let (egress_addr, egress_task) = match (&credentials, &config.egress) {
+        (Some(credentials), Some(egress_config)) => {
+            let egress = Egress::new(
+                store.clone(),
+                credentials.clone(),
+                egress_config.connect_timeout,
+                egress_config.response_timeout,
+                &config.headers,
+                metrics.clone(),
+            )?;
+            let listener = listen::control(
+                "egress",
+                egress_config.listen,
+                previous.as_ref().map(|_| handover),
+            )
+            .await?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let task = tokio::spawn(crate::egress::serve(
+                listener,
+                Arc::new(egress),
+                config.limits,
+                stopped.clone(),
+            ));
+            (Some(addr), Some(task))
+        }
+        _ => (None, None),
+    };
     let usage_task = UsageHandle::spawn(usage.clone(), store.clone(), config.usage.flush_interval);
     let started = workers::spawn(&config, sockets, &live, tls, &connections, &stopped);
     let mut running = Running {
@@ -164,6 +208,9 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Str
         admin_task,
         usage_task,
         shutdown_timeout: Duration::ZERO,
+        credentials,
+        egress_addr,
+        egress_task,
     };
     running.shutdown_timeout = running.config().shutdown_timeout;
     let started = started.wait(&mut running.workers).await;
@@ -186,6 +233,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Str
             .max_connections
             .unwrap_or(running.connections.default_max()),
         store = running.store.kind(),
+        egress = running.egress_addr.map(|a| a.to_string()).as_deref().unwrap_or("off"),
         tls = config.tls.is_some(),
         took_over = previous.is_some(),
         "keygate serving"
@@ -302,6 +350,7 @@ impl Running {
             self.auth.clone(),
             self.usage.clone(),
             self.metrics.clone(),
+            self.credentials.clone(),
         )?;
         if let (Some(certs), Some(files)) = (&self.certs, &new.tls) {
             certs.reload(files)?;
@@ -324,6 +373,9 @@ impl Running {
             let _ = worker.await;
         }
         let _ = self.admin_task.await;
+        if let Some(egress) = self.egress_task {
+            let _ = egress.await;
+        }
         let left = self.usage_task.shutdown(self.shutdown_timeout).await;
         tracing::info!("keygate stopped");
         left

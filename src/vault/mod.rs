@@ -15,11 +15,13 @@
 pub mod import;
 pub mod run_token;
 
-use crate::config::VaultConfig;
+use crate::config::{EgressConfig, MintToken, Provider, VaultConfig};
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit};
+use run_token::{RunClaims, RunTokens};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 use zeroize::Zeroizing;
 
 /// A credential's secret fields as JSON (`{"apiKey": "sk-…"}`), zeroed when
@@ -121,6 +123,41 @@ impl fmt::Display for VaultError {
 }
 
 impl std::error::Error for VaultError {}
+
+/// All that works with integration credentials, shared by the admin API
+/// (adding, re-sealing, minting run tokens), the data plane (a run token on
+/// every permitted webhook call) and egress (opening and injecting).
+pub struct Credentials {
+    pub vault: Vault,
+    pub run_tokens: RunTokens,
+    pub providers: std::collections::BTreeMap<String, Provider>,
+    pub run_token_ttl: Duration,
+    pub mint_token: Option<MintToken>,
+}
+
+impl Credentials {
+    pub fn new(vault: &VaultConfig, egress: &EgressConfig) -> Credentials {
+        Credentials {
+            vault: Vault::new(vault),
+            run_tokens: RunTokens::new(vault),
+            providers: egress.providers.clone(),
+            run_token_ttl: egress.run_token_ttl,
+            mint_token: egress.mint_token.clone(),
+        }
+    }
+
+    /// A run token for a call `key_id` of `user_id` made now.
+    pub fn run_token(&self, user_id: &str, key_id: &str, ttl: Duration) -> (String, i64) {
+        let expires_at = crate::clock::now_ms().div_euclid(1000)
+            + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
+        let token = self.run_tokens.sign(&RunClaims {
+            user_id: user_id.to_owned(),
+            key_id: key_id.to_owned(),
+            expires_at,
+        });
+        (token, expires_at)
+    }
+}
 
 pub struct Vault {
     /// In config order: the first seals.

@@ -226,8 +226,23 @@ pub async fn open(
     ),
     String,
 > {
-    let tls = Connector::new(&config.tls)?;
-    match tokio::time::timeout(config.timeout, connect.connect(tls)).await {
+    open_with(&config.tls, config.timeout, connect).await
+}
+
+/// [`open`] for any database: its TLS mode and how long to wait.
+pub async fn open_with(
+    tls: &crate::config::PgTls,
+    timeout: Duration,
+    connect: &tokio_postgres::Config,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tls::TlsStream>,
+    ),
+    String,
+> {
+    let tls = Connector::new(tls)?;
+    match tokio::time::timeout(timeout, connect.connect(tls)).await {
         Ok(Ok(pair)) => Ok(pair),
         Ok(Err(e)) => Err(format!("postgres: {}", describe(&e))),
         Err(_) => Err("postgres: timed out connecting".to_owned()),

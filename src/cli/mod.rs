@@ -4,6 +4,10 @@
 //! config file (`admin.listen`, and `admin.token` or the token file the
 //! server wrote).
 
+mod integrations;
+
+pub use integrations::IntegrationsCommand;
+
 use crate::admin::client::{AdminClient, CallError};
 use crate::admin::{percent_encode, read_token_file};
 use crate::config::Config;
@@ -62,6 +66,9 @@ pub enum Command {
     /// Set up the store itself.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Manage integration credentials (provider API keys), sealed in the vault.
+    #[command(subcommand)]
+    Integrations(IntegrationsCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -249,8 +256,24 @@ pub async fn store_prepare(config: &Config) -> Result<String, CliError> {
 /// Runs an admin command, returning what to print on stdout.
 pub async fn admin_command(config: &Config, command: Command) -> Result<String, CliError> {
     // Never echo a secret, not even in an error.
+    let looks_secret = |id: &str| {
+        [
+            crate::key::KEY_SCHEME,
+            "sk-",
+            crate::vault::run_token::SCHEME,
+        ]
+        .iter()
+        .any(|scheme| id.starts_with(scheme))
+    };
+    if let Command::Integrations(IntegrationsCommand::Remove { id }) = &command
+        && looks_secret(id)
+    {
+        return Err(CliError(
+            "that looks like a secret, not an integration id; use `integrations list` to find the id".into(),
+        ));
+    }
     if let Command::Keys(KeysCommand::Revoke { key_id }) = &command
-        && (key_id.starts_with(crate::key::KEY_SCHEME) || key_id.starts_with("sk-"))
+        && looks_secret(key_id)
     {
         return Err(CliError(
             "that looks like a key, not a key id; use `keys list` to find the id".into(),
@@ -262,6 +285,17 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
             .call(method, path, body)
             .await
             .map_err(|e| worded(e, Some(&client), config))
+    };
+    // The answer whatever its status, for callers that branch on it.
+    let raw = async |method: Method, path: &str, body: Option<Value>| match client
+        .call(method, path, body)
+        .await
+    {
+        Ok(v) => Ok(Ok(v)),
+        Err(CallError::Status(status, v)) if status != StatusCode::UNAUTHORIZED => {
+            Ok(Err((status, v)))
+        }
+        Err(e) => Err(worded(e, Some(&client), config)),
     };
     match command {
         Command::Serve { .. } | Command::Check | Command::Store(_) => {
@@ -333,6 +367,7 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
             call(Method::DELETE, &path, None).await?;
             Ok(format!("removed workflow {workflow_id}"))
         }
+        Command::Integrations(command) => integrations::run(command, call, raw).await,
         Command::Workflows(WorkflowsCommand::List { json }) => {
             let list = call(Method::GET, "/admin/v1/workflows", None).await?;
             if json {
