@@ -1,7 +1,9 @@
-//! TLS for the data plane: rustls with the ring provider, PEM files parsed
-//! by rustls-pki-types, ALPN offering h2 then http/1.1. The certificate is
-//! held by [`Certs`], so a reload serves a renewed one to new connections
-//! without a restart.
+//! TLS with rustls and the ring provider, PEM files parsed by
+//! rustls-pki-types. As a server (the data plane): ALPN offering h2 then
+//! http/1.1, the certificate held by [`Certs`], so a reload serves a
+//! renewed one to new connections without a restart. As a client (https
+//! upstreams, egress to providers): [`client_config`], the bundled web
+//! roots (webpki-roots) and any CA file the config names.
 
 use crate::config::TlsFiles;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -40,6 +42,37 @@ impl ResolvesServerCert for Certs {
                 .clone(),
         )
     }
+}
+
+/// The TLS client config for HTTPS peers: the web roots, plus `ca_file`'s
+/// certificates (a private CA, or a test's); `field` names the setting in
+/// errors.
+pub(crate) fn client_config(
+    ca_file: Option<&std::path::Path>,
+    field: &str,
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let shown = path.display();
+        let certs =
+            CertificateDer::pem_file_iter(path).map_err(|e| format!("{field} {shown}: {e}"))?;
+        let mut added = 0;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("{field} {shown}: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{field} {shown}: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!("{field} {shown}: no certificate in it"));
+        }
+    }
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

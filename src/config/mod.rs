@@ -68,6 +68,9 @@ pub enum WorkerAffinity {
 pub struct Config {
     pub listen: SocketAddr,
     pub upstream: Upstream,
+    /// CA certificates (PEM) trusted for `https://` upstreams besides the
+    /// bundled web roots.
+    pub upstream_ca_file: Option<PathBuf>,
     /// Data-plane threads, each with its own runtime and listener socket.
     pub workers: usize,
     /// The kernel scheduling policy of those threads.
@@ -92,11 +95,37 @@ pub struct Config {
     pub egress: Option<EgressConfig>,
 }
 
-/// An HTTP/1.1 upstream, `http://host:port`.
+/// An HTTP/1.1 upstream, `http://host:port` or `https://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
-    /// `host:port`, used both to connect and as the `Host` sent upstream.
+    /// `host:port`, to connect to.
     pub authority: String,
+    /// `https://`: TLS, the certificate checked for the host (SNI), against
+    /// the web roots and `upstream_ca_file`.
+    pub tls: bool,
+}
+
+impl Upstream {
+    /// The host (without brackets), for SNI and the certificate.
+    pub fn host(&self) -> &str {
+        let host = self
+            .authority
+            .rsplit_once(':')
+            .map_or(self.authority.as_str(), |(host, _)| host);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+
+    /// What `Host` says: the authority (less `:443` for `https://`, as
+    /// certificates and virtual hosts expect).
+    pub fn host_header(&self) -> &str {
+        match self.tls {
+            true => self
+                .authority
+                .strip_suffix(":443")
+                .unwrap_or(&self.authority),
+            false => &self.authority,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,6 +9,7 @@ use serde::Deserialize;
 pub(super) struct Raw {
     pub(super) listen: Option<String>,
     pub(super) upstream: Option<String>,
+    pub(super) upstream_ca_file: Option<String>,
     pub(super) workers: Option<usize>,
     pub(super) worker_policy: Option<String>,
     pub(super) worker_cpu_affinity: Option<String>,

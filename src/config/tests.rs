@@ -281,3 +281,18 @@ fn upstream_without_port_gets_80() {
         "[::1]:3000"
     );
 }
+
+#[test]
+fn https_upstreams_default_to_443_and_send_the_bare_host() {
+    let u = upstream("u", "https://engine.example").unwrap();
+    assert_eq!((u.authority.as_str(), u.tls), ("engine.example:443", true));
+    assert_eq!(
+        (u.host(), u.host_header()),
+        ("engine.example", "engine.example")
+    );
+    let u = upstream("u", "https://127.0.0.1:8443").unwrap();
+    assert_eq!((u.host(), u.host_header()), ("127.0.0.1", "127.0.0.1:8443"));
+    let u = upstream("u", "http://engine").unwrap();
+    assert_eq!(u.host_header(), "engine:80");
+    assert!(upstream("u", "ftp://x").unwrap_err().0.contains("https://"));
+}

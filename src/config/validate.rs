@@ -43,7 +43,9 @@ pub(super) fn config(raw: Raw, base: &Path, env: Env<'_>) -> Result<Config, Conf
         }
         (None, None) => None,
     };
+    let upstream_ca_file = raw.upstream_ca_file.map(|path| resolve(base, path));
     Ok(Config {
+        upstream_ca_file,
         listen,
         workers: workers(raw.workers)?,
         worker_policy: worker_policy(raw.worker_policy.as_deref())?,
@@ -403,24 +405,41 @@ pub(super) fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, Config
 }
 
 pub(super) fn upstream(field: &str, value: &str) -> Result<Upstream, ConfigError> {
-    let Some(rest) = value.strip_prefix("http://") else {
-        return err(format!("{field}: expected http://host:port, got {value:?}"));
+    let (rest, tls) = match (
+        value.strip_prefix("http://"),
+        value.strip_prefix("https://"),
+    ) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => {
+            return err(format!(
+                "{field}: expected http://host:port or https://host:port, got {value:?}"
+            ));
+        }
     };
     let authority = rest.trim_end_matches('/');
     if authority.is_empty() || authority.contains('/') || authority.contains('@') {
         return err(format!(
-            "{field}: expected http://host:port with no path, got {value:?}"
+            "{field}: expected a scheme and host:port with no path, got {value:?}"
         ));
     }
     let authority = if has_port(authority) {
         authority.to_owned()
+    } else if tls {
+        format!("{authority}:443")
     } else {
         format!("{authority}:80")
     };
     if authority.parse::<http::uri::Authority>().is_err() {
         return err(format!("{field}: invalid host in {value:?}"));
     }
-    Ok(Upstream { authority })
+    let upstream = Upstream { authority, tls };
+    if tls && rustls_pki_types::ServerName::try_from(upstream.host().to_owned()).is_err() {
+        return err(format!(
+            "{field}: {value:?} has no host a certificate can name"
+        ));
+    }
+    Ok(upstream)
 }
 
 fn has_port(authority: &str) -> bool {

@@ -1,7 +1,8 @@
 //! One HTTPS client per provider type, each with its own connection pool:
-//! rustls (ring) trusting the bundled web roots (webpki-roots) and the
-//! provider's `ca_file`, HTTP/2 or HTTP/1.1 by ALPN, connect bounded by
-//! `egress.connect_timeout`. Only `https://` is ever dialled.
+//! keygate's TLS client config ([`crate::tls::client_config`]: the bundled
+//! web roots and the provider's `ca_file`), HTTP/2 or HTTP/1.1 by ALPN,
+//! connect bounded by `egress.connect_timeout`. Only `https://` is ever
+//! dialled.
 
 use crate::config::Provider;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -9,45 +10,12 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls::RootCertStore;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// What a provider call's request body is: the caller's, streamed.
 pub(crate) type OutBody = UnsyncBoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;
 pub(crate) type ProviderClient = Client<HttpsConnector<HttpConnector>, OutBody>;
-
-/// The TLS client config for HTTPS peers: web roots plus `ca_file`'s.
-pub(crate) fn client_tls(
-    ca_file: Option<&std::path::Path>,
-    field: &str,
-) -> Result<rustls::ClientConfig, String> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let shown = path.display();
-        let certs =
-            CertificateDer::pem_file_iter(path).map_err(|e| format!("{field} {shown}: {e}"))?;
-        let mut added = 0;
-        for cert in certs {
-            let cert = cert.map_err(|e| format!("{field} {shown}: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{field} {shown}: {e}"))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(format!("{field} {shown}: no certificate in it"));
-        }
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-}
 
 pub(crate) struct Providers {
     clients: BTreeMap<String, ProviderClient>,
@@ -60,7 +28,7 @@ impl Providers {
     ) -> Result<Providers, String> {
         let mut clients = BTreeMap::new();
         for (kind, provider) in providers {
-            let tls = client_tls(
+            let tls = crate::tls::client_config(
                 provider.ca_file.as_deref(),
                 &format!("egress.providers.{kind}.ca_file"),
             )?;

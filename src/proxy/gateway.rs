@@ -13,7 +13,7 @@ use super::route::{Matched, Router};
 use super::trace::{Trace, Tracer};
 use super::upstream::{ForwardError, Pool, UpstreamResponse};
 use crate::auth::{Auth, Budget, Principal};
-use crate::config::{Config, HeaderNames, Limits};
+use crate::config::{Config, HeaderNames, Limits, Upstream};
 use crate::http1::{Field, Framing};
 use crate::key::KeyHash;
 use crate::metrics::Metrics;
@@ -39,8 +39,11 @@ pub struct Gateway {
     pub(crate) limits: Limits,
     /// Per route: which upstream pool, and the `Host` to send it.
     route_upstreams: Vec<(usize, HeaderValue)>,
-    /// Distinct upstream authorities; each worker keeps a pool per entry.
-    upstreams: Vec<String>,
+    /// Distinct upstreams; each worker keeps a pool per entry.
+    upstreams: Vec<Upstream>,
+    /// For `https://` upstreams: the TLS client, with the web roots and
+    /// `upstream_ca_file`.
+    upstream_tls: Option<tokio_rustls::TlsConnector>,
     pub(crate) trace: Tracer,
     /// With a vault: the run token each permitted call carries.
     credentials: Option<Arc<Credentials>>,
@@ -153,20 +156,32 @@ impl Gateway {
             config.routes.iter().map(|r| r.path.as_str()),
             config.log.access,
         )?;
-        let mut upstreams: Vec<String> = Vec::new();
+        let mut upstreams: Vec<Upstream> = Vec::new();
         let mut route_upstreams = Vec::new();
         for route in &config.routes {
-            let authority = &route.upstream.authority;
-            let index = match upstreams.iter().position(|a| a == authority) {
+            let upstream = &route.upstream;
+            let index = match upstreams.iter().position(|u| u == upstream) {
                 Some(i) => i,
                 None => {
-                    upstreams.push(authority.clone());
+                    upstreams.push(upstream.clone());
                     upstreams.len() - 1
                 }
             };
-            let host = HeaderValue::from_str(authority).map_err(|e| e.to_string())?;
+            let host = HeaderValue::from_str(upstream.host_header()).map_err(|e| e.to_string())?;
             route_upstreams.push((index, host));
         }
+        let upstream_tls = match upstreams.iter().any(|u| u.tls) {
+            true => {
+                let mut tls = crate::tls::client_config(
+                    config.upstream_ca_file.as_deref(),
+                    "upstream_ca_file",
+                )?;
+                // keygate speaks HTTP/1.1 to its upstreams.
+                tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Some(tokio_rustls::TlsConnector::from(Arc::new(tls)))
+            }
+            false => None,
+        };
         Ok(Gateway {
             router,
             auth,
@@ -179,6 +194,7 @@ impl Gateway {
             limits: config.limits,
             route_upstreams,
             upstreams,
+            upstream_tls,
             trace,
             credentials,
         })
@@ -192,9 +208,14 @@ impl Gateway {
             pools: self
                 .upstreams
                 .iter()
-                .map(|authority| {
+                .map(|upstream| {
+                    let tls = match (upstream.tls, &self.upstream_tls) {
+                        (true, Some(connector)) => Some(connector.clone()),
+                        _ => None,
+                    };
                     let fresh = Pool::new(
-                        authority.clone(),
+                        upstream,
+                        tls,
                         limits.upstream_idle_per_worker,
                         limits.upstream_max_per_worker,
                         limits.upstream_connect_timeout,

@@ -70,6 +70,7 @@ mod tests {
             methods: methods.to_vec(),
             upstream: Upstream {
                 authority: "127.0.0.1:1".into(),
+                tls: false,
             },
             forward_authorization: false,
             preserve_host: false,

@@ -9,6 +9,9 @@
 //! connections per pool are bounded; at the bound a request waits for one
 //! to come back (within the response timeout). A request is never sent
 //! twice: a POST that may have reached the upstream is not retried.
+//!
+//! An `https://` upstream's connections are TLS ([`Link::Tls`]), the
+//! certificate checked for its host; the rest is the same.
 
 use crate::http1::{self, Fields, Framing, ResponseHead, WireError};
 use bytes::{Buf, Bytes, BytesMut};
@@ -73,6 +76,11 @@ pub trait BodySource: Send {
 
 struct PoolInner {
     authority: String,
+    /// `https://`: the TLS client and the name the certificate must carry.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
     idle: Mutex<Vec<Conn>>,
     max_idle: usize,
     /// Connections open (idle or busy), at most `max_open`.
@@ -99,9 +107,27 @@ impl Drop for Place {
     }
 }
 
+/// The byte stream to an upstream.
+enum Link {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Link {
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Link::Plain(stream) => stream.write_all(data).await,
+            Link::Tls(stream) => {
+                stream.write_all(data).await?;
+                stream.flush().await
+            }
+        }
+    }
+}
+
 /// An upstream connection and what has been read from it.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Link,
     pub buf: BytesMut,
     /// Where the response head's fields lie in `buf`.
     pub fields: Fields,
@@ -120,7 +146,10 @@ pub struct UpstreamResponse {
 impl Conn {
     /// Reads more of the response into `buf`; `Ok(0)` at the upstream's close.
     pub async fn read_more(&mut self) -> std::io::Result<usize> {
-        crate::proxy::h1::read_more(&mut self.stream, &mut self.buf).await
+        match &mut self.stream {
+            Link::Plain(stream) => crate::proxy::h1::read_more(stream, &mut self.buf).await,
+            Link::Tls(stream) => crate::proxy::h1::read_more(stream, &mut self.buf).await,
+        }
     }
 
     /// Poll form of [`Conn::read_more`], for bodies polled by hyper.
@@ -128,24 +157,49 @@ impl Conn {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<usize>> {
-        loop {
-            std::task::ready!(self.stream.poll_read_ready(cx))?;
-            self.buf.reserve(crate::proxy::h1::READ_CHUNK);
-            match self.stream.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                done => return std::task::Poll::Ready(done),
+        match &mut self.stream {
+            Link::Plain(stream) => loop {
+                std::task::ready!(stream.poll_read_ready(cx))?;
+                self.buf.reserve(crate::proxy::h1::READ_CHUNK);
+                match stream.try_read_buf(&mut self.buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    done => return std::task::Poll::Ready(done),
+                }
+            },
+            Link::Tls(stream) => {
+                let mut chunk = [0u8; crate::proxy::h1::READ_CHUNK];
+                let mut read = tokio::io::ReadBuf::new(&mut chunk);
+                std::task::ready!(tokio::io::AsyncRead::poll_read(
+                    std::pin::Pin::new(stream),
+                    cx,
+                    &mut read
+                ))?;
+                self.buf.extend_from_slice(read.filled());
+                std::task::Poll::Ready(Ok(read.filled().len()))
             }
         }
     }
 
     /// Whether the upstream has closed or written out of turn while idle.
-    fn is_dead(&self) -> bool {
+    fn is_dead(&mut self) -> bool {
         let mut probe = [0u8; 1];
-        !self.buf.is_empty()
-            || !matches!(
-                self.stream.try_read(&mut probe),
+        if !self.buf.is_empty() {
+            return true;
+        }
+        match &mut self.stream {
+            Link::Plain(stream) => !matches!(
+                stream.try_read(&mut probe),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-            )
+            ),
+            // Polled once without waiting: a TLS record that is only a
+            // session ticket reads as nothing yet, a close or data as dead.
+            Link::Tls(stream) => {
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                let mut read = tokio::io::ReadBuf::new(&mut probe);
+                tokio::io::AsyncRead::poll_read(std::pin::Pin::new(stream), &mut cx, &mut read)
+                    .is_ready()
+            }
+        }
     }
 
     /// Gives the connection back to its pool for the next request.
@@ -168,14 +222,20 @@ impl Conn {
 
 impl Pool {
     pub fn new(
-        authority: String,
+        upstream: &crate::config::Upstream,
+        tls: Option<tokio_rustls::TlsConnector>,
         max_idle: usize,
         max_open: usize,
         connect_timeout: Duration,
     ) -> Pool {
+        let tls = tls.and_then(|connector| {
+            let name = rustls_pki_types::ServerName::try_from(upstream.host().to_owned()).ok()?;
+            Some((connector, name))
+        });
         Pool {
             inner: Arc::new(PoolInner {
-                authority,
+                authority: upstream.authority.clone(),
+                tls,
                 idle: Mutex::new(Vec::new()),
                 max_idle: max_idle.min(max_open),
                 open: AtomicUsize::new(0),
@@ -190,6 +250,7 @@ impl Pool {
     pub fn same_as(&self, other: &Pool) -> bool {
         let (a, b) = (&self.inner, &other.inner);
         a.authority == b.authority
+            && a.tls.as_ref().map(|(_, name)| name) == b.tls.as_ref().map(|(_, name)| name)
             && a.max_idle == b.max_idle
             && a.max_open == b.max_open
             && a.connect_timeout == b.connect_timeout
@@ -244,8 +305,11 @@ impl Pool {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .pop();
             match idle {
-                Some(conn) if conn.is_dead() => {}
-                Some(conn) => return Ok(conn),
+                Some(mut conn) => {
+                    if !conn.is_dead() {
+                        return Ok(conn);
+                    }
+                }
                 None if self.reserve() => return self.connect().await,
                 None => self.inner.freed.notified().await,
             }
@@ -265,16 +329,22 @@ impl Pool {
     /// Opens a connection in a place already reserved (given back on failure).
     async fn connect(&self) -> Result<Conn, ForwardError> {
         let place = Place(self.inner.clone());
-        let stream = tokio::time::timeout(
-            self.inner.connect_timeout,
-            TcpStream::connect(self.inner.authority.as_str()),
-        )
+        let connected = tokio::time::timeout(self.inner.connect_timeout, async {
+            let stream = TcpStream::connect(self.inner.authority.as_str()).await?;
+            let _ = stream.set_nodelay(true);
+            match &self.inner.tls {
+                None => Ok(Link::Plain(stream)),
+                Some((connector, name)) => connector
+                    .connect(name.clone(), stream)
+                    .await
+                    .map(|tls| Link::Tls(Box::new(tls))),
+            }
+        })
         .await
         .map_err(|_| ForwardError::ConnectTimeout)?
         .map_err(ForwardError::Connect)?;
-        let _ = stream.set_nodelay(true);
         Ok(Conn {
-            stream,
+            stream: connected,
             buf: BytesMut::with_capacity(8 * 1024),
             fields: Fields::default(),
             place,
