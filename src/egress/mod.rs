@@ -47,6 +47,8 @@ pub struct Egress {
     metrics: Arc<Metrics>,
     /// When each integration's last use was last written.
     used: DashMap<String, i64>,
+    /// Those writes under way, waited for when egress stops.
+    writes: std::sync::Mutex<tokio::task::JoinSet<()>>,
 }
 
 /// Why a call went no further, as the caller is told.
@@ -188,6 +190,7 @@ impl Egress {
             response_timeout,
             metrics,
             used: DashMap::new(),
+            writes: std::sync::Mutex::default(),
         })
     }
 
@@ -314,11 +317,30 @@ impl Egress {
         }
         self.used.insert(id.to_owned(), now);
         let (store, id) = (self.store.clone(), id.to_owned());
-        tokio::spawn(async move {
+        let mut writes = self
+            .writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while writes.try_join_next().is_some() {}
+        writes.spawn(async move {
             if let Err(e) = store.integration_used(&id, now).await {
                 tracing::debug!(integration = %id, error = %e, "could not record an integration's last use");
             }
         });
+    }
+
+    /// Waits (within `deadline`) for the last-use writes under way.
+    async fn finish_writes(&self, deadline: Duration) {
+        let mut writes = std::mem::take(
+            &mut *self
+                .writes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let _ = tokio::time::timeout(deadline, async {
+            while writes.join_next().await.is_some() {}
+        })
+        .await;
     }
 }
 
@@ -381,6 +403,7 @@ pub async fn serve(
     }
     drop(listener);
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    egress.finish_writes(Duration::from_secs(5)).await;
 }
 
 #[cfg(test)]

@@ -4,11 +4,13 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod gateway;
+pub mod https;
 pub mod postgres;
 pub mod redis;
 pub mod upstream;
 
 pub use gateway::*;
+pub use https::*;
 pub use postgres::*;
 pub use redis::*;
 pub use upstream::*;
