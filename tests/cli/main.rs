@@ -3,12 +3,14 @@
 //! each command prints (DESIGN.md, "CLI"). [`keys`]: the key and workflow
 //! commands; [`failures`]: how each failure reads; [`operations`]:
 //! running a gateway (stop, reload, check, takeover, logs, help);
-//! [`engine`]: in front of an engine's own database.
+//! [`engine`]: in front of an engine's own database; [`integrations`]:
+//! provider credentials.
 
 #[path = "../common/mod.rs"]
 mod common;
 mod engine;
 mod failures;
+mod integrations;
 mod keys;
 mod operations;
 
