@@ -293,7 +293,13 @@ impl Egress {
         let response = match sent {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
-                tracing::warn!(integration = %record.id, kind = %record.kind, error = %e, "provider call failed");
+                let mut error = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    error = format!("{error}: {cause}");
+                    source = cause.source();
+                }
+                tracing::warn!(integration = %record.id, kind = %record.kind, %error, "provider call failed");
                 return Err(Refusal::ProviderDown);
             }
             Err(_) => return Err(Refusal::ProviderSlow),
