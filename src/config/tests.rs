@@ -105,6 +105,27 @@ fn bad_values_are_explained() {
             "cache:\n  keys:\n    ttl_without_notify: 0s\n",
             "cache.keys.ttl_without_notify",
         ),
+        (
+            "egress:\n  listen: \"127.0.0.1:1\"\n",
+            "needs vault.master_keys",
+        ),
+        ("vault:\n  master_keys: []\n", "vault.master_keys"),
+        (
+            "vault:\n  master_keys: [{id: k1, key: \"not-hex-secret\"}]\n",
+            "vault.master_keys[0].key: expected 64 hex characters",
+        ),
+        (
+            "vault:\n  master_keys: [{id: k1, key: \"${X}\"}, {id: k1, key: \"${X}\"}]\n",
+            "listed twice",
+        ),
+        (
+            "vault:\n  master_keys: [{id: k1, key: \"${X}\"}]\negress:\n  providers:\n    acme: {base_url: \"http://acme\"}\n",
+            "egress.providers.acme.base_url: expected https://",
+        ),
+        (
+            "vault:\n  master_keys: [{id: k1, key: \"${X}\"}]\negress:\n  providers:\n    acme: {base_url: \"https://acme\"}\n",
+            "egress.providers.acme.inject: required",
+        ),
         ("routes:\n  - path: /no/capture\n", "routes[0].path"),
         ("log:\n  format: xml\n", "log.format"),
         ("headers:\n  user_id: \"bad header\"\n", "headers.user_id"),
@@ -117,8 +138,12 @@ fn bad_values_are_explained() {
             "not supported",
         ),
     ] {
-        let e = parse(yaml).unwrap_err().0;
+        let env = |_: &str| Some("ab".repeat(32));
+        let e = Config::from_yaml_with_env(yaml, Path::new("/"), &env)
+            .unwrap_err()
+            .0;
         assert!(e.contains(needle), "{yaml:?} gave {e}");
+        assert!(!e.contains("not-hex-secret"), "{e}");
     }
 }
 
@@ -142,6 +167,18 @@ fn debug_output_hides_secrets() {
     let shown = format!("{c:?}");
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(shown.contains("engine"), "{shown}");
+    let env = |_: &str| Some("ab".repeat(32));
+    let c = Config::from_yaml_with_env(
+        "vault:\n  master_keys: [{id: k1, key: \"${K}\"}]\negress:\n  mint_token: \"mint-secret-0123456789\"\n",
+        Path::new("/"),
+        &env,
+    )
+    .unwrap();
+    let shown = format!("{c:?}");
+    assert!(
+        !shown.contains("abab") && !shown.contains("mint-secret"),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -199,8 +236,12 @@ fn hardening_limits_have_defaults_and_are_checked() {
         ("limits:\n  max_connections: 0\n", "limits.max_connections"),
         ("headers:\n  strip: [\"bad name\"]\n", "headers.strip"),
     ] {
-        let e = parse(yaml).unwrap_err().0;
+        let env = |_: &str| Some("ab".repeat(32));
+        let e = Config::from_yaml_with_env(yaml, Path::new("/"), &env)
+            .unwrap_err()
+            .0;
         assert!(e.contains(needle), "{yaml:?} gave {e}");
+        assert!(!e.contains("not-hex-secret"), "{e}");
     }
 }
 
