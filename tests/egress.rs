@@ -510,7 +510,7 @@ async fn a_wrong_or_missing_master_key_and_a_moved_ciphertext_are_named_not_leak
     // b's record with a's ciphertext (and nonce): copied, it must not open.
     let json_of = |id: &str| {
         redis
-            .cli(&["GET", &format!("keygate:integration:{id}")])
+            .cli(&["HGET", &format!("keygate:integration:{id}"), "record"])
             .unwrap()
     };
     let (ja, jb): (serde_json::Value, serde_json::Value) = (
@@ -521,8 +521,9 @@ async fn a_wrong_or_missing_master_key_and_a_moved_ciphertext_are_named_not_leak
     moved["ciphertext"] = ja["ciphertext"].clone();
     moved["nonce"] = ja["nonce"].clone();
     redis.cli(&[
-        "SET",
+        "HSET",
         &format!("keygate:integration:{b}"),
+        "record",
         &moved.to_string(),
     ]);
     let token = mint(&gw, "alice").await;

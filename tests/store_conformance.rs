@@ -296,15 +296,11 @@ async fn embedded_store_conforms_and_never_holds_a_key() {
 #[tokio::test]
 async fn redis_store_conforms_and_never_holds_a_key() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(&RedisConfig {
-        url: redis.url(),
-        prefix: "keygate:".into(),
-        timeout: Duration::from_secs(2),
-    })
-    .unwrap();
+    let store =
+        RedisStore::connect(&RedisConfig::single(redis.url(), Duration::from_secs(2))).unwrap();
     let secrets = conformance(&store).await;
     let dump = redis.dump();
-    assert!(dump.contains("keygate:owners"), "{dump}");
+    assert!(dump.contains("keygate:owner:wf_2"), "{dump}");
     for key in &secrets {
         assert!(!dump.contains(key.secret()), "full key found in Redis");
     }
@@ -313,11 +309,10 @@ async fn redis_store_conforms_and_never_holds_a_key() {
 #[tokio::test]
 async fn redis_store_reports_an_outage_as_unavailable() {
     let mut redis = RedisServer::start();
-    let store = RedisStore::connect(&RedisConfig {
-        url: redis.url(),
-        prefix: "keygate:".into(),
-        timeout: Duration::from_millis(300),
-    })
+    let store = RedisStore::connect(&RedisConfig::single(
+        redis.url(),
+        Duration::from_millis(300),
+    ))
     .unwrap();
     store.ping().await.unwrap();
     redis.kill();

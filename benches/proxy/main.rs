@@ -757,9 +757,11 @@ async fn cache_memory(redis_port: u16) -> (u64, f64) {
     );
 
     let store = RedisStore::connect(&RedisConfig {
-        url: format!("redis://127.0.0.1:{redis_port}"),
         prefix: prefix.into(),
-        timeout: Duration::from_secs(5),
+        ..RedisConfig::single(
+            format!("redis://127.0.0.1:{redis_port}"),
+            Duration::from_secs(5),
+        )
     })
     .unwrap();
     let size = CacheSize {

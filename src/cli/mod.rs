@@ -167,10 +167,20 @@ pub fn check(config: &Config) -> Result<String, String> {
             }
             format!("embedded store {}", path.display())
         }
-        crate::config::StoreConfig::Redis(redis) => {
-            redis::Client::open(redis.url.as_str()).map_err(|e| format!("store.redis.url: {e}"))?;
-            "redis store".to_owned()
-        }
+        crate::config::StoreConfig::Redis(redis) => match &redis.nodes {
+            crate::config::RedisNodes::Single(url) => {
+                crate::store::redis::node_client(redis, url)
+                    .map_err(|e| format!("store.redis.url: {e}"))?;
+                "redis store".to_owned()
+            }
+            crate::config::RedisNodes::Cluster(seeds) => {
+                for url in seeds {
+                    crate::store::redis::node_client(redis, url)
+                        .map_err(|e| format!("store.redis.cluster: {e}"))?;
+                }
+                format!("redis cluster store, {} seed nodes", seeds.len())
+            }
+        },
         crate::config::StoreConfig::Postgres(postgres) => {
             crate::store::postgres::tls::Connector::new(&postgres.tls)?;
             let database = postgres.connect.get_dbname().unwrap_or("(the user's)");

@@ -146,11 +146,50 @@ pub enum StoreConfig {
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    pub url: String,
+    pub nodes: RedisNodes,
     /// Prepended to every Redis key, so several deployments can share a server.
     pub prefix: String,
     /// Per-command timeout: a stalled Redis must turn into a 503, not a hang.
     pub timeout: Duration,
+    /// CA certificates (PEM) trusted for `rediss://` besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// `rediss://` without checking the certificate (never the default).
+    pub insecure: bool,
+}
+
+/// One Redis (`store.redis.url`) or a Redis Cluster's seed nodes
+/// (`store.redis.cluster`), each `redis://` or `rediss://`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisNodes {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+impl RedisNodes {
+    /// Every URL given.
+    pub fn urls(&self) -> &[String] {
+        match self {
+            RedisNodes::Single(url) => std::slice::from_ref(url),
+            RedisNodes::Cluster(seeds) => seeds,
+        }
+    }
+
+    pub fn tls(&self) -> bool {
+        self.urls().iter().any(|u| u.starts_with("rediss://"))
+    }
+}
+
+impl RedisConfig {
+    /// A single node's config with the defaults, for tests and tools.
+    pub fn single(url: impl Into<String>, timeout: Duration) -> RedisConfig {
+        RedisConfig {
+            nodes: RedisNodes::Single(url.into()),
+            prefix: "keygate:".to_owned(),
+            timeout,
+            ca_file: None,
+            insecure: false,
+        }
+    }
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -165,14 +204,22 @@ pub struct AdminConfig {
 /// Secrets stay out of `Debug` output, so a logged config leaks nothing.
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let shown = match self.url.split_once('@') {
-            Some((_, host)) => format!("redis://…@{host}"),
-            None => self.url.clone(),
-        };
+        let shown: Vec<String> = self
+            .nodes
+            .urls()
+            .iter()
+            .map(|url| match (url.split_once("://"), url.rsplit_once('@')) {
+                (Some((scheme, _)), Some((_, host))) => format!("{scheme}://…@{host}"),
+                _ => url.clone(),
+            })
+            .collect();
         f.debug_struct("RedisConfig")
-            .field("url", &shown)
+            .field("nodes", &shown)
+            .field("cluster", &matches!(self.nodes, RedisNodes::Cluster(_)))
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca_file)
+            .field("insecure", &self.insecure)
             .finish()
     }
 }

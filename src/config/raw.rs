@@ -86,9 +86,12 @@ pub(super) struct RawEmbedded {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRedis {
-    pub(super) url: String,
+    pub(super) url: Option<String>,
+    pub(super) cluster: Option<Vec<String>>,
     pub(super) prefix: Option<String>,
     pub(super) timeout: Option<String>,
+    pub(super) ca_file: Option<String>,
+    pub(super) insecure: Option<bool>,
 }
 
 #[derive(Deserialize)]

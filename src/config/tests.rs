@@ -134,8 +134,20 @@ fn bad_values_are_explained() {
         ("listen: [1, 2]\n", "line 1"),
         ("usage:\n  flush_interval: 0s\n", "usage.flush_interval"),
         (
-            "store:\n  redis: {url: \"rediss://x:1\"}\n",
-            "not supported",
+            "store:\n  redis: {url: \"redis://x:1\", insecure: true}\n",
+            "ca_file and insecure are for rediss://",
+        ),
+        (
+            "store:\n  redis: {url: \"redis://x:1\", cluster: [\"redis://y:1\"]}\n",
+            "not both",
+        ),
+        (
+            "store:\n  redis: {cluster: [\"redis://y:1\", \"rediss://z:1\"]}\n",
+            "all redis:// or all rediss://",
+        ),
+        (
+            "store:\n  redis: {cluster: []}\n",
+            "store.redis.cluster: list at least one",
         ),
     ] {
         let env = |_: &str| Some("ab".repeat(32));

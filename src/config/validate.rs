@@ -3,13 +3,13 @@
 
 use super::raw::{
     Raw, RawAdmin, RawCache, RawCacheSize, RawCors, RawHeaders, RawLimits, RawLog, RawRateLimit,
-    RawRoute, RawStore, RawTls, RawUsage,
+    RawRedis, RawRoute, RawStore, RawTls, RawUsage,
 };
 use super::route::{RouteConfig, route};
 use super::{
     AdminConfig, CacheConfig, CacheSize, Config, ConfigError, CorsConfig, DEFAULT_STRIP,
-    HeaderNames, Limits, LogConfig, LogFormat, RateLimitConfig, RedisConfig, StoreConfig, TlsFiles,
-    Upstream, UsageConfig, WorkerAffinity, WorkerPolicy,
+    HeaderNames, Limits, LogConfig, LogFormat, RateLimitConfig, RedisConfig, RedisNodes,
+    StoreConfig, TlsFiles, Upstream, UsageConfig, WorkerAffinity, WorkerPolicy,
 };
 use http::HeaderName;
 use std::net::SocketAddr;
@@ -116,22 +116,7 @@ fn store(raw: Option<RawStore>, base: &Path, env: Env<'_>) -> Result<StoreConfig
         (Some(embedded), None, None) => Ok(StoreConfig::Embedded {
             path: resolve(base, embedded.path.as_deref().unwrap_or(DEFAULT_PATH)),
         }),
-        (None, Some(redis), None) => {
-            let url = from_env("store.redis.url", &redis.url, env)?;
-            if url.starts_with("rediss://") {
-                return err(
-                    "store.redis.url: TLS to Redis (rediss://) is not supported by this build",
-                );
-            }
-            if !url.starts_with("redis://") {
-                return err("store.redis.url: expected redis://host:port");
-            }
-            Ok(StoreConfig::Redis(RedisConfig {
-                url,
-                prefix: redis.prefix.unwrap_or_else(|| "keygate:".to_owned()),
-                timeout: duration("store.redis.timeout", redis.timeout.as_deref(), "2s")?,
-            }))
-        }
+        (None, Some(redis), None) => Ok(StoreConfig::Redis(redis_store(redis, base, env)?)),
         (None, None, Some(postgres)) => {
             let url = from_env("store.postgres.url", &postgres.url, env)?;
             Ok(StoreConfig::Postgres(Box::new(super::postgres::postgres(
@@ -141,6 +126,58 @@ fn store(raw: Option<RawStore>, base: &Path, env: Env<'_>) -> Result<StoreConfig
         (None, None, None) => err("store: set one of `embedded`, `redis` or `postgres`"),
         _ => err("store: choose one of `embedded`, `redis` or `postgres`, not several"),
     }
+}
+
+fn redis_store(raw: RawRedis, base: &Path, env: Env<'_>) -> Result<RedisConfig, ConfigError> {
+    let checked = |field: &str, url: &str| -> Result<String, ConfigError> {
+        let url = from_env(field, url, env)?;
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return err(format!(
+                "{field}: expected redis://host:port or rediss://host:port"
+            ));
+        }
+        if url.contains('#') {
+            return err(format!(
+                "{field}: no #fragment (set store.redis.insecure instead)"
+            ));
+        }
+        redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            .map_err(|e| ConfigError(format!("{field}: {e}")))?;
+        Ok(url)
+    };
+    let nodes = match (raw.url, raw.cluster) {
+        (Some(url), None) => RedisNodes::Single(checked("store.redis.url", &url)?),
+        (None, Some(seeds)) => {
+            if seeds.is_empty() {
+                return err("store.redis.cluster: list at least one seed node");
+            }
+            let seeds = seeds
+                .iter()
+                .enumerate()
+                .map(|(i, url)| checked(&format!("store.redis.cluster[{i}]"), url))
+                .collect::<Result<Vec<_>, _>>()?;
+            let tls = seeds.iter().filter(|u| u.starts_with("rediss://")).count();
+            if tls != 0 && tls != seeds.len() {
+                return err("store.redis.cluster: all redis:// or all rediss://, not both");
+            }
+            RedisNodes::Cluster(seeds)
+        }
+        (Some(_), Some(_)) => {
+            return err("store.redis: set url (one node) or cluster (seed nodes), not both");
+        }
+        (None, None) => return err("store.redis: set url (one node) or cluster (seed nodes)"),
+    };
+    let insecure = raw.insecure.unwrap_or(false);
+    if (insecure || raw.ca_file.is_some()) && !nodes.tls() {
+        return err("store.redis: ca_file and insecure are for rediss:// URLs");
+    }
+    Ok(RedisConfig {
+        nodes,
+        prefix: raw.prefix.unwrap_or_else(|| "keygate:".to_owned()),
+        timeout: duration("store.redis.timeout", raw.timeout.as_deref(), "2s")?,
+        ca_file: raw.ca_file.map(|path| resolve(base, path)),
+        insecure,
+    })
 }
 
 fn admin(

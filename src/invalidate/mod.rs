@@ -16,9 +16,10 @@ mod postgres;
 mod redis;
 
 use crate::auth::Auth;
-use crate::config::{PostgresConfig, RedisConfig};
+use crate::config::PostgresConfig;
 use crate::key::KeyHash;
 use crate::store::postgres::PostgresStore;
+use crate::store::redis::RedisStore;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -52,10 +53,10 @@ impl Invalidator {
 
     /// Publishes to, and subscribes on, the Redis invalidation channel;
     /// received messages are applied to `auth`.
-    pub fn redis(config: &RedisConfig, auth: Arc<Auth>) -> Result<Invalidator, String> {
-        Ok(Invalidator {
-            bus: Some(Bus::Redis(redis::RedisBus::new(config, auth)?)),
-        })
+    pub fn redis(store: Arc<RedisStore>, auth: Arc<Auth>) -> Invalidator {
+        Invalidator {
+            bus: Some(Bus::Redis(redis::RedisBus::new(store, auth))),
+        }
     }
 
     /// Notifies through `store`, and listens on the postgres channel.

@@ -1,61 +1,47 @@
-//! Invalidations over Redis pub/sub: published with `PUBLISH` on
-//! `<prefix>invalidate`, received on a dedicated subscribed connection
-//! that is checked with a PING every [`PING_EVERY`].
+//! Invalidations over Redis pub/sub: published with `PUBLISH` through the
+//! store's connection (on a cluster any node takes it and passes it to
+//! every node), received on a subscribed connection of its own to one node,
+//! checked with a PING every [`PING_EVERY`]. When that connection goes
+//! (`CLIENT KILL`, the node lost) the listener subscribes again, on the next
+//! node it knows if that one does not answer, and flushes the caches: a gap
+//! is never trusted to have been empty.
 
 use super::{Listening, PING_EVERY, apply, back_off, now_subscribed, parse};
 use crate::auth::Auth;
-use crate::config::RedisConfig;
+use crate::store::redis::{RedisStore, node_client};
 use futures_core::Stream;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 pub(super) struct RedisBus {
-    publisher: ConnectionManager,
+    store: Arc<RedisStore>,
     channel: String,
     pub(super) listening: Listening,
 }
 
 impl RedisBus {
-    pub(super) fn new(config: &RedisConfig, auth: Arc<Auth>) -> Result<RedisBus, String> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| format!("invalid redis url: {e}"))?;
-        let publisher = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(config.timeout))
-                .set_response_timeout(Some(config.timeout))
-                .set_number_of_retries(1),
-        )
-        .map_err(|e| format!("redis: {e}"))?;
-        let channel = format!("{}invalidate", config.prefix);
+    pub(super) fn new(store: Arc<RedisStore>, auth: Arc<Auth>) -> RedisBus {
+        let channel = format!("{}invalidate", store.config().prefix);
         let subscribed = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(subscribe(
-            client,
+            store.clone(),
             channel.clone(),
-            config.timeout,
             auth,
             subscribed.clone(),
         ));
-        Ok(RedisBus {
-            publisher,
+        RedisBus {
+            store,
             channel,
             listening: Listening { subscribed, task },
-        })
+        }
     }
 
     pub(super) async fn publish(&self, message: String) -> bool {
         for attempt in 0..3 {
-            let mut conn = self.publisher.clone();
-            let sent: Result<i64, _> = redis::cmd("PUBLISH")
-                .arg(&self.channel)
-                .arg(&message)
-                .query_async(&mut conn)
-                .await;
-            match sent {
-                Ok(_) => return true,
+            match self.store.publish(&self.channel, &message).await {
+                Ok(()) => return true,
                 Err(e) if attempt == 2 => {
                     // Other instances hold the entry until its TTL, or until
                     // they resubscribe and flush.
@@ -69,16 +55,24 @@ impl RedisBus {
 }
 
 async fn subscribe(
-    client: redis::Client,
+    store: Arc<RedisStore>,
     channel: String,
-    timeout: Duration,
     auth: Arc<Auth>,
     subscribed: Arc<AtomicBool>,
 ) {
+    let config = store.config().clone();
+    let timeout = config.timeout;
+    let mut nodes: Vec<String> = config.nodes.urls().to_vec();
+    let mut next = 0usize;
     let mut backoff = Duration::from_millis(50);
     let mut ever = false;
     loop {
+        let url = nodes[next % nodes.len()].clone();
+        next = next.wrapping_add(1);
         let connected = tokio::time::timeout(timeout, async {
+            let client = node_client(&config, &url).map_err(|e| {
+                redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "client", e))
+            })?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
@@ -86,18 +80,26 @@ async fn subscribe(
         .await;
         let pubsub = match connected {
             Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "invalidation subscribe failed");
-                tokio::time::sleep(back_off(&mut backoff)).await;
-                continue;
-            }
-            Err(_) => {
-                tokio::time::sleep(back_off(&mut backoff)).await;
+            failed => {
+                if let Ok(Err(e)) = failed {
+                    tracing::debug!(error = %e, node = %redacted(&url), "invalidation subscribe failed");
+                }
+                // Every node tried since the last success: wait before the next round.
+                if next % nodes.len() == 0 {
+                    tokio::time::sleep(back_off(&mut backoff)).await;
+                }
+                if let Ok(found) = store.node_urls().await
+                    && !found.is_empty()
+                {
+                    nodes = found;
+                }
                 continue;
             }
         };
+        // Listening first, then the flush.
         now_subscribed(&auth, &subscribed, &mut ever);
         backoff = Duration::from_millis(50);
+        tracing::debug!(node = %redacted(&url), "invalidation stream subscribed");
 
         let (mut sink, stream) = pubsub.split();
         let mut stream: Pin<Box<dyn Stream<Item = redis::Msg> + Send>> = Box::pin(stream);
@@ -120,6 +122,16 @@ async fn subscribe(
             }
         }
         subscribed.store(false, Ordering::Release);
+        // The same node first, in case only the connection went.
+        next = next.wrapping_sub(1);
         tracing::warn!("invalidation stream lost; resubscribing");
+    }
+}
+
+/// A node's URL without its password, for logs.
+fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://…@{host}"),
+        _ => url.to_owned(),
     }
 }

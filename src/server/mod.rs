@@ -99,7 +99,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Str
     if let Some(previous) = &previous {
         previous.terminate()?;
     }
-    let (store, postgres) = open_store(&config, previous.as_ref().map(|_| handover)).await?;
+    let (store, shared) = open_store(&config, previous.as_ref().map(|_| handover)).await?;
     warn_if_unreachable(store.clone());
     let token = admin::server_token(config.admin.token.as_deref(), &config.admin.token_file)?;
     let admin_listener =
@@ -117,9 +117,9 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Str
         config.workers + 1,
     ));
     let auth = Arc::new(Auth::new(store.clone(), &config.cache, metrics.clone()));
-    let invalidator = Arc::new(match (&config.store, postgres) {
-        (StoreConfig::Redis(redis), _) => Invalidator::redis(redis, auth.clone())?,
-        (StoreConfig::Postgres(config), Some(store)) => {
+    let invalidator = Arc::new(match (&config.store, shared) {
+        (_, Shared::Redis(store)) => Invalidator::redis(store, auth.clone()),
+        (StoreConfig::Postgres(config), Shared::Postgres(store)) => {
             // Until the listener finds the engine's triggers, nothing tells
             // this instance of the engine's own changes.
             auth.set_notified(false);
@@ -241,14 +241,21 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Str
     Ok(running)
 }
 
-/// The configured store (and, for postgres, the store itself, which the
-/// invalidations are published through). After a takeover the previous
-/// instance may still hold an embedded store's file while it drains: it is
-/// tried again until `wait` has passed.
+/// A store several instances share, which invalidations go through.
+enum Shared {
+    None,
+    Redis(Arc<RedisStore>),
+    Postgres(Arc<PostgresStore>),
+}
+
+/// The configured store (and, for Redis and postgres, the store itself,
+/// which the invalidations are published through). After a takeover the
+/// previous instance may still hold an embedded store's file while it
+/// drains: it is tried again until `wait` has passed.
 async fn open_store(
     config: &Config,
     wait: Option<Duration>,
-) -> Result<(Arc<dyn Store>, Option<Arc<PostgresStore>>), String> {
+) -> Result<(Arc<dyn Store>, Shared), String> {
     let store: Arc<dyn Store> = match &config.store {
         StoreConfig::Embedded { path } => {
             let until = tokio::time::Instant::now() + wait.unwrap_or_default();
@@ -264,15 +271,41 @@ async fn open_store(
             }
         }
         StoreConfig::Redis(redis) => {
-            Arc::new(RedisStore::connect(redis).map_err(|e| e.to_string())?)
+            let store = Arc::new(RedisStore::connect(redis).map_err(|e| e.to_string())?);
+            tokio::spawn(migrate_redis(store.clone()));
+            return Ok((store.clone(), Shared::Redis(store)));
         }
         StoreConfig::Postgres(postgres) => {
             check_engine_schema(postgres, config.vault.is_some()).await?;
             let store = Arc::new(PostgresStore::connect(postgres).map_err(|e| e.to_string())?);
-            return Ok((store.clone(), Some(store)));
+            return Ok((store.clone(), Shared::Postgres(store)));
         }
     };
-    Ok((store, None))
+    Ok((store, Shared::None))
+}
+
+/// Moves a Redis store written in the old single-key layout over, trying
+/// again while Redis cannot be reached.
+async fn migrate_redis(store: Arc<RedisStore>) {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match store.migrate().await {
+            Ok((0, 0)) => return,
+            Ok((times, owners)) => {
+                tracing::info!(
+                    last_used = times,
+                    owners,
+                    "redis store moved to the per-key layout"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "redis layout check postponed");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// Refuses to start when the engine's tables lack a column the config

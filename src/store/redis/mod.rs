@@ -1,32 +1,41 @@
-//! Redis store: what lets many gateway instances share keys.
+//! Redis store: what lets many gateway instances share keys, on one Redis
+//! or a Redis Cluster ([`conn`]).
 //!
 //! Key schema (every name starts with the configured prefix, `keygate:` by
 //! default):
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `key:<sha256 hex>` | hash | `id`, `userId`, `name`, `keyPrefix`, `createdAt` |
+//! | `key:<sha256 hex>` | hash | `id`, `userId`, `name`, `keyPrefix`, `createdAt`, `lastUsedAt` |
 //! | `id:<key id>` | string | the key's SHA-256 hex (revoke by id) |
 //! | `user:<user id>` | sorted set | the user's key ids, scored by `createdAt` |
-//! | `lastused` | sorted set | key SHA-256 hex, scored by `lastUsedAt` (Unix ms) |
-//! | `owners` | hash | workflow id → owner user id |
-//! | `integration:<id>` | string | the integration record as JSON, its secret sealed |
+//! | `owner:<workflow id>` | string | the workflow's owner |
+//! | `workflows` | set | the workflows with an owner (for listing) |
+//! | `integration:<id>` | hash | `record` (JSON, its secret sealed), `lastUsedAt` |
 //! | `user_integrations:<user id>` | sorted set | the user's integration ids, scored by `createdAt` |
 //! | `integrations` | set | every integration id (for re-sealing) |
-//! | `integration_used` | sorted set | integration id, scored by `lastUsedAt` (Unix ms) |
 //!
-//! The hot path (`find_by_hash`) is one round trip: `HGETALL` of the key and
-//! `ZSCORE` of its last use. A whole batch of last-used times is one
-//! `ZADD GT`, so a time never moves backwards and Redis spends a fraction of
-//! a millisecond per flush whatever the batch size (a member left by a key
-//! revoked mid-flush is ignored: it has no record). Writes that
-//! touch several keys are ordered so that a crash between them never leaves
-//! an authenticating key that cannot be listed or revoked: create writes the
-//! indexes first and `key:<hash>` last; revoke deletes `key:<hash>` first.
-//! No command spans two keys, so the schema is ready for Redis Cluster,
-//! where each key hashes on its own (a deployment that wants every key in
-//! one slot can tag the prefix, `{keygate}:`). This store connects to a
-//! single node; a cluster connection is not implemented yet.
+//! No command spans two keys and nothing every request touches is one key,
+//! so on a cluster the keys spread over every master and a lost master
+//! takes only its own slots' keys and workflows with it. The hot path
+//! (`find_by_hash`) is one `HGETALL`; a workflow's owner is one `GET`. A
+//! last-used time is a field of its key's hash, written by a script that
+//! keeps the newer time and leaves a revoked key revoked; a batch is one
+//! pipeline on a single node and one call per key, all at once, on a
+//! cluster. Writes that touch several keys are ordered so that a crash
+//! between them never leaves an authenticating key that cannot be listed or
+//! revoked: create writes the indexes first and `key:<hash>` last; revoke
+//! deletes `key:<hash>` first.
+//!
+//! A store written by keygate before this layout (last-used times in one
+//! `lastused` sorted set, owners in one `owners` hash) is moved over at
+//! start ([`migrate`]); owners are read from the old hash too until then.
+
+mod conn;
+mod health;
+mod migrate;
+
+pub(crate) use conn::node_client;
 
 use super::{
     IntegrationRecord, KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner,
@@ -34,22 +43,32 @@ use super::{
 };
 use crate::config::RedisConfig;
 use crate::key::KeyHash;
-use dashmap::DashMap;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use conn::{Backend, Conn, each};
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 pub struct RedisStore {
-    client: redis::Client,
-    manager_config: ConnectionManagerConfig,
-    /// One multiplexed connection per thread that uses the store, created
-    /// on first use there, so its driver runs on that thread's runtime and a
-    /// cache miss on a data-plane worker never waits for another thread.
-    conns: DashMap<std::thread::ThreadId, ConnectionManager>,
+    backend: Backend,
     prefix: String,
     timeout: Duration,
+    config: RedisConfig,
+    /// True until [`migrate`] has found no data in the old layout.
+    legacy_owners: AtomicBool,
 }
+
+/// Sets a hash's `lastUsedAt` to ARGV[1] if that is newer, and only if
+/// the hash still exists (a revoked key stays revoked).
+const KEEP_NEWER: &str = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+     local current = tonumber(redis.call('HGET', KEYS[1], 'lastUsedAt')) \
+     if current == nil or current < tonumber(ARGV[1]) then \
+       redis.call('HSET', KEYS[1], 'lastUsedAt', ARGV[1]) return 1 end \
+     return 0";
+
+/// Replaces an integration's `record` only if the integration still exists.
+const RESEAL: &str = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+     redis.call('HSET', KEYS[1], 'record', ARGV[1]) return 1";
 
 /// Why one attempt at an operation failed.
 enum Failure {
@@ -90,42 +109,21 @@ fn stale_connection(f: &Failure) -> bool {
 enum Retry {
     /// Reads and idempotent writes.
     Safe,
-    /// Writes whose second run would answer differently (`SET NX`, `HDEL`).
+    /// Writes whose second run would answer differently (`SET NX`, `DEL`).
     Never,
 }
 
 impl RedisStore {
     /// Connects lazily: the gateway starts (and answers 503, not ready)
-    /// while Redis is down, and the manager reconnects on the next call.
+    /// while Redis is down, and each call tries again.
     pub fn connect(config: &RedisConfig) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| StoreError::Unavailable(format!("invalid redis url: {e}")))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
         Ok(RedisStore {
-            client,
-            manager_config,
-            conns: DashMap::new(),
+            backend: Backend::new(config).map_err(StoreError::Unavailable)?,
             prefix: config.prefix.clone(),
             timeout: config.timeout,
+            config: config.clone(),
+            legacy_owners: AtomicBool::new(true),
         })
-    }
-
-    /// This thread's connection.
-    fn conn(&self) -> Result<ConnectionManager, Failure> {
-        let thread = std::thread::current().id();
-        if let Some(conn) = self.conns.get(&thread) {
-            return Ok(conn.clone());
-        }
-        let conn = ConnectionManager::new_lazy_with_config(
-            self.client.clone(),
-            self.manager_config.clone(),
-        )?;
-        self.conns.insert(thread, conn.clone());
-        Ok(conn)
     }
 
     fn key_key(&self, hash: &KeyHash) -> String {
@@ -140,12 +138,12 @@ impl RedisStore {
         format!("{}user:{user}", self.prefix)
     }
 
-    fn last_used_key(&self) -> String {
-        format!("{}lastused", self.prefix)
+    fn owner_key(&self, workflow: &str) -> String {
+        format!("{}owner:{workflow}", self.prefix)
     }
 
-    fn owners_key(&self) -> String {
-        format!("{}owners", self.prefix)
+    fn workflows_key(&self) -> String {
+        format!("{}workflows", self.prefix)
     }
 
     fn integration_key(&self, id: &str) -> String {
@@ -160,38 +158,9 @@ impl RedisStore {
         format!("{}integrations", self.prefix)
     }
 
-    fn integration_used_key(&self) -> String {
-        format!("{}integration_used", self.prefix)
-    }
-
-    /// The records of `ids` that still exist, with their last use.
-    async fn integrations_of(
-        &self,
-        conn: &mut ConnectionManager,
-        ids: &[String],
-    ) -> Result<Vec<IntegrationRecord>, Failure> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.cmd("GET").arg(self.integration_key(id));
-        }
-        let records: Vec<Option<String>> = pipe.query_async(conn).await?;
-        let mut scores = redis::cmd("ZMSCORE");
-        scores.arg(self.integration_used_key());
-        for id in ids {
-            scores.arg(id);
-        }
-        let used: Vec<Option<f64>> = scores.query_async(conn).await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for (json, used) in records.into_iter().zip(used) {
-            // One removed between the two reads is left out.
-            if let Some(json) = json {
-                out.push(parse_integration(&json, used)?);
-            }
-        }
-        Ok(out)
+    /// The old layout's single owners hash.
+    fn legacy_owners_key(&self) -> String {
+        format!("{}owners", self.prefix)
     }
 
     /// Runs one store operation within one deadline (`timeout`), so a
@@ -200,11 +169,11 @@ impl RedisStore {
     /// connection when that is safe.
     async fn run<T, F, Fut>(&self, retry: Retry, op: F) -> Result<T, StoreError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
         let attempt = || async {
-            let conn = self.conn()?;
+            let conn = self.backend.conn()?;
             op(conn).await
         };
         let attempts = async {
@@ -218,13 +187,118 @@ impl RedisStore {
             .unwrap_or_else(|_| Err(StoreError::Unavailable("redis: timed out".into()).into()))
             .map_err(StoreError::from)
     }
+
+    /// The records of `ids` that still exist.
+    async fn integrations_of(
+        &self,
+        conn: &mut Conn,
+        ids: &[String],
+    ) -> Result<Vec<IntegrationRecord>, Failure> {
+        let reads = ids
+            .iter()
+            .map(|id| {
+                let mut cmd = redis::cmd("HGETALL");
+                cmd.arg(self.integration_key(id));
+                cmd
+            })
+            .collect();
+        let found: Vec<HashMap<String, String>> = each(conn, reads).await?;
+        // One removed between the two reads is left out.
+        found
+            .into_iter()
+            .filter(|fields| fields.contains_key("record"))
+            .map(|fields| parse_integration(&fields).map_err(Failure::from))
+            .collect()
+    }
+
+    /// Moves data in the old layout over (idempotent; see [`migrate`]).
+    pub async fn migrate(&self) -> Result<(usize, usize), StoreError> {
+        let mut conn = self.backend.conn().map_err(Failure::from)?;
+        let moved = migrate::run(self, &mut conn).await.map_err(Failure::from)?;
+        self.legacy_owners.store(false, Ordering::Release);
+        Ok(moved)
+    }
+
+    /// Whether every master answers (a cluster), or the node does.
+    pub async fn health(&self) -> Result<(), String> {
+        let mut conn = self.backend.conn().map_err(|e| e.to_string())?;
+        match self.backend.is_cluster() {
+            true => {
+                tokio::time::timeout(self.timeout * 2, health::cluster(&mut conn, &self.config))
+                    .await
+                    .unwrap_or_else(|_| Err("the cluster did not answer in time".into()))
+            }
+            false => tokio::time::timeout(self.timeout, async {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("redis: {e}"))
+            })
+            .await
+            .unwrap_or_else(|_| Err("redis: timed out".into())),
+        }
+    }
+
+    /// Publishes on an invalidation channel (any node: a cluster passes it
+    /// to every node).
+    pub async fn publish(&self, channel: &str, message: &str) -> Result<(), StoreError> {
+        self.run(Retry::Safe, move |mut conn| async move {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(message)
+                .query_async::<i64>(&mut conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The URL of every node the cluster knows that is not failed, or the
+    /// one node's; with the seeds' scheme and credentials.
+    pub async fn node_urls(&self) -> Result<Vec<String>, StoreError> {
+        let seeds = self.config.nodes.urls();
+        if !self.backend.is_cluster() {
+            return Ok(seeds.to_vec());
+        }
+        let nodes: String = self
+            .run(Retry::Safe, move |mut conn| async move {
+                Ok(redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut conn)
+                    .await?)
+            })
+            .await?;
+        let seed = &seeds[0];
+        let (scheme, rest) = seed.split_once("://").unwrap_or(("redis", seed));
+        let userinfo = rest
+            .rsplit_once('@')
+            .map(|(u, _)| format!("{u}@"))
+            .unwrap_or_default();
+        Ok(nodes
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split(' ').collect();
+                let flags = fields.get(2)?;
+                if flags
+                    .split(',')
+                    .any(|f| f == "fail" || f == "fail?" || f == "noaddr")
+                {
+                    return None;
+                }
+                let address = fields.get(1)?.split('@').next()?;
+                Some(format!("{scheme}://{userinfo}{address}"))
+            })
+            .collect())
+    }
+
+    /// The config it was made from (the invalidation listener's too).
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
 }
 
-fn parse_record(
-    fields: HashMap<String, String>,
-    hash: KeyHash,
-    last_used: Option<f64>,
-) -> Result<KeyRecord, StoreError> {
+fn parse_record(fields: HashMap<String, String>, hash: KeyHash) -> Result<KeyRecord, StoreError> {
     let get = |name: &str| {
         fields
             .get(name)
@@ -234,6 +308,13 @@ fn parse_record(
     let created_at = get("createdAt")?
         .parse::<i64>()
         .map_err(|_| StoreError::Corrupt("key record with a non-numeric createdAt".into()))?;
+    let last_used_at =
+        match fields.get("lastUsedAt") {
+            None => None,
+            Some(t) => Some(t.parse::<i64>().map_err(|_| {
+                StoreError::Corrupt("key record with a non-numeric lastUsedAt".into())
+            })?),
+        };
     Ok(KeyRecord {
         id: get("id")?,
         user_id: get("userId")?,
@@ -241,16 +322,17 @@ fn parse_record(
         prefix: get("keyPrefix")?,
         hash,
         created_at,
-        // Unix ms fit a double's 53-bit mantissa exactly.
-        last_used_at: last_used.map(|t| t as i64),
+        last_used_at,
     })
 }
 
-fn parse_integration(json: &str, used: Option<f64>) -> Result<IntegrationRecord, StoreError> {
+fn parse_integration(fields: &HashMap<String, String>) -> Result<IntegrationRecord, StoreError> {
+    let json = fields
+        .get("record")
+        .ok_or_else(|| StoreError::Corrupt("integration without its record".into()))?;
     let mut record: IntegrationRecord = serde_json::from_str(json)
         .map_err(|e| StoreError::Corrupt(format!("integration record: {e}")))?;
-    // Unix ms fit a double's 53-bit mantissa exactly.
-    record.last_used_at = used.map(|t| t as i64);
+    record.last_used_at = fields.get("lastUsedAt").and_then(|t| t.parse().ok());
     Ok(record)
 }
 
@@ -262,9 +344,19 @@ fn integration_json(record: &IntegrationRecord) -> String {
     serde_json::to_string(&stored).expect("an integration record always serializes")
 }
 
+fn keep_newer(key: String, at: i64) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(KEEP_NEWER).arg(1).arg(key).arg(at);
+    cmd
+}
+
 impl Store for RedisStore {
     fn kind(&self) -> &'static str {
-        "redis"
+        if self.backend.is_cluster() {
+            "redis-cluster"
+        } else {
+            "redis"
+        }
     }
 
     fn create_key(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
@@ -288,13 +380,13 @@ impl Store for RedisStore {
                 if claimed.is_none() {
                     return Err(StoreError::Conflict(format!("key {}", record.id)).into());
                 }
-                redis::pipe()
-                    .cmd("ZADD")
+                redis::cmd("ZADD")
                     .arg(self.user_key(&record.user_id))
                     .arg(record.created_at)
                     .arg(&record.id)
-                    .ignore()
-                    .cmd("HSET")
+                    .query_async::<()>(&mut conn)
+                    .await?;
+                redis::cmd("HSET")
                     .arg(&key_key)
                     .arg("id")
                     .arg(&record.id)
@@ -306,7 +398,6 @@ impl Store for RedisStore {
                     .arg(&record.prefix)
                     .arg("createdAt")
                     .arg(record.created_at)
-                    .ignore()
                     .query_async::<()>(&mut conn)
                     .await?;
                 Ok(())
@@ -316,18 +407,14 @@ impl Store for RedisStore {
 
     fn find_by_hash(&self, hash: KeyHash) -> StoreFuture<'_, Option<KeyRecord>> {
         Box::pin(self.run(Retry::Safe, move |mut conn| async move {
-            let (fields, last_used): (HashMap<String, String>, Option<f64>) = redis::pipe()
-                .cmd("HGETALL")
+            let fields: HashMap<String, String> = redis::cmd("HGETALL")
                 .arg(self.key_key(&hash))
-                .cmd("ZSCORE")
-                .arg(self.last_used_key())
-                .arg(hash.to_hex())
                 .query_async(&mut conn)
                 .await?;
             if fields.is_empty() {
                 return Ok(None);
             }
-            Ok(Some(parse_record(fields, hash, last_used)?))
+            Ok(Some(parse_record(fields, hash)?))
         }))
     }
 
@@ -339,38 +426,34 @@ impl Store for RedisStore {
                 .arg(-1)
                 .query_async(&mut conn)
                 .await?;
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                pipe.cmd("GET").arg(self.id_key(id));
-            }
-            let hashes: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+            let gets = ids
+                .iter()
+                .map(|id| {
+                    let mut cmd = redis::cmd("GET");
+                    cmd.arg(self.id_key(id));
+                    cmd
+                })
+                .collect();
+            let hashes: Vec<Option<String>> = each(&mut conn, gets).await?;
             let hashes: Vec<KeyHash> = hashes
                 .iter()
                 .flatten()
                 .filter_map(|h| KeyHash::from_hex(h))
                 .collect();
-            if hashes.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut pipe = redis::pipe();
-            for hash in &hashes {
-                pipe.cmd("HGETALL").arg(self.key_key(hash));
-            }
-            let records: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
-            let mut scores = redis::cmd("ZMSCORE");
-            scores.arg(self.last_used_key());
-            for hash in &hashes {
-                scores.arg(hash.to_hex());
-            }
-            let last_used: Vec<Option<f64>> = scores.query_async(&mut conn).await?;
+            let reads = hashes
+                .iter()
+                .map(|hash| {
+                    let mut cmd = redis::cmd("HGETALL");
+                    cmd.arg(self.key_key(hash));
+                    cmd
+                })
+                .collect();
+            let records: Vec<HashMap<String, String>> = each(&mut conn, reads).await?;
             let mut out = Vec::with_capacity(records.len());
-            for ((fields, hash), last_used) in records.into_iter().zip(hashes).zip(last_used) {
+            for (fields, hash) in records.into_iter().zip(hashes) {
                 // A record missing here was revoked between the two reads.
                 if !fields.is_empty() {
-                    out.push(parse_record(fields, hash, last_used)?);
+                    out.push(parse_record(fields, hash)?);
                 }
             }
             sort_newest_first(&mut out);
@@ -397,23 +480,21 @@ impl Store for RedisStore {
                 .arg(&key_key)
                 .query_async(&mut conn)
                 .await?;
-            let mut pipe = redis::pipe();
-            pipe.cmd("DEL").arg(self.id_key(id)).ignore();
-            pipe.cmd("ZREM")
-                .arg(self.last_used_key())
-                .arg(hash.to_hex())
-                .ignore();
+            let mut cleanup = vec![{
+                let mut cmd = redis::cmd("DEL");
+                cmd.arg(self.id_key(id));
+                cmd
+            }];
             let record = if fields.is_empty() {
                 None
             } else {
-                let record = parse_record(fields, hash, None)?;
-                pipe.cmd("ZREM")
-                    .arg(self.user_key(&record.user_id))
-                    .arg(id)
-                    .ignore();
+                let record = parse_record(fields, hash)?;
+                let mut cmd = redis::cmd("ZREM");
+                cmd.arg(self.user_key(&record.user_id)).arg(id);
+                cleanup.push(cmd);
                 Some(record)
             };
-            pipe.query_async::<()>(&mut conn).await?;
+            each::<i64>(&mut conn, cleanup).await?;
             match record {
                 Some(record) if deleted == 1 => Ok(record),
                 _ => Err(StoreError::UnknownKey(id.to_owned()).into()),
@@ -423,16 +504,12 @@ impl Store for RedisStore {
 
     fn record_last_used(&self, batch: Vec<LastUsed>) -> StoreFuture<'_, ()> {
         Box::pin(self.run(Retry::Safe, move |mut conn| {
-            let mut add = redis::cmd("ZADD");
-            add.arg(self.last_used_key()).arg("GT");
-            for used in &batch {
-                add.arg(used.at).arg(used.hash.to_hex());
-            }
-            let empty = batch.is_empty();
+            let writes: Vec<redis::Cmd> = batch
+                .iter()
+                .map(|used| keep_newer(self.key_key(&used.hash), used.at))
+                .collect();
             async move {
-                if !empty {
-                    add.query_async::<()>(&mut conn).await?;
-                }
+                each::<i64>(&mut conn, writes).await?;
                 Ok(())
             }
         }))
@@ -440,22 +517,44 @@ impl Store for RedisStore {
 
     fn set_owner<'a>(&'a self, workflow_id: &'a str, user_id: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(self.run(Retry::Safe, move |mut conn| async move {
-            redis::cmd("HSET")
-                .arg(self.owners_key())
-                .arg(workflow_id)
+            redis::cmd("SET")
+                .arg(self.owner_key(workflow_id))
                 .arg(user_id)
                 .query_async::<()>(&mut conn)
                 .await?;
+            redis::cmd("SADD")
+                .arg(self.workflows_key())
+                .arg(workflow_id)
+                .query_async::<()>(&mut conn)
+                .await?;
+            if self.legacy_owners.load(Ordering::Acquire) {
+                redis::cmd("HDEL")
+                    .arg(self.legacy_owners_key())
+                    .arg(workflow_id)
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
             Ok(())
         }))
     }
 
     fn remove_owner<'a>(&'a self, workflow_id: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(self.run(Retry::Never, move |mut conn| async move {
-            let removed: i64 = redis::cmd("HDEL")
-                .arg(self.owners_key())
-                .arg(workflow_id)
+            let mut removed: i64 = redis::cmd("DEL")
+                .arg(self.owner_key(workflow_id))
                 .query_async(&mut conn)
+                .await?;
+            if self.legacy_owners.load(Ordering::Acquire) {
+                removed += redis::cmd("HDEL")
+                    .arg(self.legacy_owners_key())
+                    .arg(workflow_id)
+                    .query_async::<i64>(&mut conn)
+                    .await?;
+            }
+            redis::cmd("SREM")
+                .arg(self.workflows_key())
+                .arg(workflow_id)
+                .query_async::<()>(&mut conn)
                 .await?;
             if removed == 0 {
                 return Err(StoreError::UnknownWorkflow(workflow_id.to_owned()).into());
@@ -466,8 +565,15 @@ impl Store for RedisStore {
 
     fn get_owner<'a>(&'a self, workflow_id: &'a str) -> StoreFuture<'a, Option<String>> {
         Box::pin(self.run(Retry::Safe, move |mut conn| async move {
+            let owner: Option<String> = redis::cmd("GET")
+                .arg(self.owner_key(workflow_id))
+                .query_async(&mut conn)
+                .await?;
+            if owner.is_some() || !self.legacy_owners.load(Ordering::Acquire) {
+                return Ok(owner);
+            }
             Ok(redis::cmd("HGET")
-                .arg(self.owners_key())
+                .arg(self.legacy_owners_key())
                 .arg(workflow_id)
                 .query_async(&mut conn)
                 .await?)
@@ -476,10 +582,33 @@ impl Store for RedisStore {
 
     fn list_workflows(&self) -> StoreFuture<'_, Vec<WorkflowOwner>> {
         Box::pin(self.run(Retry::Safe, move |mut conn| async move {
-            let all: HashMap<String, String> = redis::cmd("HGETALL")
-                .arg(self.owners_key())
+            let ids: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(self.workflows_key())
                 .query_async(&mut conn)
                 .await?;
+            let gets = ids
+                .iter()
+                .map(|id| {
+                    let mut cmd = redis::cmd("GET");
+                    cmd.arg(self.owner_key(id));
+                    cmd
+                })
+                .collect();
+            let owners: Vec<Option<String>> = each(&mut conn, gets).await?;
+            let mut all: HashMap<String, String> = ids
+                .into_iter()
+                .zip(owners)
+                .filter_map(|(workflow_id, owner)| Some((workflow_id, owner?)))
+                .collect();
+            if self.legacy_owners.load(Ordering::Acquire) {
+                let legacy: HashMap<String, String> = redis::cmd("HGETALL")
+                    .arg(self.legacy_owners_key())
+                    .query_async(&mut conn)
+                    .await?;
+                for (workflow_id, owner) in legacy {
+                    all.entry(workflow_id).or_insert(owner);
+                }
+            }
             let mut out: Vec<WorkflowOwner> = all
                 .into_iter()
                 .map(|(workflow_id, owner)| WorkflowOwner { workflow_id, owner })
@@ -493,27 +622,23 @@ impl Store for RedisStore {
         Box::pin(self.run(Retry::Never, move |mut conn| {
             let record = record.clone();
             async move {
-                let created: Option<String> = redis::cmd("SET")
+                let created: bool = redis::cmd("HSETNX")
                     .arg(self.integration_key(&record.id))
+                    .arg("record")
                     .arg(integration_json(&record))
-                    .arg("NX")
                     .query_async(&mut conn)
                     .await?;
-                if created.is_none() {
+                if !created {
                     return Err(StoreError::Conflict(format!("integration {}", record.id)).into());
                 }
-                redis::pipe()
-                    .cmd("ZADD")
+                let mut index = redis::cmd("ZADD");
+                index
                     .arg(self.user_integrations_key(&record.user_id))
                     .arg(record.created_at)
-                    .arg(&record.id)
-                    .ignore()
-                    .cmd("SADD")
-                    .arg(self.integrations_key())
-                    .arg(&record.id)
-                    .ignore()
-                    .query_async::<()>(&mut conn)
-                    .await?;
+                    .arg(&record.id);
+                let mut all = redis::cmd("SADD");
+                all.arg(self.integrations_key()).arg(&record.id);
+                each::<i64>(&mut conn, vec![index, all]).await?;
                 Ok(())
             }
         }))
@@ -558,27 +683,30 @@ impl Store for RedisStore {
             let record = record.clone();
             async move {
                 let key = self.integration_key(&record.id);
-                let json: Option<String> =
-                    redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
-                let Some(json) = json else {
+                let fields: HashMap<String, String> = redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await?;
+                if !fields.contains_key("record") {
                     return Err(StoreError::UnknownIntegration(record.id).into());
-                };
-                let current = parse_integration(&json, None)?;
+                }
+                let current = parse_integration(&fields)?;
                 let resealed = IntegrationRecord {
                     key_id: record.key_id,
                     nonce: record.nonce,
                     ciphertext: record.ciphertext,
                     ..current
                 };
-                let written: Option<String> = redis::cmd("SET")
+                let written: i64 = redis::cmd("EVAL")
+                    .arg(RESEAL)
+                    .arg(1)
                     .arg(&key)
                     .arg(integration_json(&resealed))
-                    .arg("XX")
                     .query_async(&mut conn)
                     .await?;
                 match written {
-                    Some(_) => Ok(()),
-                    None => Err(StoreError::UnknownIntegration(resealed.id).into()),
+                    1 => Ok(()),
+                    _ => Err(StoreError::UnknownIntegration(resealed.id).into()),
                 }
             }
         }))
@@ -587,27 +715,22 @@ impl Store for RedisStore {
     fn remove_integration<'a>(&'a self, id: &'a str) -> StoreFuture<'a, IntegrationRecord> {
         Box::pin(self.run(Retry::Never, move |mut conn| async move {
             let key = self.integration_key(id);
-            let json: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
-            let Some(json) = json else {
-                return Err(StoreError::UnknownIntegration(id.to_owned()).into());
-            };
-            let record = parse_integration(&json, None)?;
-            let deleted: i64 = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
-            redis::pipe()
-                .cmd("ZREM")
-                .arg(self.user_integrations_key(&record.user_id))
-                .arg(id)
-                .ignore()
-                .cmd("SREM")
-                .arg(self.integrations_key())
-                .arg(id)
-                .ignore()
-                .cmd("ZREM")
-                .arg(self.integration_used_key())
-                .arg(id)
-                .ignore()
-                .query_async::<()>(&mut conn)
+            let fields: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut conn)
                 .await?;
+            if !fields.contains_key("record") {
+                return Err(StoreError::UnknownIntegration(id.to_owned()).into());
+            }
+            let record = parse_integration(&fields)?;
+            let deleted: i64 = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+            let mut index = redis::cmd("ZREM");
+            index
+                .arg(self.user_integrations_key(&record.user_id))
+                .arg(id);
+            let mut all = redis::cmd("SREM");
+            all.arg(self.integrations_key()).arg(id);
+            each::<i64>(&mut conn, vec![index, all]).await?;
             if deleted == 0 {
                 return Err(StoreError::UnknownIntegration(id.to_owned()).into());
             }
@@ -617,30 +740,15 @@ impl Store for RedisStore {
 
     fn integration_used<'a>(&'a self, id: &'a str, at: i64) -> StoreFuture<'a, ()> {
         Box::pin(self.run(Retry::Safe, move |mut conn| async move {
-            // GT: never backwards. A use racing a removal can leave a
-            // score with no record, which no read returns.
-            let exists: bool = redis::cmd("EXISTS")
-                .arg(self.integration_key(id))
-                .query_async(&mut conn)
+            keep_newer(self.integration_key(id), at)
+                .query_async::<i64>(&mut conn)
                 .await?;
-            if exists {
-                redis::cmd("ZADD")
-                    .arg(self.integration_used_key())
-                    .arg("GT")
-                    .arg(at)
-                    .arg(id)
-                    .query_async::<()>(&mut conn)
-                    .await?;
-            }
             Ok(())
         }))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {
-        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
-            redis::cmd("PING").query_async::<String>(&mut conn).await?;
-            Ok(())
-        }))
+        Box::pin(async move { self.health().await.map_err(StoreError::Unavailable) })
     }
 
     fn timeout(&self) -> Option<Duration> {
