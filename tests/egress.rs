@@ -427,6 +427,7 @@ async fn integrations_on_every_store_keep_no_plaintext() {
                 db.psql("CHECKPOINT");
                 db.data_bytes()
             }
+            StoreKind::RedisCluster(_) | StoreKind::Yaml(_) => unreachable!(),
         };
         assert!(!bytes.is_empty());
         for secret in [SECRET.as_bytes(), b"sk-second-secret"] {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{PostgresServer, RedisServer, eventually};
+use common::{PostgresServer, RedisCluster, RedisServer, eventually};
 use keygate::config::{Config, PostgresConfig, RedisConfig, StoreConfig};
 use keygate::key::{KeyHash, NewKey};
 use keygate::store::embedded::EmbeddedStore;
@@ -304,6 +304,104 @@ async fn redis_store_conforms_and_never_holds_a_key() {
     for key in &secrets {
         assert!(!dump.contains(key.secret()), "full key found in Redis");
     }
+}
+
+#[tokio::test]
+async fn redis_cluster_store_conforms_and_spreads_keys_over_every_master() {
+    let cluster = RedisCluster::start(3, 0);
+    let config = RedisConfig {
+        nodes: keygate::config::RedisNodes::Cluster(cluster.seeds()),
+        ..RedisConfig::single("", Duration::from_secs(2))
+    };
+    let store = RedisStore::connect(&config).unwrap();
+    assert_eq!(store.kind(), "redis-cluster");
+    let secrets = conformance(&store).await;
+    for i in 0..60 {
+        let (r, _) = record(&format!("key_spread_{i}"), &format!("user_{}", i % 7), i);
+        store.create_key(r).await.unwrap();
+    }
+    for port in cluster.master_ports() {
+        let keys: u64 = cluster
+            .nodes
+            .iter()
+            .find(|n| n.port == port)
+            .unwrap()
+            .cli(&["DBSIZE"])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(keys > 0, "master {port} holds no key");
+    }
+    let dump = cluster.dump();
+    for key in &secrets {
+        assert!(
+            !dump.contains(key.secret()),
+            "full key found in the cluster"
+        );
+    }
+    store.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_redis_store_in_the_old_layout_is_moved_over_and_read_meanwhile() {
+    let redis = RedisServer::start();
+    let (a, key_a) = record("key_a", "user_1", 1_000);
+    let hex = a.hash.to_hex();
+    // Written the way keygate wrote it before the per-key layout.
+    redis.cli(&[
+        "HSET",
+        &format!("keygate:key:{hex}"),
+        "id",
+        "key_a",
+        "userId",
+        "user_1",
+        "name",
+        "n",
+        "keyPrefix",
+        &a.prefix,
+        "createdAt",
+        "1000",
+    ]);
+    redis.cli(&["SET", "keygate:id:key_a", &hex]);
+    redis.cli(&["ZADD", "keygate:user:user_1", "1000", "key_a"]);
+    redis.cli(&["ZADD", "keygate:lastused", "5000", &hex]);
+    redis.cli(&[
+        "HSET",
+        "keygate:owners",
+        "wf_old",
+        "user_1",
+        "wf_two",
+        "user_2",
+    ]);
+    let store =
+        RedisStore::connect(&RedisConfig::single(redis.url(), Duration::from_secs(2))).unwrap();
+    // Before the move: owners are read from the old hash.
+    assert_eq!(
+        store.get_owner("wf_old").await.unwrap().as_deref(),
+        Some("user_1")
+    );
+    assert_eq!(store.migrate().await.unwrap(), (1, 2));
+    assert_eq!(
+        store.get_owner("wf_old").await.unwrap().as_deref(),
+        Some("user_1")
+    );
+    assert_eq!(store.list_workflows().await.unwrap().len(), 2);
+    let found = store.find_by_hash(key_a.hash()).await.unwrap().unwrap();
+    assert_eq!(found.last_used_at, Some(5_000));
+    assert_eq!(
+        redis.cli(&["EXISTS", "keygate:lastused"]).as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        redis.cli(&["EXISTS", "keygate:owners"]).as_deref(),
+        Some("0")
+    );
+    // Again: nothing left to move, nothing changed.
+    assert_eq!(store.migrate().await.unwrap(), (0, 0));
+    assert_eq!(
+        store.get_owner("wf_two").await.unwrap().as_deref(),
+        Some("user_2")
+    );
 }
 
 #[tokio::test]

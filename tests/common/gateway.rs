@@ -20,6 +20,10 @@ pub enum StoreKind {
     Redis(String),
     /// The URL, and YAML to add under `store.postgres` (indented 4).
     Postgres(String, String),
+    /// A Redis Cluster's seed URLs.
+    RedisCluster(Vec<String>),
+    /// A whole `store:` section, as written.
+    Yaml(String),
 }
 
 impl StoreKind {
@@ -31,6 +35,14 @@ impl StoreKind {
             StoreKind::Redis(url) => {
                 format!("store:\n  redis:\n    url: \"{url}\"\n    timeout: 500ms\n")
             }
+            StoreKind::RedisCluster(seeds) => {
+                let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+                format!(
+                    "store:\n  redis:\n    cluster: [{}]\n    timeout: 500ms\n",
+                    seeds.join(", ")
+                )
+            }
+            StoreKind::Yaml(yaml) => yaml.clone(),
             StoreKind::Postgres(url, more) => {
                 format!("store:\n  postgres:\n    url: \"{url}\"\n    timeout: 1s\n{more}")
             }

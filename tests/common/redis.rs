@@ -1,5 +1,6 @@
 //! A `redis-server` of a test's (or a bench's) own, on a free port,
-//! stopped on drop. Self-contained, so the benches include it too.
+//! stopped on drop; one with TLS beside it; and a Redis Cluster of such
+//! servers. Self-contained, so the benches include it too.
 #![allow(dead_code)]
 
 use std::process::{Child, Command, Stdio};
@@ -17,17 +18,58 @@ pub fn free_port() -> u16 {
 /// A `redis-server` of the test's own, on a free port, stopped on drop.
 pub struct RedisServer {
     pub port: u16,
+    /// With TLS: the port that speaks it (the plain `port` stays open for
+    /// the test's own commands).
+    pub tls_port: Option<u16>,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// More `redis-server` arguments (cluster mode, TLS), given at each start.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(|_, _| Vec::new(), false)
+    }
+
+    /// A server that also speaks TLS with this certificate and key (PEM),
+    /// on [`RedisServer::tls_port`].
+    pub fn start_tls(cert: &str, key: &str) -> RedisServer {
+        Self::start_with(
+            |dir, _| {
+                let (cert_file, key_file) = (dir.join("tls.crt"), dir.join("tls.key"));
+                std::fs::write(&cert_file, cert).unwrap();
+                std::fs::write(&key_file, key).unwrap();
+                vec![
+                    "--tls-cert-file".into(),
+                    cert_file.display().to_string(),
+                    "--tls-key-file".into(),
+                    key_file.display().to_string(),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]
+            },
+            true,
+        )
+    }
+
+    /// `extra(dir, port)` gives more arguments for a server in `dir` on
+    /// `port`.
+    fn start_with(extra: impl Fn(&std::path::Path, u16) -> Vec<String>, tls: bool) -> RedisServer {
         for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = free_port();
+            let mut args = extra(dir.path(), port);
+            let tls_port = tls.then(free_port);
+            if let Some(tls_port) = tls_port {
+                args.extend(["--tls-port".into(), tls_port.to_string()]);
+            }
             let mut server = RedisServer {
-                port: free_port(),
+                port,
+                tls_port,
                 child: None,
-                dir: tempfile::tempdir().unwrap(),
+                dir,
+                extra: args,
             };
             if server.spawn() {
                 return server;
@@ -50,6 +92,7 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -72,6 +115,11 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://` on the TLS port, for `host` (the certificate's name).
+    pub fn tls_url(&self, host: &str) -> String {
+        format!("rediss://{host}:{}", self.tls_port.expect("a TLS server"))
     }
 
     pub fn ping(&self) -> bool {
@@ -180,5 +228,164 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A Redis Cluster of servers of the test's own: `masters` masters with
+/// `replicas` replicas each, every node on a free port with a free bus port,
+/// `cluster-node-timeout` 1 s and `cluster-require-full-coverage no` (so a
+/// lost master takes only its own slots), made with `redis-cli --cluster
+/// create`. Stopped on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        let count = masters * (1 + replicas);
+        let nodes: Vec<RedisServer> = (0..count)
+            .map(|_| {
+                RedisServer::start_with(
+                    |dir, _| {
+                        vec![
+                            "--cluster-enabled".into(),
+                            "yes".into(),
+                            "--cluster-port".into(),
+                            free_port().to_string(),
+                            "--cluster-config-file".into(),
+                            dir.join("nodes.conf").display().to_string(),
+                            "--cluster-node-timeout".into(),
+                            "1000".into(),
+                            "--cluster-require-full-coverage".into(),
+                            "no".into(),
+                        ]
+                    },
+                    false,
+                )
+            })
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs (the redis-tools package; scripts/test installs redis-server)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_until_ok();
+        cluster
+    }
+
+    /// Waits (with a deadline) until every running node says
+    /// `cluster_state:ok` and knows every slot's master.
+    pub fn wait_until_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                n.cli(&["CLUSTER", "INFO"]).is_some_and(|i| {
+                    i.contains("cluster_state:ok") && i.contains("cluster_slots_assigned:16384")
+                })
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Seed URLs (every node).
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The ports of the nodes that are masters now, as a running node sees it.
+    pub fn master_ports(&self) -> Vec<u16> {
+        let nodes = self
+            .running()
+            .cli(&["CLUSTER", "NODES"])
+            .unwrap_or_default();
+        nodes
+            .lines()
+            .filter(|l| {
+                let flags = l.split(' ').nth(2).unwrap_or("");
+                flags.contains("master") && !flags.contains("fail")
+            })
+            .filter_map(|l| {
+                l.split(' ')
+                    .nth(1)?
+                    .split('@')
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// The port of the master serving `key`'s slot now.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let node = self.running();
+        let slot: u16 = node
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .unwrap()
+            .parse()
+            .unwrap();
+        let nodes = node.cli(&["CLUSTER", "NODES"]).unwrap();
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let owns = fields[8..].iter().any(|range| match range.split_once('-') {
+                Some((a, b)) => (a.parse::<u16>().unwrap()..=b.parse().unwrap()).contains(&slot),
+                None => range.parse::<u16>().ok() == Some(slot),
+            });
+            if owns {
+                return fields[1]
+                    .split('@')
+                    .next()
+                    .unwrap()
+                    .rsplit(':')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+            }
+        }
+        panic!("no master for slot {slot}");
+    }
+
+    pub fn node(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node on that port")
+    }
+
+    /// A node that is running.
+    pub fn running(&self) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some() && n.ping())
+            .expect("a running node")
+    }
+
+    /// Every key and value on every node.
+    pub fn dump(&self) -> String {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(RedisServer::dump)
+            .collect()
     }
 }
