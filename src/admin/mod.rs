@@ -89,7 +89,9 @@ impl Admin {
             }
             (&Method::GET, "/readyz") => return self.ready().await,
             (&Method::GET, "/metrics") => {
-                let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                let mut text = self.metrics.render();
+                text.push_str(&self.invalidator.render_metrics());
+                let mut r = Response::new(Full::new(Bytes::from(text)));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -7,8 +7,10 @@
 //!   prepare` installs ([`postgres`]).
 //!
 //! Each instance listens on a dedicated connection that this module
-//! re-establishes itself; after every (re)subscription it flushes all its
-//! caches, since messages sent while it was not listening are lost.
+//! re-establishes itself (on a Redis Cluster, two, on different nodes, so
+//! losing one node is no gap); whenever a subscription comes up while none
+//! was, it flushes all its caches, since messages sent while it was not
+//! listening are lost.
 //!
 //! With the embedded store there is one instance and nobody to tell.
 
@@ -21,7 +23,7 @@ use crate::key::KeyHash;
 use crate::store::postgres::PostgresStore;
 use crate::store::redis::RedisStore;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 
@@ -34,11 +36,44 @@ enum Bus {
     Postgres(postgres::PostgresBus),
 }
 
-/// A listener: whether it is subscribed (`/readyz` reports it), and its
-/// task.
+/// An instance's listeners: how many are subscribed (`/readyz` reports
+/// whether any is), and their tasks.
 struct Listening {
-    subscribed: Arc<AtomicBool>,
-    task: JoinHandle<()>,
+    live: Arc<Live>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// How many of an instance's subscriptions are up.
+#[derive(Default)]
+struct Live {
+    count: AtomicUsize,
+    ever: AtomicBool,
+}
+
+impl Live {
+    /// A subscription is up. When none was, anything cached may predate a
+    /// message this instance never received: flush. (Called once listening,
+    /// so nothing sent after the flush is missed.)
+    fn up(&self, auth: &Auth) {
+        if self.count.fetch_add(1, Ordering::AcqRel) == 0 {
+            auth.invalidate_all();
+            if self.ever.swap(true, Ordering::AcqRel) {
+                tracing::info!("invalidation stream resubscribed; caches flushed");
+            }
+        }
+    }
+
+    fn down(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn any(&self) -> bool {
+        self.count() > 0
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
 }
 
 /// How often a listener checks its connection.
@@ -79,7 +114,23 @@ impl Invalidator {
             Some(Bus::Redis(bus)) => &bus.listening,
             Some(Bus::Postgres(bus)) => &bus.listening,
         };
-        listening.subscribed.load(Ordering::Acquire)
+        listening.live.any()
+    }
+
+    /// The listeners' gauge, in Prometheus text: how many subscriptions are
+    /// up (none with the embedded store).
+    pub fn render_metrics(&self) -> String {
+        let (live, held) = match &self.bus {
+            None => (0, 0),
+            Some(Bus::Redis(bus)) => (bus.listening.live.count(), bus.listening.tasks.len()),
+            Some(Bus::Postgres(bus)) => (bus.listening.live.count(), bus.listening.tasks.len()),
+        };
+        format!(
+            "# HELP keygate_invalidation_subscriptions Invalidation subscriptions up, of keygate_invalidation_listeners.\n\
+             # TYPE keygate_invalidation_subscriptions gauge\nkeygate_invalidation_subscriptions {live}\n\
+             # HELP keygate_invalidation_listeners Invalidation listeners this instance runs.\n\
+             # TYPE keygate_invalidation_listeners gauge\nkeygate_invalidation_listeners {held}\n"
+        )
     }
 
     /// Each of these returns false when other instances may not have been
@@ -109,7 +160,9 @@ impl Invalidator {
 
 impl Drop for Listening {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -142,17 +195,6 @@ fn apply(auth: &Auth, message: Message) {
         Message::Workflow(w) => auth.invalidate_workflow(&w),
         Message::Flush => auth.invalidate_all(),
     }
-}
-
-/// What a listener does each time it is subscribed again: anything cached
-/// may predate a message this instance never received.
-fn now_subscribed(auth: &Auth, subscribed: &AtomicBool, ever: &mut bool) {
-    auth.invalidate_all();
-    subscribed.store(true, Ordering::Release);
-    if *ever {
-        tracing::info!("invalidation stream resubscribed; caches flushed");
-    }
-    *ever = true;
 }
 
 /// The next wait before subscribing again.

@@ -7,12 +7,11 @@
 //! `cache.keys.ttl_without_notify`, so a deletion in the engine is honoured
 //! within that bound; with them, at once.
 
-use super::{Listening, PING_EVERY, apply, back_off, now_subscribed, parse};
+use super::{Listening, Live, PING_EVERY, apply, back_off, parse};
 use crate::auth::Auth;
 use crate::config::PostgresConfig;
 use crate::store::postgres::{PostgresStore, open, prepare, quoted};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_postgres::AsyncMessage;
 
@@ -31,11 +30,14 @@ impl PostgresBus {
         store: Arc<PostgresStore>,
         auth: Arc<Auth>,
     ) -> PostgresBus {
-        let subscribed = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(listen(config.clone(), auth, subscribed.clone()));
+        let live = Arc::new(Live::default());
+        let task = tokio::spawn(listen(config.clone(), auth, live.clone()));
         PostgresBus {
             store,
-            listening: Listening { subscribed, task },
+            listening: Listening {
+                live,
+                tasks: vec![task],
+            },
         }
     }
 
@@ -58,7 +60,7 @@ enum Triggers {
     Missing,
 }
 
-async fn listen(config: PostgresConfig, auth: Arc<Auth>, subscribed: Arc<AtomicBool>) {
+async fn listen(config: PostgresConfig, auth: Arc<Auth>, live: Arc<Live>) {
     let mut connect = config.connect.clone();
     let name = connect
         .get_application_name()
@@ -66,7 +68,6 @@ async fn listen(config: PostgresConfig, auth: Arc<Auth>, subscribed: Arc<AtomicB
         .to_owned();
     connect.application_name(format!("{name} listener"));
     let mut backoff = Duration::from_millis(50);
-    let mut ever = false;
     let mut triggers = Triggers::Unknown;
     loop {
         let (client, mut connection) = match open(&config, &connect).await {
@@ -106,7 +107,7 @@ async fn listen(config: PostgresConfig, auth: Arc<Auth>, subscribed: Arc<AtomicB
         };
         note_triggers(&auth, &mut triggers, found);
         // Listening first, then the flush.
-        now_subscribed(&auth, &subscribed, &mut ever);
+        live.up(&auth);
         backoff = Duration::from_millis(50);
 
         let mut ping = tokio::time::interval(PING_EVERY);
@@ -136,7 +137,7 @@ async fn listen(config: PostgresConfig, auth: Arc<Auth>, subscribed: Arc<AtomicB
                 }
             }
         }
-        subscribed.store(false, Ordering::Release);
+        live.down();
         driver.abort();
         tracing::warn!("invalidation stream lost; listening again");
     }
