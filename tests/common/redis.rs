@@ -192,6 +192,10 @@ impl RedisServer {
         self.stop();
     }
 
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Writes the data to disk, so that [`RedisServer::restart`] reloads it.
     pub fn save(&self) {
         assert_eq!(self.cli(&["SAVE"]).as_deref(), Some("OK"));
@@ -258,6 +262,10 @@ impl RedisCluster {
                             "1000".into(),
                             "--cluster-require-full-coverage".into(),
                             "no".into(),
+                            // A replica's first sync at once, not after
+                            // the default 5 s wait for more replicas.
+                            "--repl-diskless-sync-delay".into(),
+                            "0".into(),
                         ]
                     },
                     false,
@@ -285,14 +293,20 @@ impl RedisCluster {
     }
 
     /// Waits (with a deadline) until every running node says
-    /// `cluster_state:ok` and knows every slot's master.
+    /// `cluster_state:ok` and knows every slot's master, and every replica
+    /// has synced with its master (a replica that never did cannot take
+    /// over).
     pub fn wait_until_ok(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
-                n.cli(&["CLUSTER", "INFO"]).is_some_and(|i| {
+                let cluster = n.cli(&["CLUSTER", "INFO"]).is_some_and(|i| {
                     i.contains("cluster_state:ok") && i.contains("cluster_slots_assigned:16384")
-                })
+                });
+                let synced = n.cli(&["INFO", "replication"]).is_some_and(|i| {
+                    !i.contains("role:slave") || i.contains("master_link_status:up")
+                });
+                cluster && synced
             });
             if ok {
                 return;
