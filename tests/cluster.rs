@@ -328,13 +328,21 @@ fn ca_and_server() -> (String, String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Names of their own: OpenSSL (Redis's bus) takes a certificate whose
+    // issuer is its own subject for self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "keygate test CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "127.0.0.1");
+    let cert = params.signed_by(&key, &issuer).unwrap();
     (ca.pem(), cert.pem(), key.serialize_pem())
 }
 
@@ -383,4 +391,53 @@ async fn rediss_checks_the_certificate_and_serves() {
     ));
     let gw3 = Gw::start(config(dir3.path(), &insecure, &upstream.url(), "")).await;
     assert_eq!(gw3.webhook("wf", Some(&bearer(&wfb))).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_cluster_over_tls_serves_with_rediss_seeds() {
+    let (ca, cert, key) = ca_and_server();
+    let cluster = RedisCluster::start_tls(3, &ca, &cert, &key);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("redis-ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let upstream = Upstream::start().await;
+    let seeds: Vec<String> = cluster
+        .tls_seeds("127.0.0.1")
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect();
+    let store = StoreKind::Yaml(format!(
+        "store:\n  redis:\n    cluster: [{}]\n    ca_file: \"{}\"\n    timeout: 500ms\n",
+        seeds.join(", "),
+        ca_file.display()
+    ));
+    let gw = Gw::start(config(dir.path(), &store, &upstream.url(), "")).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            gw.admin_call("GET", "/readyz", None).await.0 == 200
+        })
+        .await,
+        "{:?}",
+        gw.admin_call("GET", "/readyz", None).await
+    );
+    gw.set_owner("wf", "alice").await;
+    let mut masters = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let (_, wfb) = gw.create_key("alice").await;
+        assert_eq!(gw.webhook("wf", Some(&bearer(&wfb))).await.0, 200);
+        let hash = keygate::key::KeyHash::of(&wfb).to_hex();
+        masters.insert(cluster.master_of(&format!("keygate:key:{hash}")));
+    }
+    // Keys on more than one master: keygate followed the slot map over TLS.
+    assert!(masters.len() > 1, "{masters:?}");
+    // Without the CA: not ready, and a key not cached is refused with 503.
+    let dir2 = tempfile::tempdir().unwrap();
+    let untrusted = StoreKind::Yaml(format!(
+        "store:\n  redis:\n    cluster: [{}]\n    timeout: 500ms\n",
+        seeds.join(", ")
+    ));
+    let gw2 = Gw::start(config(dir2.path(), &untrusted, &upstream.url(), "")).await;
+    assert_eq!(gw2.admin_call("GET", "/readyz", None).await.0, 503);
+    let (_, wfb) = gw.create_key("alice").await;
+    assert_eq!(gw2.webhook("wf", Some(&bearer(&wfb))).await.0, 503);
 }

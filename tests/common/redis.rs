@@ -246,12 +246,50 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        Self::start_with(masters, replicas, None)
+    }
+
+    /// Masters only, each with a plain port and a TLS port (`tls_seeds`)
+    /// and TLS on the cluster bus: `(ca, cert, key)` in PEM, the
+    /// certificate good for 127.0.0.1. A TLS client is told the nodes' TLS
+    /// ports, a plain one their plain ports.
+    pub fn start_tls(masters: usize, ca: &str, cert: &str, key: &str) -> RedisCluster {
+        Self::start_with(masters, 0, Some((ca, cert, key)))
+    }
+
+    fn start_with(
+        masters: usize,
+        replicas: usize,
+        tls: Option<(&str, &str, &str)>,
+    ) -> RedisCluster {
         let count = masters * (1 + replicas);
         let nodes: Vec<RedisServer> = (0..count)
             .map(|_| {
                 RedisServer::start_with(
                     |dir, _| {
-                        vec![
+                        let mut args = match tls {
+                            None => Vec::new(),
+                            Some((ca, cert, key)) => {
+                                let files = [("ca.pem", ca), ("tls.crt", cert), ("tls.key", key)];
+                                for (name, pem) in files {
+                                    std::fs::write(dir.join(name), pem).unwrap();
+                                }
+                                let path = |name: &str| dir.join(name).display().to_string();
+                                vec![
+                                    "--tls-ca-cert-file".into(),
+                                    path("ca.pem"),
+                                    "--tls-cert-file".into(),
+                                    path("tls.crt"),
+                                    "--tls-key-file".into(),
+                                    path("tls.key"),
+                                    "--tls-auth-clients".into(),
+                                    "no".into(),
+                                    "--tls-cluster".into(),
+                                    "yes".into(),
+                                ]
+                            }
+                        };
+                        args.extend::<[String; 12]>([
                             "--cluster-enabled".into(),
                             "yes".into(),
                             "--cluster-port".into(),
@@ -266,14 +304,16 @@ impl RedisCluster {
                             // the default 5 s wait for more replicas.
                             "--repl-diskless-sync-delay".into(),
                             "0".into(),
-                        ]
+                        ]);
+                        args
                     },
-                    false,
+                    tls.is_some(),
                 )
             })
             .collect();
-        let mut create = Command::new("redis-cli");
-        create.arg("--cluster").arg("create");
+        // Bounded: redis-cli waits for ever for nodes that cannot meet.
+        let mut create = Command::new("timeout");
+        create.args(["60", "redis-cli", "--cluster", "create"]);
         for node in &nodes {
             create.arg(format!("127.0.0.1:{}", node.port));
         }
@@ -319,6 +359,11 @@ impl RedisCluster {
     /// Seed URLs (every node).
     pub fn seeds(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// `rediss://` seed URLs (every node's TLS port), for `start_tls`.
+    pub fn tls_seeds(&self, host: &str) -> Vec<String> {
+        self.nodes.iter().map(|n| n.tls_url(host)).collect()
     }
 
     /// The ports of the nodes that are masters now, as a running node sees it.
