@@ -334,6 +334,69 @@ fn main() {
         round_robin = Some(keys);
         redis_instances.push(kg_f);
     }
+    // h: a 3-master Redis Cluster; h1 one cached key (as c), h2 every
+    // request a miss (as f).
+    let cluster = use_redis.then(|| redis_server::RedisCluster::start(3, 0));
+    let mut cluster_instances = Vec::new();
+    if let (Some(cluster), Some(keys)) = (&cluster, &round_robin) {
+        let seeds: Vec<String> = cluster.seeds().iter().map(|s| format!("\"{s}\"")).collect();
+        let cluster_yaml = format!("store:\n  redis:\n    cluster: [{}]\n", seeds.join(", "));
+        let kg_h1 = keygate(
+            dir.path(),
+            "keygate-cluster",
+            upstream_port,
+            &cluster_yaml,
+            no_limit,
+        );
+        admin(
+            &kg_h1,
+            "PUT",
+            "/admin/v1/workflows/wf_bench",
+            Some(json!({"userId": user})),
+        );
+        variants.push(Variant {
+            id: "h1",
+            what: "keygate, 3-master Redis Cluster, one cached key",
+            port: kg_h1.port,
+            auth: Auth::One(create_key(&kg_h1, user)),
+        });
+        let kg_h2 = keygate(
+            dir.path(),
+            "keygate-cluster-small-cache",
+            upstream_port,
+            &cluster_yaml,
+            &format!("{no_limit}cache:\n  keys: {{ capacity: 1000, ttl: 60s }}\n"),
+        );
+        let t = Instant::now();
+        let cluster_keys: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..keys.len() / 8)
+                            .map(|_| create_key(&kg_h2, user))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        println!(
+            "created {} keys on the cluster in {:.1?}",
+            cluster_keys.len(),
+            t.elapsed()
+        );
+        variants.push(Variant {
+            id: "h2",
+            what: "keygate, 3-master Redis Cluster, 10,000 keys round robin, cache of 1,000",
+            port: kg_h2.port,
+            auth: Auth::RoundRobin(std::sync::Arc::new(cluster_keys)),
+        });
+        cluster_instances.push(kg_h1);
+        cluster_instances.push(kg_h2);
+    }
     // g: the engine's own database, its keys inserted as the engine does,
     // after `store prepare` (triggers and the key-hash index).
     let engine_db = use_postgres.then(postgres_server::PostgresServer::start);
@@ -508,25 +571,23 @@ fn main() {
         }
     }
     let at_half: BTreeMap<&str, Sample> = at_half.iter().map(|(k, v)| (*k, summarize(v))).collect();
-    let f_at_1000 = round_robin.as_ref().map(|keys| {
-        let v = variants.iter().find(|v| v.id == "f").unwrap();
+    // f and h2 at 1,000 req/s: every request a store lookup.
+    let at_1000 = |id: &str| {
+        let v = variants.iter().find(|v| v.id == id)?;
         let runs: Vec<Sample> = (0..rounds)
             .map(|_| {
-                let s = rt.block_on(load::fixed_rate(
-                    v.port,
-                    &Auth::RoundRobin(keys.clone()),
-                    1000,
-                    SECONDS,
-                ));
+                let s = rt.block_on(load::fixed_rate(v.port, &v.auth, 1000, SECONDS));
                 println!(
-                    "f at 1000 req/s: p50 {:.0} µs  p99 {:.0} µs  non-2xx {}",
+                    "{id} at 1000 req/s: p50 {:.0} µs  p99 {:.0} µs  non-2xx {}",
                     s.p50_us, s.p99_us, s.non_2xx
                 );
                 s
             })
             .collect();
-        summarize(&runs)
-    });
+        Some(summarize(&runs))
+    };
+    let f_at_1000 = at_1000("f");
+    let h2_at_1000 = at_1000("h2");
 
     // g cold: every request a key the cache does not hold, at 1,000 req/s.
     let g_cold = cold.as_ref().map(|(port, keys)| {
@@ -604,9 +665,21 @@ fn main() {
             f.p99_us
         );
     }
+    if let Some(h2) = &h2_at_1000 {
+        println!(
+            "h2 at 1,000 req/s (Redis Cluster, every request a lookup): p50 {:.0} µs, p99 {:.0} µs",
+            h2.p50_us, h2.p99_us
+        );
+    }
     println!(
         "g/b = {}   (postgres store, cached key, over embedded)",
         fmt(ratio("g", "b"))
+    );
+    println!(
+        "h1/b = {}  h1/c = {}  h2/f = {}   (Redis Cluster over embedded, over one Redis node)",
+        fmt(ratio("h1", "b")),
+        fmt(ratio("h1", "c")),
+        fmt(ratio("h2", "f"))
     );
     if let Some((g, miss_ratio)) = &g_cold {
         println!(
@@ -648,12 +721,13 @@ fn main() {
         "rounds": rounds,
         "seconds_per_round": SECONDS,
         "variants": variants.iter().map(|v| json!({"id": v.id, "what": v.what, "median": result[v.id], "rounds": samples[v.id]})).collect::<Vec<_>>(),
-        "ratios": {"g_over_b": ratio("g", "b"), "b_over_d": ratio("b", "d"), "b_over_a": ratio("b", "a"), "e1_over_b": ratio("e1", "b"), "e2_over_b": ratio("e2", "b"), "b_over_b0": ratio("b", "b0")},
+        "ratios": {"g_over_b": ratio("g", "b"), "b_over_d": ratio("b", "d"), "b_over_a": ratio("b", "a"), "e1_over_b": ratio("e1", "b"), "e2_over_b": ratio("e2", "b"), "b_over_b0": ratio("b", "b0"), "h1_over_b": ratio("h1", "b"), "h1_over_c": ratio("h1", "c"), "h2_over_f": ratio("h2", "f")},
         "idle_connections": idle_memory,
         "malformed_key_store_calls": malformed_store_calls,
         "redis_commands_per_request": {"c": cmds("c"), "f": cmds("f")},
         "half_load": {"rate": half, "a": at_half["a"], "b": at_half["b"], "p99_gap_ms": p99_gap_ms},
         "f_at_1000_rps": f_at_1000,
+        "h2_at_1000_rps": h2_at_1000,
         "g_cold_at_1000_rps": g_cold.as_ref().map(|(s, miss_ratio)| json!({"sample": s, "miss_ratio": miss_ratio})),
         "keygate_rss_bytes": {"idle": idle_rss, "after_load": loaded_rss},
         "cache_memory": memory.map(|(keys, per_key)| json!({"keys": keys, "bytes_per_key": per_key})),
