@@ -28,6 +28,9 @@ fn verification(c: &mut Criterion) {
         hash: key.hash(),
         created_at: 0,
         last_used_at: None,
+        expires_at: None,
+        workflows: None,
+        rate: None,
     }))
     .unwrap();
     let size = CacheSize {

@@ -68,6 +68,9 @@ pub struct Counters {
     pub cache_flushes: AtomicU64,
     pub spoofed_headers: AtomicU64,
     pub dropped_headers: AtomicU64,
+    pub expired_keys: AtomicU64,
+    pub scope_refusals: AtomicU64,
+    pub audit_failures: AtomicU64,
 }
 
 impl Default for Counters {
@@ -89,6 +92,9 @@ impl Default for Counters {
             cache_flushes: AtomicU64::new(0),
             spoofed_headers: AtomicU64::new(0),
             dropped_headers: AtomicU64::new(0),
+            expired_keys: AtomicU64::new(0),
+            scope_refusals: AtomicU64::new(0),
+            audit_failures: AtomicU64::new(0),
         }
     }
 }
@@ -217,6 +223,13 @@ impl Metrics {
         *egress.entry((kind.to_owned(), outcome)).or_default() += 1;
     }
 
+    /// An audit entry the store did not take.
+    pub fn audit_failed(&self) {
+        self.local()
+            .audit_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         {
@@ -276,7 +289,7 @@ impl Metrics {
             self.sum(|c| &c.latency.sum_micros) as f64 / 1e6
         );
         let _ = writeln!(out, "keygate_request_duration_seconds_count {count}");
-        let counters: [(&str, &str, Field); 14] = [
+        let counters: [(&str, &str, Field); 17] = [
             (
                 "keygate_key_cache_hits_total",
                 "Key lookups answered by the cache.",
@@ -331,6 +344,21 @@ impl Metrics {
                 "keygate_cache_flushes_total",
                 "Whole-cache flushes (after an invalidation gap).",
                 |c| &c.cache_flushes,
+            ),
+            (
+                "keygate_expired_key_refusals_total",
+                "Requests refused because their key had expired (401).",
+                |c| &c.expired_keys,
+            ),
+            (
+                "keygate_scope_refusals_total",
+                "Requests refused because their key is scoped to other workflows (403).",
+                |c| &c.scope_refusals,
+            ),
+            (
+                "keygate_audit_failures_total",
+                "Admin actions whose audit entry could not be written.",
+                |c| &c.audit_failures,
             ),
             (
                 "keygate_spoofed_headers_total",

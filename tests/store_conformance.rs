@@ -12,7 +12,7 @@ use keygate::key::{KeyHash, NewKey};
 use keygate::store::embedded::EmbeddedStore;
 use keygate::store::postgres::PostgresStore;
 use keygate::store::redis::RedisStore;
-use keygate::store::{IntegrationRecord, KeyRecord, LastUsed, Store, StoreError};
+use keygate::store::{AuditEntry, IntegrationRecord, KeyRecord, LastUsed, Rate, Store, StoreError};
 use std::time::Duration;
 
 fn record(id: &str, user: &str, created_at: i64) -> (KeyRecord, NewKey) {
@@ -25,17 +25,127 @@ fn record(id: &str, user: &str, created_at: i64) -> (KeyRecord, NewKey) {
         hash: key.hash(),
         created_at,
         last_used_at: None,
+        expires_at: None,
+        workflows: None,
+        rate: None,
     };
     (r, key)
 }
 
 /// The whole suite, for a store that keeps owners itself.
 async fn conformance(store: &dyn Store) -> Vec<NewKey> {
-    let secrets = keys_conform(store).await;
+    let mut secrets = keys_conform(store).await;
+    secrets.extend(policies_conform(store).await);
     owners_kept_by_keygate(store).await;
     integrations_conform(store).await;
     store.ping().await.unwrap();
     secrets
+}
+
+/// Expiry, scopes and rates kept with a key; one by id; every user's;
+/// an expiry only ever brought forward; the expired found for the sweep;
+/// the audit log in time order, trimmed to its retention. Users `user_1`
+/// and `user_2` (keys_conform's keys may be there too).
+async fn policies_conform(store: &dyn Store) -> Vec<NewKey> {
+    let (mut p, kp) = record("key_p", "user_1", 10_000);
+    p.expires_at = Some(50_000);
+    p.workflows = Some(vec!["wf_1".into(), "wf_2".into()]);
+    p.rate = Some(Rate::parse("5/1m").unwrap());
+    let (q, kq) = record("key_q", "user_2", 11_000);
+    store.create_key(p.clone()).await.unwrap();
+    store.create_key(q.clone()).await.unwrap();
+    assert_eq!(store.find_by_hash(p.hash).await.unwrap(), Some(p.clone()));
+    assert_eq!(store.get_key("key_p").await.unwrap(), Some(p.clone()));
+    assert_eq!(store.get_key("key_none").await.unwrap(), None);
+    let listed = store.list_keys("user_1").await.unwrap();
+    assert!(listed.contains(&p), "{listed:?}");
+    let all: Vec<String> = store
+        .list_all_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    // Newest first, across users.
+    let (at_p, at_q) = (
+        all.iter().position(|id| id == "key_p").unwrap(),
+        all.iter().position(|id| id == "key_q").unwrap(),
+    );
+    assert!(at_q < at_p, "{all:?}");
+    // An expiry moves only forward in time's favour: sooner wins.
+    let later = store.expire_key("key_p", 90_000).await.unwrap();
+    assert_eq!(later.expires_at, Some(50_000));
+    let sooner = store.expire_key("key_p", 20_000).await.unwrap();
+    assert_eq!(sooner.expires_at, Some(20_000));
+    assert_eq!(sooner.workflows, p.workflows);
+    let q_expiring = store.expire_key("key_q", 30_000).await.unwrap();
+    assert_eq!(q_expiring.expires_at, Some(30_000));
+    assert!(matches!(
+        store.expire_key("key_none", 1).await,
+        Err(StoreError::UnknownKey(_))
+    ));
+    let due = |now| async move {
+        let mut ids: Vec<String> = store
+            .expired_keys(now)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| k.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(due(19_999).await, Vec::<String>::new());
+    assert_eq!(due(20_000).await, ["key_p"]);
+    assert_eq!(due(40_000).await, ["key_p", "key_q"]);
+    // Revoked: no longer due.
+    store.revoke_key("key_p").await.unwrap();
+    assert_eq!(due(40_000).await, ["key_q"]);
+    store.revoke_key("key_q").await.unwrap();
+    assert_eq!(due(40_000).await, Vec::<String>::new());
+
+    // The audit log: in time order, from `since` on, trimmed on append.
+    let entry = |at: i64, action: &str| AuditEntry {
+        at,
+        action: action.to_owned(),
+        caller: "127.0.0.1:1".to_owned(),
+        key_id: Some(format!("key_{at}")),
+        key_prefix: Some("wfb_abcdefg".to_owned()),
+        user_id: Some("user_1".to_owned()),
+        id: format!("audit_{at}"),
+        ..AuditEntry::default()
+    };
+    for (at, action) in [
+        (1_000, "key.created"),
+        (3_000, "key.revoked"),
+        (2_000, "owner.set"),
+    ] {
+        store.append_audit(entry(at, action), 0).await.unwrap();
+    }
+    let actions = |list: Vec<AuditEntry>| list.into_iter().map(|e| e.action).collect::<Vec<_>>();
+    assert_eq!(
+        actions(store.list_audit(0).await.unwrap()),
+        ["key.created", "owner.set", "key.revoked"]
+    );
+    assert_eq!(
+        store.list_audit(2_000).await.unwrap()[0],
+        entry(2_000, "owner.set")
+    );
+    // Two entries of one millisecond are two.
+    let mut twin = entry(3_000, "key.rolled");
+    twin.id = "audit_twin".into();
+    store.append_audit(twin, 0).await.unwrap();
+    assert_eq!(store.list_audit(3_000).await.unwrap().len(), 2);
+    // Retention: appending with keep_since drops what is older.
+    store
+        .append_audit(entry(4_000, "key.expired"), 2_500)
+        .await
+        .unwrap();
+    assert_eq!(
+        actions(store.list_audit(0).await.unwrap()),
+        ["key.revoked", "key.rolled", "key.expired"]
+    );
+    vec![kp, kq]
 }
 
 /// Keys: created, found, listed, last used, revoked; for users `user_1`
@@ -498,7 +608,8 @@ async fn postgres_store_conforms_and_never_holds_a_key() {
         .await
         .unwrap();
     let store = PostgresStore::connect(&config).unwrap();
-    let secrets = keys_conform(&store).await;
+    let mut secrets = keys_conform(&store).await;
+    secrets.extend(policies_conform(&store).await);
     owners_from_the_engine(&store, &db).await;
     integrations_conform(&store).await;
     store.ping().await.unwrap();

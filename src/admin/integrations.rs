@@ -4,9 +4,11 @@
 //! A secret arrives once, in a request body read into a zeroed buffer, is
 //! sealed at once, and is never in an answer, a log line or an error.
 
+use super::audit::Action;
 use super::views::{AdminResponse, error, json, store_error};
 use super::{Admin, MAX_BODY, read_body};
 use crate::clock;
+use crate::store::AuditEntry;
 use crate::store::{IntegrationRecord, StoreError};
 use crate::vault::{Credentials, Secret};
 use http::{Request, StatusCode};
@@ -247,6 +249,17 @@ impl Admin {
             return store_error(e);
         }
         tracing::info!(id = %record.id, user = %record.user_id, kind = %record.kind, key_id = %record.key_id, %caller, "integration added");
+        self.record(
+            Action::IntegrationAdded,
+            caller,
+            AuditEntry {
+                integration_id: Some(record.id.clone()),
+                user_id: Some(record.user_id.clone()),
+                detail: Some(format!("type {}", record.kind)),
+                ..AuditEntry::default()
+            },
+        )
+        .await;
         json(StatusCode::CREATED, &IntegrationView::from(&record))
     }
 
@@ -273,6 +286,17 @@ impl Admin {
         match self.store.remove_integration(id).await {
             Ok(record) => {
                 tracing::info!(id = %record.id, user = %record.user_id, kind = %record.kind, %caller, "integration removed");
+                self.record(
+                    Action::IntegrationRemoved,
+                    caller,
+                    AuditEntry {
+                        integration_id: Some(record.id.clone()),
+                        user_id: Some(record.user_id.clone()),
+                        detail: Some(format!("type {}", record.kind)),
+                        ..AuditEntry::default()
+                    },
+                )
+                .await;
                 json(
                     StatusCode::OK,
                     &serde_json::json!({"id": record.id, "removed": true}),
@@ -328,6 +352,18 @@ impl Admin {
         }
         let key_id = vault.sealing_key_id();
         tracing::info!(rekeyed, current, failed = failed.len(), key_id, %caller, "integrations re-sealed");
+        self.record(
+            Action::IntegrationsRekeyed,
+            caller,
+            AuditEntry {
+                detail: Some(format!(
+                    "{rekeyed} re-sealed under {key_id}, {current} already, {} failed",
+                    failed.len()
+                )),
+                ..AuditEntry::default()
+            },
+        )
+        .await;
         json(
             StatusCode::OK,
             &serde_json::json!({"rekeyed": rekeyed, "alreadyCurrent": current, "keyId": key_id, "failed": failed}),

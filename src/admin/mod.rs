@@ -5,35 +5,35 @@
 //! and names it accepts, and [`client`] is how the CLI (and a takeover)
 //! call it.
 
+mod audit;
 pub mod client;
 mod integrations;
+mod keys;
 mod rules;
 mod token;
 mod views;
 
 pub use rules::{NAME_RULE, valid_name, valid_user_id, valid_workflow_id};
 pub use token::{AdminToken, read_token_file, server_token};
-pub use views::{KeyView, percent_encode};
+pub use views::percent_encode;
 
 use crate::auth::Auth;
-use crate::clock;
+use crate::config::{AuditConfig, KeysConfig};
 use crate::invalidate::Invalidator;
-use crate::key::NewKey;
 use crate::metrics::Metrics;
-use crate::store::{KeyRecord, Store, StoreError};
+use crate::store::{AuditEntry, Store, StoreError};
 use crate::vault::Credentials;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use rules::{refuse_key_as_id, refuse_user_id};
+use rules::refuse_user_id;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use views::{
-    AdminResponse, CreateKey, CreatedKey, SetOwner, WorkflowView, error, json, percent_decode,
-    query_param, store_error,
+    AdminResponse, SetOwner, WorkflowView, error, json, percent_decode, query_param, store_error,
 };
 
 pub struct Admin {
@@ -46,6 +46,8 @@ pub struct Admin {
     credentials: Option<Arc<Credentials>>,
     /// `egress.mint_token`: admits `POST /admin/v1/run-tokens` and nothing else.
     mint: Option<AdminToken>,
+    keys: KeysConfig,
+    audit: AuditConfig,
 }
 
 /// Admin bodies carry a name or a user id; this bounds what one request
@@ -63,6 +65,7 @@ impl Admin {
         invalidator: Arc<Invalidator>,
         token: &str,
         credentials: Option<Arc<Credentials>>,
+        (keys, audit): (KeysConfig, AuditConfig),
     ) -> Admin {
         let mint = credentials
             .as_ref()
@@ -76,6 +79,8 @@ impl Admin {
             token: AdminToken::new(token),
             credentials,
             mint,
+            keys,
+            audit,
         }
     }
 
@@ -136,11 +141,13 @@ impl Admin {
                 }),
             ),
             (Method::POST, ["keys"]) => self.create_key(request, caller).await,
-            (Method::GET, ["keys"]) => {
-                let user = query_param(request.uri().query().unwrap_or(""), "userId");
-                self.list_keys(user).await
-            }
+            (Method::GET, ["keys"]) => self.list_keys(request.uri().query().unwrap_or("")).await,
             (Method::DELETE, ["keys", id]) => self.revoke_key(id, caller).await,
+            (Method::POST, ["keys", id, "roll"]) => {
+                let id = (*id).to_owned();
+                self.roll_key(&id, request, caller).await
+            }
+            (Method::GET, ["audit"]) => self.list_audit(request.uri().query().unwrap_or("")).await,
             (Method::GET, ["workflows"]) => match self.store.list_workflows().await {
                 Ok(list) => json(
                     StatusCode::OK,
@@ -169,8 +176,9 @@ impl Admin {
             (Method::POST, ["run-tokens"]) => self.mint_run_token(request, caller, "admin").await,
             (
                 _,
-                ["keys" | "workflows" | "integrations" | "run-tokens"]
-                | ["keys" | "workflows" | "integrations", _],
+                ["keys" | "workflows" | "integrations" | "run-tokens" | "audit"]
+                | ["keys" | "workflows" | "integrations", _]
+                | ["keys", _, "roll"],
             ) => error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed"),
             _ => error(StatusCode::NOT_FOUND, "Not found"),
         }
@@ -192,95 +200,6 @@ impl Admin {
                 StatusCode::SERVICE_UNAVAILABLE,
                 &serde_json::json!({"status": "unavailable", "store": self.store.kind(), "error": e.to_string()}),
             ),
-        }
-    }
-
-    async fn create_key(&self, request: Request<Incoming>, caller: SocketAddr) -> AdminResponse {
-        let body: CreateKey = match read_json(request).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
-        if let Some(refused) = refuse_user_id(&body.user_id) {
-            return refused;
-        }
-        let name = body.name.unwrap_or_default();
-        if !valid_name(&name) {
-            return error(StatusCode::BAD_REQUEST, NAME_RULE);
-        }
-        let (Ok(key), Ok(id)) = (NewKey::generate(), self.store.new_key_id()) else {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the OS random source failed",
-            );
-        };
-        let record = KeyRecord {
-            id,
-            user_id: body.user_id,
-            name,
-            prefix: key.prefix(),
-            hash: key.hash(),
-            created_at: clock::now_ms(),
-            last_used_at: None,
-        };
-        if let Err(e) = self.store.create_key(record.clone()).await {
-            return store_error(e);
-        }
-        // A hash tried before it existed may sit in the negative cache.
-        self.auth.invalidate_key(record.hash);
-        tracing::info!(id = %record.id, user = %record.user_id, key = %record.prefix, %caller, "key created");
-        json(
-            StatusCode::CREATED,
-            &CreatedKey {
-                id: &record.id,
-                name: &record.name,
-                key_prefix: &record.prefix,
-                created_at: clock::rfc3339(record.created_at),
-                key: key.secret(),
-            },
-        )
-    }
-
-    async fn list_keys(&self, user: Option<String>) -> AdminResponse {
-        let Some(user) = user else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "query parameter userId is required",
-            );
-        };
-        if let Some(refused) = refuse_user_id(&user) {
-            return refused;
-        }
-        match self.store.list_keys(&user).await {
-            Ok(keys) => json(
-                StatusCode::OK,
-                &keys.iter().map(KeyView::from).collect::<Vec<_>>(),
-            ),
-            Err(e) => store_error(e),
-        }
-    }
-
-    async fn revoke_key(&self, id: &str, caller: SocketAddr) -> AdminResponse {
-        if let Some(refused) = refuse_key_as_id(id) {
-            return refused;
-        }
-        match self.store.revoke_key(id).await {
-            Ok(record) => {
-                self.auth.invalidate_key(record.hash);
-                let propagated = self.invalidator.key_revoked(record.hash).await;
-                tracing::info!(id = %record.id, user = %record.user_id, key = %record.prefix, propagated, %caller, "key revoked");
-                let mut body =
-                    serde_json::json!({"id": record.id, "revoked": true, "propagated": propagated});
-                if !propagated {
-                    body["warning"] = serde_json::Value::String(
-                        "revoked in the store, but other instances could not be told; they refuse the key when their cache entry expires or they resubscribe".into(),
-                    );
-                }
-                json(StatusCode::OK, &body)
-            }
-            Err(e) => {
-                self.after_failed_write(&e, None).await;
-                store_error(e)
-            }
         }
     }
 
@@ -330,6 +249,16 @@ impl Admin {
         self.invalidator.workflow_changed(workflow).await;
         let in_engine = self.store.owners_in_engine();
         tracing::info!(workflow, user = %body.user_id, in_engine, %caller, "workflow owner set");
+        self.record(
+            audit::Action::OwnerSet,
+            caller,
+            AuditEntry {
+                workflow_id: Some(workflow.to_owned()),
+                user_id: Some(body.user_id.clone()),
+                ..AuditEntry::default()
+            },
+        )
+        .await;
         let mut answer = serde_json::json!(WorkflowView {
             workflow_id: workflow.to_owned(),
             user_id: body.user_id,
@@ -346,6 +275,15 @@ impl Admin {
                 self.auth.invalidate_workflow(workflow);
                 self.invalidator.workflow_changed(workflow).await;
                 tracing::info!(workflow, %caller, "workflow owner removed");
+                self.record(
+                    audit::Action::OwnerRemoved,
+                    caller,
+                    AuditEntry {
+                        workflow_id: Some(workflow.to_owned()),
+                        ..AuditEntry::default()
+                    },
+                )
+                .await;
                 json(
                     StatusCode::OK,
                     &serde_json::json!({"workflowId": workflow, "removed": true}),
@@ -357,6 +295,18 @@ impl Admin {
             }
         }
     }
+}
+
+/// [`read_json`], with an empty body taken for `T::default()`.
+async fn read_json_or_default<T: for<'de> Deserialize<'de> + Default>(
+    request: Request<Incoming>,
+) -> Result<T, AdminResponse> {
+    let bytes = read_body(request, MAX_BODY).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
 async fn read_json<T: for<'de> Deserialize<'de>>(

@@ -20,6 +20,11 @@ pub struct KeyView<'a> {
     pub key_prefix: &'a str,
     pub created_at: String,
     pub last_used_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub workflows: Option<&'a [String]>,
+    pub rate: Option<String>,
+    /// In listings of every user's keys, whose each is.
+    pub user_id: &'a str,
 }
 
 impl<'a> From<&'a KeyRecord> for KeyView<'a> {
@@ -30,6 +35,10 @@ impl<'a> From<&'a KeyRecord> for KeyView<'a> {
             key_prefix: &r.prefix,
             created_at: clock::rfc3339(r.created_at),
             last_used_at: r.last_used_at.map(clock::rfc3339),
+            expires_at: r.expires_at.map(clock::rfc3339),
+            workflows: r.workflows.as_deref(),
+            rate: r.rate.map(|r| r.to_string()),
+            user_id: &r.user_id,
         }
     }
 }
@@ -43,6 +52,27 @@ pub(super) struct CreatedKey<'a> {
     pub key_prefix: &'a str,
     pub created_at: String,
     pub key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workflows: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+}
+
+impl<'a> CreatedKey<'a> {
+    pub(super) fn of(r: &'a KeyRecord, key: &'a str) -> CreatedKey<'a> {
+        CreatedKey {
+            id: &r.id,
+            name: &r.name,
+            key_prefix: &r.prefix,
+            created_at: clock::rfc3339(r.created_at),
+            key,
+            expires_at: r.expires_at.map(clock::rfc3339),
+            workflows: r.workflows.as_deref(),
+            rate: r.rate.map(|r| r.to_string()),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -50,6 +80,18 @@ pub(super) struct CreatedKey<'a> {
 pub(super) struct CreateKey {
     pub user_id: String,
     pub name: Option<String>,
+    /// `30d`, `12h`, `90s`.
+    pub expires_in: Option<String>,
+    pub workflows: Option<Vec<String>>,
+    /// `N/DUR`.
+    pub rate: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RollKey {
+    /// How long the old key keeps working; none: not at all.
+    pub grace: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -3,7 +3,7 @@
 
 use super::cache::Slot;
 use super::fence::{Fenced, live, now};
-use super::principal::Principal;
+use super::principal::{Policy, Principal};
 use super::{Auth, AuthError, Budget, RACE_RETRIES};
 use crate::key::KeyHash;
 use crate::store::KeyRecord;
@@ -165,5 +165,11 @@ impl Auth {
 }
 
 pub(super) fn principal(record: KeyRecord) -> Principal {
-    Principal::new(&record.id, &record.user_id, &record.prefix)
+    Principal::new(&record.id, &record.user_id, &record.prefix).with_policy(Policy {
+        expires_at: record.expires_at,
+        workflows: record
+            .workflows
+            .map(|list| list.into_iter().map(String::into_boxed_str).collect()),
+        rate: record.rate,
+    })
 }

@@ -179,6 +179,16 @@ impl Auth {
     }
 
     /// Voids every cached answer, for when invalidations may have been missed.
+    /// A request refused because its key had expired.
+    pub fn count_expired(&self) {
+        self.count(|c| &c.expired_keys);
+    }
+
+    /// A request refused because its key is scoped to other workflows.
+    pub fn count_out_of_scope(&self) {
+        self.count(|c| &c.scope_refusals);
+    }
+
     pub fn invalidate_all(&self) {
         let epoch = self.next_epoch();
         // Two flushes at once must not lower the floor.

@@ -19,6 +19,18 @@ pub struct Principal {
     /// The per-key rate window (see `proxy::key_rate`): window number in
     /// the high 40 bits, requests counted in it in the low 24.
     pub(crate) rate: AtomicU64,
+    /// An expiry, workflow scopes or a rate of its own; most keys have none.
+    policy: Option<Box<Policy>>,
+}
+
+/// What limits a key beyond its owner.
+#[derive(Debug, Default)]
+pub struct Policy {
+    /// Unix ms from which it is refused.
+    pub expires_at: Option<i64>,
+    /// The workflows it may call; `None`: all its user's.
+    pub workflows: Option<Box<[Box<str>]>>,
+    pub rate: Option<crate::store::Rate>,
 }
 
 impl Principal {
@@ -40,7 +52,38 @@ impl Principal {
             prefix_len: len as u8,
             last_noted: AtomicI64::new(0),
             rate: AtomicU64::new(0),
+            policy: None,
         }
+    }
+
+    /// With an expiry, scopes or a rate of its own.
+    #[must_use]
+    pub fn with_policy(mut self, policy: Policy) -> Principal {
+        let none =
+            policy.expires_at.is_none() && policy.workflows.is_none() && policy.rate.is_none();
+        self.policy = (!none).then(|| Box::new(policy));
+        self
+    }
+
+    /// Whether it has expired by `now_ms`.
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.policy
+            .as_ref()
+            .and_then(|p| p.expires_at)
+            .is_some_and(|at| now_ms >= at)
+    }
+
+    /// Whether its scopes admit `workflow` (no scopes: every workflow).
+    pub fn allows(&self, workflow: &str) -> bool {
+        match self.policy.as_ref().and_then(|p| p.workflows.as_ref()) {
+            None => true,
+            Some(list) => list.iter().any(|w| &**w == workflow),
+        }
+    }
+
+    /// Its own rate, if it has one.
+    pub fn own_rate(&self) -> Option<crate::store::Rate> {
+        self.policy.as_ref().and_then(|p| p.rate)
     }
 
     pub fn key_id(&self) -> &str {

@@ -63,6 +63,21 @@ impl Store for GatedStore {
     fn revoke_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, KeyRecord> {
         Box::pin(async move { Err(StoreError::UnknownKey(id.to_owned())) })
     }
+    fn get_key<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Option<KeyRecord>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn list_all_keys(&self) -> StoreFuture<'_, Vec<KeyRecord>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn expire_key<'a>(&'a self, id: &'a str, _: i64) -> StoreFuture<'a, KeyRecord> {
+        Box::pin(async move { Err(StoreError::UnknownKey(id.to_owned())) })
+    }
+    fn append_audit(&self, _: crate::store::AuditEntry, _: i64) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    fn list_audit(&self, _: i64) -> StoreFuture<'_, Vec<crate::store::AuditEntry>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
     fn record_last_used(&self, _: Vec<LastUsed>) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
     }
@@ -170,6 +185,9 @@ fn record(hash: KeyHash) -> KeyRecord {
         hash,
         created_at: 0,
         last_used_at: None,
+        expires_at: None,
+        workflows: None,
+        rate: None,
     }
 }
 

@@ -69,6 +69,15 @@ pub enum Command {
     /// Manage integration credentials (provider API keys), sealed in the vault.
     #[command(subcommand)]
     Integrations(IntegrationsCommand),
+    /// Show the audit log of admin actions (oldest first).
+    Audit {
+        /// Only entries from this long ago on (e.g. 7d, 12h); default: all kept (audit.retention).
+        #[arg(long, value_name = "DUR", value_parser = lifetime)]
+        since: Option<String>,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -87,16 +96,43 @@ pub enum KeysCommand {
         /// A label to tell the key apart in listings.
         #[arg(long)]
         name: Option<String>,
+        /// Refuse the key (401) from this long after now on, e.g. 30d, 12h, 90s.
+        #[arg(long, value_name = "DUR", value_parser = lifetime)]
+        expires_in: Option<String>,
+        /// Let the key call only this workflow (repeat for more); default: all of its user's.
+        #[arg(long = "workflow", value_name = "WF")]
+        workflows: Vec<String>,
+        /// The key's own rate, N/DUR (e.g. 100/1m), instead of rate_limit.key_requests; counted per instance.
+        #[arg(long, value_name = "N/DUR", value_parser = rate)]
+        rate: Option<String>,
         /// Print a JSON object with the id, name, prefix, creation time and key.
         #[arg(long)]
         json: bool,
     },
-    /// List a user's keys by prefix, never the keys themselves.
+    /// List keys by prefix, never the keys themselves: one user's, or every user's.
+    #[command(group(clap::ArgGroup::new("whose").required(true).args(["user", "all"])))]
     List {
         /// Whose keys to list.
         #[arg(long, value_parser = user_id)]
-        user: String,
+        user: Option<String>,
+        /// Every user's keys.
+        #[arg(long)]
+        all: bool,
+        /// Only keys not used for this long (never used: since created), e.g. 30d.
+        #[arg(long, value_name = "DUR", value_parser = lifetime)]
+        unused_for: Option<String>,
         /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace a key: print a new one with the same user, name, scopes and rate; the old one keeps working for --grace.
+    Roll {
+        /// The old key's id (`key_…`), not the key itself.
+        key_id: String,
+        /// How long the old key keeps working (default 0: refused at once; at most keys.max_grace).
+        #[arg(long, value_name = "DUR")]
+        grace: Option<String>,
+        /// Print a JSON object with the new key's id, name, prefix, creation time and key.
         #[arg(long)]
         json: bool,
     },
@@ -128,6 +164,20 @@ pub enum WorkflowsCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A duration as the admin API takes it (`90s`, `15m`, `12h`, `30d`).
+fn lifetime(value: &str) -> Result<String, String> {
+    crate::store::policy::parse_lifetime(value)
+        .map(|_| value.to_owned())
+        .ok_or_else(|| "expected a duration of at least 1s like 90s, 15m, 12h or 30d".to_owned())
+}
+
+/// A rate as the admin API takes it (`100/1m`).
+fn rate(value: &str) -> Result<String, String> {
+    crate::store::Rate::parse(value)
+        .map(|r| r.to_string())
+        .ok_or_else(|| crate::store::policy::RATE_RULE.to_owned())
 }
 
 /// A user id as the admin API takes it, checked before any call so the
@@ -282,7 +332,8 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
             "that looks like a secret, not an integration id; use `integrations list` to find the id".into(),
         ));
     }
-    if let Command::Keys(KeysCommand::Revoke { key_id }) = &command
+    if let Command::Keys(KeysCommand::Revoke { key_id } | KeysCommand::Roll { key_id, .. }) =
+        &command
         && looks_secret(key_id)
     {
         return Err(CliError(
@@ -311,49 +362,98 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
         Command::Serve { .. } | Command::Check | Command::Store(_) => {
             Err(CliError("not an admin command".into()))
         }
-        Command::Keys(KeysCommand::Create { user, name, json }) => {
+        Command::Keys(KeysCommand::Create {
+            user,
+            name,
+            expires_in,
+            workflows,
+            rate,
+            json,
+        }) => {
             let mut body = serde_json::json!({ "userId": user });
             if let Some(name) = name {
                 body["name"] = Value::String(name);
             }
-            let created = call(Method::POST, "/admin/v1/keys", Some(body)).await?;
-            if json {
-                Ok(created.to_string())
-            } else {
-                created
-                    .get("key")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-                    .ok_or_else(|| CliError("the admin API returned no key".into()))
+            if let Some(expires_in) = expires_in {
+                body["expiresIn"] = Value::String(expires_in);
             }
+            if !workflows.is_empty() {
+                body["workflows"] = serde_json::json!(workflows);
+            }
+            if let Some(rate) = rate {
+                body["rate"] = Value::String(rate);
+            }
+            let created = call(Method::POST, "/admin/v1/keys", Some(body)).await?;
+            shown_key(&created, json)
         }
-        Command::Keys(KeysCommand::List { user, json }) => {
-            let path = format!("/admin/v1/keys?userId={}", percent_encode(&user));
+        Command::Keys(KeysCommand::Roll {
+            key_id,
+            grace,
+            json,
+        }) => {
+            let path = format!("/admin/v1/keys/{}/roll", percent_encode(&key_id));
+            let body = grace.map_or_else(
+                || serde_json::json!({}),
+                |g| serde_json::json!({ "grace": g }),
+            );
+            let rolled = match raw(Method::POST, &path, Some(body)).await? {
+                Ok(rolled) => rolled,
+                // The new key exists though the old one could not be ended:
+                // show it (it is shown only this once), then fail.
+                Err((status, answer)) if answer.get("key").is_some() => {
+                    let key = shown_key(&answer, json)?;
+                    println!("{key}");
+                    return Err(CliError(format!(
+                        "{}: {}",
+                        status.as_u16(),
+                        answer.get("error").and_then(Value::as_str).unwrap_or("")
+                    )));
+                }
+                Err((_, answer)) => {
+                    return Err(CliError(
+                        answer
+                            .get("error")
+                            .and_then(Value::as_str)
+                            .unwrap_or("the roll failed")
+                            .to_owned(),
+                    ));
+                }
+            };
+            if let Some(until) = rolled["rolled"]["expiresAt"].as_str() {
+                eprintln!("keygate: {key_id} keeps working until {until}");
+            }
+            shown_key(&rolled, json)
+        }
+        Command::Keys(KeysCommand::List {
+            user,
+            all,
+            unused_for,
+            json,
+        }) => {
+            let mut path = match (all, user) {
+                (true, _) => "/admin/v1/keys?all=true".to_owned(),
+                (false, Some(user)) => format!("/admin/v1/keys?userId={}", percent_encode(&user)),
+                (false, None) => return Err(CliError("give --user USER or --all".into())),
+            };
+            if let Some(d) = unused_for {
+                path.push_str(&format!("&unusedFor={}", percent_encode(&d)));
+            }
             let keys = call(Method::GET, &path, None).await?;
             if json {
                 return Ok(keys.to_string());
             }
-            let mut out = format!(
-                "{:<22} {:<12} {:<20} {:<25} {}",
-                "ID", "PREFIX", "NAME", "CREATED", "LAST USED"
-            );
-            for k in keys.as_array().into_iter().flatten() {
-                let field = |name: &str| {
-                    k.get(name)
-                        .and_then(Value::as_str)
-                        .unwrap_or("-")
-                        .to_owned()
-                };
-                out.push_str(&format!(
-                    "\n{:<22} {:<12} {:<20} {:<25} {}",
-                    field("id"),
-                    field("keyPrefix"),
-                    field("name"),
-                    field("createdAt"),
-                    field("lastUsedAt")
-                ));
+            Ok(key_table(&keys, all))
+        }
+        Command::Audit { since, json } => {
+            let path = match since {
+                Some(d) => format!("/admin/v1/audit?since={}", percent_encode(&d)),
+                None => "/admin/v1/audit".to_owned(),
+            };
+            let entries = call(Method::GET, &path, None).await?;
+            if json {
+                return Ok(entries.to_string());
             }
-            Ok(out)
+            Ok(audit_lines(&entries))
         }
         Command::Keys(KeysCommand::Revoke { key_id }) => {
             let path = format!("/admin/v1/keys/{}", percent_encode(&key_id));
@@ -400,4 +500,92 @@ pub async fn admin_command(config: &Config, command: Command) -> Result<String, 
             Ok(out)
         }
     }
+}
+
+/// A key just made: the key alone, or the whole answer with `--json`.
+fn shown_key(created: &Value, json: bool) -> Result<String, CliError> {
+    if json {
+        let mut answer = created.clone();
+        if let Some(object) = answer.as_object_mut() {
+            object.remove("rolled");
+        }
+        return Ok(answer.to_string());
+    }
+    created
+        .get("key")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| CliError("the admin API returned no key".into()))
+}
+
+/// `keys list` as a table.
+fn key_table(keys: &Value, with_user: bool) -> String {
+    let field = |k: &Value, name: &str| {
+        k.get(name)
+            .and_then(Value::as_str)
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let mut out = String::new();
+    if with_user {
+        out.push_str(&format!("{:<24} ", "USER"));
+    }
+    out.push_str(&format!(
+        "{:<22} {:<12} {:<20} {:<25} {:<25} {}",
+        "ID", "PREFIX", "NAME", "CREATED", "LAST USED", "EXPIRES"
+    ));
+    for k in keys.as_array().into_iter().flatten() {
+        out.push('\n');
+        if with_user {
+            out.push_str(&format!("{:<24} ", field(k, "userId")));
+        }
+        let mut line = format!(
+            "{:<22} {:<12} {:<20} {:<25} {:<25} {}",
+            field(k, "id"),
+            field(k, "keyPrefix"),
+            field(k, "name"),
+            field(k, "createdAt"),
+            field(k, "lastUsedAt"),
+            field(k, "expiresAt")
+        );
+        if let Some(list) = k.get("workflows").and_then(Value::as_array) {
+            let names: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
+            line.push_str(&format!("  workflows {}", names.join(",")));
+        }
+        if let Some(rate) = k.get("rate").and_then(Value::as_str) {
+            line.push_str(&format!("  rate {rate}"));
+        }
+        out.push_str(line.trim_end());
+    }
+    out
+}
+
+/// `audit` as one line per entry.
+fn audit_lines(entries: &Value) -> String {
+    let mut out = Vec::new();
+    for e in entries.as_array().into_iter().flatten() {
+        let text = |name: &str| e.get(name).and_then(Value::as_str);
+        let mut line = format!(
+            "{} {:<20}",
+            text("at").unwrap_or("-"),
+            text("action").unwrap_or("-")
+        );
+        for (label, name) in [
+            ("key", "keyId"),
+            ("prefix", "keyPrefix"),
+            ("user", "userId"),
+            ("workflow", "workflowId"),
+            ("integration", "integrationId"),
+        ] {
+            if let Some(value) = text(name) {
+                line.push_str(&format!(" {label} {value}"));
+            }
+        }
+        if let Some(detail) = text("detail") {
+            line.push_str(&format!(" ({detail})"));
+        }
+        line.push_str(&format!(" by {}", text("caller").unwrap_or("-")));
+        out.push(line);
+    }
+    out.join("\n")
 }

@@ -93,6 +93,22 @@ pub struct Config {
     pub vault: Option<VaultConfig>,
     /// Present exactly when `vault` is.
     pub egress: Option<EgressConfig>,
+    pub keys: KeysConfig,
+    pub audit: AuditConfig,
+}
+
+/// Key policies: how long a rolled key may keep working, and how often
+/// expired keys are swept from the store.
+#[derive(Debug, Clone, Copy)]
+pub struct KeysConfig {
+    pub max_grace: Duration,
+    pub sweep_interval: Duration,
+}
+
+/// The audit log of admin actions, kept in the store.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditConfig {
+    pub retention: Duration,
 }
 
 /// An HTTP/1.1 upstream, `http://host:port` or `https://host:port`.

@@ -27,6 +27,21 @@ pub(super) struct Raw {
     pub(super) shutdown_timeout: Option<String>,
     pub(super) vault: Option<RawVault>,
     pub(super) egress: Option<RawEgress>,
+    pub(super) keys: Option<RawKeys>,
+    pub(super) audit: Option<RawAudit>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKeys {
+    pub(super) max_grace: Option<String>,
+    pub(super) sweep_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAudit {
+    pub(super) retention: Option<String>,
 }
 
 #[derive(Deserialize)]

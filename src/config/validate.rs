@@ -2,14 +2,15 @@
 //! section; every message names the field it is about.
 
 use super::raw::{
-    Raw, RawAdmin, RawCache, RawCacheSize, RawCors, RawHeaders, RawLimits, RawLog, RawRateLimit,
-    RawRedis, RawRoute, RawStore, RawTls, RawUsage,
+    Raw, RawAdmin, RawCache, RawCacheSize, RawCors, RawHeaders, RawKeys, RawLimits, RawLog,
+    RawRateLimit, RawRedis, RawRoute, RawStore, RawTls, RawUsage,
 };
 use super::route::{RouteConfig, route};
 use super::{
-    AdminConfig, CacheConfig, CacheSize, Config, ConfigError, CorsConfig, DEFAULT_STRIP,
-    HeaderNames, Limits, LogConfig, LogFormat, RateLimitConfig, RedisConfig, RedisNodes,
-    StoreConfig, TlsFiles, Upstream, UsageConfig, WorkerAffinity, WorkerPolicy,
+    AdminConfig, AuditConfig, CacheConfig, CacheSize, Config, ConfigError, CorsConfig,
+    DEFAULT_STRIP, HeaderNames, KeysConfig, Limits, LogConfig, LogFormat, RateLimitConfig,
+    RedisConfig, RedisNodes, StoreConfig, TlsFiles, Upstream, UsageConfig, WorkerAffinity,
+    WorkerPolicy,
 };
 use http::HeaderName;
 use std::net::SocketAddr;
@@ -63,6 +64,14 @@ pub(super) fn config(raw: Raw, base: &Path, env: Env<'_>) -> Result<Config, Conf
         rate_limit: rate_limit(raw.rate_limit.unwrap_or_default())?,
         log: log(raw.log.unwrap_or_default())?,
         shutdown_timeout: duration("shutdown_timeout", raw.shutdown_timeout.as_deref(), "30s")?,
+        keys: keys(raw.keys.unwrap_or_default())?,
+        audit: AuditConfig {
+            retention: at_least_a_second(
+                "audit.retention",
+                raw.audit.unwrap_or_default().retention.as_deref(),
+                "90d",
+            )?,
+        },
         vault,
         egress,
     })
@@ -363,6 +372,29 @@ fn usage(raw: RawUsage) -> Result<UsageConfig, ConfigError> {
     Ok(usage)
 }
 
+fn keys(raw: RawKeys) -> Result<KeysConfig, ConfigError> {
+    Ok(KeysConfig {
+        max_grace: duration("keys.max_grace", raw.max_grace.as_deref(), "7d")?,
+        sweep_interval: at_least_a_second(
+            "keys.sweep_interval",
+            raw.sweep_interval.as_deref(),
+            "1m",
+        )?,
+    })
+}
+
+fn at_least_a_second(
+    field: &str,
+    value: Option<&str>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let d = duration(field, value, default)?;
+    if d < Duration::from_secs(1) {
+        return err(format!("{field}: must be at least 1s"));
+    }
+    Ok(d)
+}
+
 fn rate_limit(raw: RawRateLimit) -> Result<RateLimitConfig, ConfigError> {
     let rate_limit = RateLimitConfig {
         max_failures: raw.max_failures.unwrap_or(20),
@@ -547,12 +579,12 @@ pub(super) fn duration(
     let value = value.unwrap_or(default);
     parse_duration(value).ok_or_else(|| {
         ConfigError(format!(
-            "{field}: expected a duration like 500ms, 5s, 2m or 1h, got {value:?}"
+            "{field}: expected a duration like 500ms, 5s, 2m, 1h or 30d, got {value:?}"
         ))
     })
 }
 
-/// `500ms`, `5s`, `2m`, `1h`.
+/// `500ms`, `5s`, `2m`, `1h`, `30d`.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit())?;
@@ -563,6 +595,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "s" => Some(Duration::from_secs(count)),
         "m" => Some(Duration::from_secs(count.checked_mul(60)?)),
         "h" => Some(Duration::from_secs(count.checked_mul(3600)?)),
+        "d" => Some(Duration::from_secs(count.checked_mul(86_400)?)),
         _ => None,
     }
 }

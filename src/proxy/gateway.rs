@@ -292,6 +292,13 @@ impl Gateway {
         // One deadline for every store read this request makes.
         let mut budget = Budget::default();
         let principal = self.auth.authenticate_within(hash, &mut budget).await?;
+        let now = crate::clock::now_ms();
+        // Checked on every use, so no cached answer outlives the expiry;
+        // refused like an unknown key.
+        if principal.expired(now) {
+            self.auth.count_expired();
+            return Err(crate::auth::AuthError::InvalidKey.into());
+        }
         if self.trace.logs_access() {
             trace.principal = Some(principal.clone());
         }
@@ -300,13 +307,16 @@ impl Gateway {
             Some(_) => return Err(Reject::Forbidden),
             None => return Err(Reject::WorkflowNotFound),
         }
+        if !principal.allows(workflow) {
+            self.auth.count_out_of_scope();
+            return Err(Reject::Forbidden);
+        }
         if request
             .content_length
             .is_some_and(|n| n > self.limits.max_body_bytes)
         {
             return Err(Reject::PayloadTooLarge);
         }
-        let now = crate::clock::now_ms();
         self.key_rate.admit(&principal, now)?;
         self.usage.note_use(&principal, hash, now);
         Ok(Verdict::Forward { route, principal })

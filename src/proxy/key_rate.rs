@@ -1,6 +1,6 @@
-//! The per-key rate (`rate_limit.key_requests` per `key_window`): fixed
-//! windows, counted per instance in the key's cached [`Principal`] (one
-//! atomic, no lock).
+//! The per-key rate (the key's own `N/DUR`, else `rate_limit.key_requests`
+//! per `key_window`): fixed windows, counted per instance in the key's
+//! cached [`Principal`] (one atomic, no lock).
 
 use super::reject::Reject;
 use crate::auth::Principal;
@@ -32,13 +32,15 @@ impl KeyRate {
     /// Counts one request of the key at `now_ms` (Unix ms); 429 with the
     /// time until the window ends when it is over the limit.
     pub(crate) fn admit(&self, principal: &Principal, now_ms: i64) -> Result<(), Reject> {
-        if self.requests == 0 {
+        let (requests, window_ms) = match principal.own_rate() {
+            Some(rate) => (rate.requests, rate.window_ms),
+            None => (self.requests, self.window_ms),
+        };
+        if requests == 0 {
             return Ok(());
         }
-        count(principal, now_ms, self.window_ms, self.requests).map_err(|ms| {
-            Reject::KeyRateExceeded {
-                retry_after: Duration::from_millis(ms),
-            }
+        count(principal, now_ms, window_ms, requests).map_err(|ms| Reject::KeyRateExceeded {
+            retry_after: Duration::from_millis(ms),
         })
     }
 }

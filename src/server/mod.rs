@@ -160,7 +160,9 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Str
         invalidator,
         &token,
         credentials.clone(),
+        (config.keys, config.audit),
     ));
+    tokio::spawn(sweep_expired_keys(admin.clone(), stopped.clone()));
     let admin_task = tokio::spawn(serve_admin(admin_listener, admin, stopped.clone()));
     let (egress_addr, egress_task) = match (&credentials, &config.egress) {
         (Some(credentials), Some(egress_config)) => {
@@ -304,6 +306,16 @@ async fn migrate_redis(store: Arc<RedisStore>) {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+/// Revokes expired keys every `keys.sweep_interval` until the stop.
+async fn sweep_expired_keys(admin: Arc<Admin>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(admin.sweep_interval()) => admin.sweep_expired().await,
+            _ = stopped.changed() => return,
         }
     }
 }

@@ -3,12 +3,14 @@
 //! Tables: `keys` (id → JSON record), `key_by_hash` (SHA-256 → id),
 //! `user_keys` (user → ids, multimap), `owners` (workflow → user),
 //! `integrations` (id → JSON record, the secret sealed) and
-//! `user_integrations` (user → ids, multimap).
+//! `user_integrations` (user → ids, multimap), `expiring` (expiry ms and
+//! id → nothing, the keys with an expiry) and `audit` (time ms and entry id
+//! → JSON entry).
 //! redb is synchronous, so every call runs on tokio's blocking pool.
 
 use super::{
-    IntegrationRecord, KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner,
-    sort_integrations, sort_newest_first,
+    AuditEntry, IntegrationRecord, KeyRecord, LastUsed, Store, StoreError, StoreFuture,
+    WorkflowOwner, sort_integrations, sort_newest_first,
 };
 use crate::key::KeyHash;
 use redb::{Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition};
@@ -22,6 +24,8 @@ const OWNERS: TableDefinition<&str, &str> = TableDefinition::new("owners");
 const INTEGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("integrations");
 const USER_INTEGRATIONS: MultimapTableDefinition<&str, &str> =
     MultimapTableDefinition::new("user_integrations");
+const EXPIRING: TableDefinition<(i64, &str), ()> = TableDefinition::new("expiring");
+const AUDIT: TableDefinition<(i64, &str), &[u8]> = TableDefinition::new("audit");
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
@@ -53,6 +57,8 @@ impl EmbeddedStore {
         txn.open_table(OWNERS).map_err(fail)?;
         txn.open_table(INTEGRATIONS).map_err(fail)?;
         txn.open_multimap_table(USER_INTEGRATIONS).map_err(fail)?;
+        txn.open_table(EXPIRING).map_err(fail)?;
+        txn.open_table(AUDIT).map_err(fail)?;
         txn.commit().map_err(fail)?;
         Ok(EmbeddedStore { db: Arc::new(db) })
     }
@@ -112,8 +118,121 @@ impl Store for EmbeddedStore {
                 user_keys
                     .insert(record.user_id.as_str(), record.id.as_str())
                     .map_err(fail)?;
+                if let Some(at) = record.expires_at {
+                    txn.open_table(EXPIRING)
+                        .map_err(fail)?
+                        .insert((at, record.id.as_str()), ())
+                        .map_err(fail)?;
+                }
             }
             txn.commit().map_err(fail)
+        })
+    }
+
+    fn get_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<KeyRecord>> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(fail)?;
+            let keys = txn.open_table(KEYS).map_err(fail)?;
+            match keys.get(id.as_str()).map_err(fail)? {
+                Some(bytes) => decode(bytes.value()).map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn list_all_keys(&self) -> StoreFuture<'_, Vec<KeyRecord>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(fail)?;
+            let keys = txn.open_table(KEYS).map_err(fail)?;
+            let mut out = Vec::new();
+            for entry in keys.iter().map_err(fail)? {
+                let (_, bytes) = entry.map_err(fail)?;
+                out.push(decode(bytes.value())?);
+            }
+            sort_newest_first(&mut out);
+            Ok(out)
+        })
+    }
+
+    fn expire_key<'a>(&'a self, id: &'a str, at: i64) -> StoreFuture<'a, KeyRecord> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(fail)?;
+            let record = {
+                let mut keys = txn.open_table(KEYS).map_err(fail)?;
+                let Some(bytes) = keys.get(id.as_str()).map_err(fail)? else {
+                    return Err(StoreError::UnknownKey(id));
+                };
+                let mut record = decode(bytes.value())?;
+                drop(bytes);
+                if record.expires_at.is_none_or(|current| at < current) {
+                    let mut expiring = txn.open_table(EXPIRING).map_err(fail)?;
+                    if let Some(current) = record.expires_at {
+                        expiring.remove((current, id.as_str())).map_err(fail)?;
+                    }
+                    expiring.insert((at, id.as_str()), ()).map_err(fail)?;
+                    record.expires_at = Some(at);
+                    keys.insert(id.as_str(), encode(&record).as_slice())
+                        .map_err(fail)?;
+                }
+                record
+            };
+            txn.commit().map_err(fail)?;
+            Ok(record)
+        })
+    }
+
+    fn expired_keys(&self, now: i64) -> StoreFuture<'_, Vec<KeyRecord>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(fail)?;
+            let expiring = txn.open_table(EXPIRING).map_err(fail)?;
+            let keys = txn.open_table(KEYS).map_err(fail)?;
+            let mut out = Vec::new();
+            for entry in expiring
+                .range((i64::MIN, "")..(now.saturating_add(1), ""))
+                .map_err(fail)?
+            {
+                let (due, _) = entry.map_err(fail)?;
+                let (_, id) = due.value();
+                if let Some(bytes) = keys.get(id).map_err(fail)? {
+                    out.push(decode(bytes.value())?);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn append_audit(&self, entry: AuditEntry, keep_since: i64) -> StoreFuture<'_, ()> {
+        self.blocking(move |db| {
+            let json = serde_json::to_vec(&entry).expect("an audit entry always serializes");
+            let txn = db.begin_write().map_err(fail)?;
+            {
+                let mut audit = txn.open_table(AUDIT).map_err(fail)?;
+                audit
+                    .insert((entry.at, entry.id.as_str()), json.as_slice())
+                    .map_err(fail)?;
+                audit
+                    .retain_in((i64::MIN, "")..(keep_since, ""), |_, _| false)
+                    .map_err(fail)?;
+            }
+            txn.commit().map_err(fail)
+        })
+    }
+
+    fn list_audit(&self, since: i64) -> StoreFuture<'_, Vec<AuditEntry>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(fail)?;
+            let audit = txn.open_table(AUDIT).map_err(fail)?;
+            let mut out = Vec::new();
+            for entry in audit.range((since, "")..).map_err(fail)? {
+                let (_, json) = entry.map_err(fail)?;
+                out.push(
+                    serde_json::from_slice(json.value())
+                        .map_err(|e| StoreError::Corrupt(format!("audit entry: {e}")))?,
+                );
+            }
+            Ok(out)
         })
     }
 
@@ -169,6 +288,12 @@ impl Store for EmbeddedStore {
                     .map_err(fail)?
                     .remove(record.user_id.as_str(), id.as_str())
                     .map_err(fail)?;
+                if let Some(at) = record.expires_at {
+                    txn.open_table(EXPIRING)
+                        .map_err(fail)?
+                        .remove((at, id.as_str()))
+                        .map_err(fail)?;
+                }
                 record
             };
             txn.commit().map_err(fail)?;

@@ -4,8 +4,11 @@
 //! (`tests/store_conformance.rs`).
 
 pub mod embedded;
+pub mod policy;
 pub mod postgres;
 pub mod redis;
+
+pub use policy::{AuditEntry, Rate};
 
 use crate::key::KeyHash;
 use std::fmt;
@@ -33,6 +36,22 @@ pub struct KeyRecord {
     pub created_at: i64,
     #[serde(default)]
     pub last_used_at: Option<i64>,
+    /// Unix milliseconds; refused from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    /// The workflows it may call (of its user's); `None` for all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflows: Option<Vec<String>>,
+    /// Its own rate, instead of `rate_limit.key_requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+}
+
+impl KeyRecord {
+    /// Whether it has an expiry, scopes or a rate of its own.
+    pub fn has_policy(&self) -> bool {
+        self.expires_at.is_some() || self.workflows.is_some() || self.rate.is_some()
+    }
 }
 
 /// A key hash as lower-case hex in serde forms.
@@ -212,6 +231,31 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes a key and returns what it was; `UnknownKey` if there is none.
     fn revoke_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, KeyRecord>;
+
+    /// A key by its id.
+    fn get_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<KeyRecord>>;
+
+    /// Every user's keys, newest first.
+    fn list_all_keys(&self) -> StoreFuture<'_, Vec<KeyRecord>>;
+
+    /// Makes a key expire at `at` (Unix ms) unless it expires sooner, and
+    /// returns it as it is now; `UnknownKey` if there is none.
+    fn expire_key<'a>(&'a self, id: &'a str, at: i64) -> StoreFuture<'a, KeyRecord>;
+
+    /// Keys whose expiry is at or before `now`, for the sweep.
+    fn expired_keys(&self, now: i64) -> StoreFuture<'_, Vec<KeyRecord>> {
+        Box::pin(async move {
+            let mut keys = self.list_all_keys().await?;
+            keys.retain(|k| k.expires_at.is_some_and(|at| at <= now));
+            Ok(keys)
+        })
+    }
+
+    /// Appends to the audit log, dropping entries older than `keep_since`.
+    fn append_audit(&self, entry: AuditEntry, keep_since: i64) -> StoreFuture<'_, ()>;
+
+    /// Audit entries from `since` on (Unix ms), oldest first.
+    fn list_audit(&self, since: i64) -> StoreFuture<'_, Vec<AuditEntry>>;
 
     /// Writes a batch of last-used times; a time never moves backwards and a
     /// revoked key is not brought back.

@@ -20,7 +20,8 @@ mod sql;
 pub mod tls;
 
 use super::{
-    IntegrationRecord, KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner,
+    AuditEntry, IntegrationRecord, KeyRecord, LastUsed, Rate, Store, StoreError, StoreFuture,
+    WorkflowOwner,
 };
 use crate::config::PostgresConfig;
 use crate::key::KeyHash;
@@ -43,7 +44,16 @@ pub struct PostgresStore {
     timeout: Duration,
     channel: String,
     users_table: String,
+    /// Whether keygate's policy and audit tables are there: 0 not known,
+    /// 1 yes, 2 no; asked again every [`POLICIES_RECHECK_MS`] while no.
+    policies: std::sync::atomic::AtomicU8,
+    policies_checked: std::sync::atomic::AtomicU64,
 }
+
+const POLICIES_RECHECK_MS: u64 = 10_000;
+
+/// The refusal for a key policy or an audit entry before `store prepare`.
+const NEEDS_PREPARE: &str = "expiry, workflow scopes, per-key rates and the audit log need keygate's keygate_key_policies and keygate_audit tables in the engine's database: run `keygate store prepare`";
 
 /// Why one attempt at an operation failed.
 enum Failure {
@@ -130,6 +140,8 @@ impl PostgresStore {
             timeout: config.timeout,
             channel: config.channel.clone(),
             users_table: config.tables.users.table.clone(),
+            policies: std::sync::atomic::AtomicU8::new(0),
+            policies_checked: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -194,6 +206,28 @@ impl PostgresStore {
             }
         })
         .await
+    }
+
+    /// Whether keygate's policy and audit tables exist (after `store
+    /// prepare`); known once found, asked again now and then while not.
+    async fn has_policies(&self, client: &Object) -> Result<bool, Failure> {
+        use std::sync::atomic::Ordering;
+        let now = crate::clock::uptime_ms();
+        match self.policies.load(Ordering::Acquire) {
+            1 => return Ok(true),
+            2 if now.saturating_sub(self.policies_checked.load(Ordering::Acquire))
+                < POLICIES_RECHECK_MS =>
+            {
+                return Ok(false);
+            }
+            _ => {}
+        }
+        let statement = client.prepare_cached(&self.sql.policies_exist).await?;
+        let found: bool = client.query_one(&statement, &[]).await?.get(0);
+        self.policies_checked.store(now, Ordering::Release);
+        self.policies
+            .store(if found { 1 } else { 2 }, Ordering::Release);
+        Ok(found)
     }
 
     /// Refuses a user the engine does not know.
@@ -268,6 +302,22 @@ fn key_record(row: &tokio_postgres::Row) -> Result<KeyRecord, Failure> {
             "the key hash of key {id} is not a SHA-256 hex digest"
         ))
     })?;
+    // With the policy columns (see `sql`), after the key's.
+    let (expires_at, workflows, rate) = if row.len() > 7 {
+        let rate = match row.try_get::<_, Option<String>>(9)? {
+            None => None,
+            Some(text) => Some(Rate::parse(&text).ok_or_else(|| {
+                StoreError::Corrupt(format!("the rate of key {id} is unreadable"))
+            })?),
+        };
+        (
+            row.try_get::<_, Option<SystemTime>>(7)?.map(unix_ms),
+            row.try_get::<_, Option<Vec<String>>>(8)?,
+            rate,
+        )
+    } else {
+        (None, None, None)
+    };
     Ok(KeyRecord {
         user_id: row.try_get(1)?,
         name: row.try_get::<_, Option<String>>(2)?.unwrap_or_default(),
@@ -275,6 +325,9 @@ fn key_record(row: &tokio_postgres::Row) -> Result<KeyRecord, Failure> {
         prefix: row.try_get(4)?,
         created_at: unix_ms(row.try_get(5)?),
         last_used_at: row.try_get::<_, Option<SystemTime>>(6)?.map(unix_ms),
+        expires_at,
+        workflows,
+        rate,
         id,
     })
 }
@@ -327,12 +380,17 @@ impl Store for PostgresStore {
     }
 
     fn create_key(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
-        Box::pin(self.run(Retry::Never, move |client| {
+        Box::pin(self.run(Retry::Never, move |mut client| {
             let record = record.clone();
             async move {
                 self.user_must_exist(&client, &record.user_id).await?;
-                let statement = client.prepare_cached(&self.sql.insert_key).await?;
-                let inserted = client
+                let with_policy = record.has_policy();
+                if with_policy && !self.has_policies(&client).await? {
+                    return Err(StoreError::Refused(NEEDS_PREPARE.into()).into());
+                }
+                let transaction = client.transaction().await?;
+                let statement = transaction.prepare_cached(&self.sql.insert_key).await?;
+                let mut inserted = transaction
                     .execute(
                         &statement,
                         &[
@@ -345,6 +403,25 @@ impl Store for PostgresStore {
                         ],
                     )
                     .await;
+                if inserted.is_ok() && with_policy {
+                    let statement = transaction
+                        .prepare_cached(&self.sql.with_policies.insert_policy)
+                        .await?;
+                    inserted = transaction
+                        .execute(
+                            &statement,
+                            &[
+                                &record.id,
+                                &record.expires_at.map(system_time),
+                                &record.workflows,
+                                &record.rate.map(|r| r.to_string()),
+                            ],
+                        )
+                        .await;
+                }
+                if inserted.is_ok() {
+                    transaction.commit().await?;
+                }
                 match inserted {
                     Ok(_) => Ok(()),
                     Err(e) => {
@@ -367,7 +444,11 @@ impl Store for PostgresStore {
 
     fn find_by_hash(&self, hash: KeyHash) -> StoreFuture<'_, Option<KeyRecord>> {
         Box::pin(self.run(Retry::Safe, move |client| async move {
-            let statement = client.prepare_cached(&self.sql.find_by_hash).await?;
+            let sql = match self.has_policies(&client).await? {
+                true => &self.sql.with_policies.find_by_hash,
+                false => &self.sql.find_by_hash,
+            };
+            let statement = client.prepare_cached(sql).await?;
             client
                 .query_opt(&statement, &[&hash.to_hex()])
                 .await?
@@ -378,7 +459,11 @@ impl Store for PostgresStore {
 
     fn list_keys<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<KeyRecord>> {
         Box::pin(self.run(Retry::Safe, move |client| async move {
-            let statement = client.prepare_cached(&self.sql.list_keys).await?;
+            let sql = match self.has_policies(&client).await? {
+                true => &self.sql.with_policies.list_keys,
+                false => &self.sql.list_keys,
+            };
+            let statement = client.prepare_cached(sql).await?;
             client
                 .query(&statement, &[&user_id])
                 .await?
@@ -390,11 +475,123 @@ impl Store for PostgresStore {
 
     fn revoke_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, KeyRecord> {
         Box::pin(self.run(Retry::Never, move |client| async move {
-            let statement = client.prepare_cached(&self.sql.delete_key).await?;
+            let sql = match self.has_policies(&client).await? {
+                true => &self.sql.with_policies.delete_key,
+                false => &self.sql.delete_key,
+            };
+            let statement = client.prepare_cached(sql).await?;
             match client.query_opt(&statement, &[&id]).await? {
                 Some(row) => key_record(&row),
                 None => Err(StoreError::UnknownKey(id.to_owned()).into()),
             }
+        }))
+    }
+
+    fn get_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<KeyRecord>> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            let sql = match self.has_policies(&client).await? {
+                true => &self.sql.with_policies.get_key,
+                false => &self.sql.get_key,
+            };
+            let statement = client.prepare_cached(sql).await?;
+            client
+                .query_opt(&statement, &[&id])
+                .await?
+                .map(|row| key_record(&row))
+                .transpose()
+        }))
+    }
+
+    fn list_all_keys(&self) -> StoreFuture<'_, Vec<KeyRecord>> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            let sql = match self.has_policies(&client).await? {
+                true => &self.sql.with_policies.list_all_keys,
+                false => &self.sql.list_all_keys,
+            };
+            let statement = client.prepare_cached(sql).await?;
+            client
+                .query(&statement, &[])
+                .await?
+                .iter()
+                .map(key_record)
+                .collect()
+        }))
+    }
+
+    fn expire_key<'a>(&'a self, id: &'a str, at: i64) -> StoreFuture<'a, KeyRecord> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            if !self.has_policies(&client).await? {
+                return Err(StoreError::Refused(NEEDS_PREPARE.into()).into());
+            }
+            let statement = client
+                .prepare_cached(&self.sql.with_policies.expire_key)
+                .await?;
+            if client.execute(&statement, &[&id, &system_time(at)]).await? == 0 {
+                return Err(StoreError::UnknownKey(id.to_owned()).into());
+            }
+            let statement = client
+                .prepare_cached(&self.sql.with_policies.get_key)
+                .await?;
+            match client.query_opt(&statement, &[&id]).await? {
+                Some(row) => key_record(&row),
+                None => Err(StoreError::UnknownKey(id.to_owned()).into()),
+            }
+        }))
+    }
+
+    fn expired_keys(&self, now: i64) -> StoreFuture<'_, Vec<KeyRecord>> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            if !self.has_policies(&client).await? {
+                return Ok(Vec::new());
+            }
+            let statement = client
+                .prepare_cached(&self.sql.with_policies.expired_keys)
+                .await?;
+            client
+                .query(&statement, &[&system_time(now)])
+                .await?
+                .iter()
+                .map(key_record)
+                .collect()
+        }))
+    }
+
+    fn append_audit(&self, entry: AuditEntry, keep_since: i64) -> StoreFuture<'_, ()> {
+        Box::pin(self.run(Retry::Never, move |client| {
+            let json = serde_json::to_string(&entry).expect("an audit entry always serializes");
+            let (at, id) = (system_time(entry.at), entry.id.clone());
+            async move {
+                if !self.has_policies(&client).await? {
+                    return Err(StoreError::Refused(NEEDS_PREPARE.into()).into());
+                }
+                let statement = client.prepare_cached(&self.sql.insert_audit).await?;
+                client.execute(&statement, &[&at, &id, &json]).await?;
+                let statement = client.prepare_cached(&self.sql.trim_audit).await?;
+                client
+                    .execute(&statement, &[&system_time(keep_since)])
+                    .await?;
+                Ok(())
+            }
+        }))
+    }
+
+    fn list_audit(&self, since: i64) -> StoreFuture<'_, Vec<AuditEntry>> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            if !self.has_policies(&client).await? {
+                return Err(StoreError::Refused(NEEDS_PREPARE.into()).into());
+            }
+            let statement = client.prepare_cached(&self.sql.list_audit).await?;
+            client
+                .query(&statement, &[&system_time(since)])
+                .await?
+                .iter()
+                .map(|row| {
+                    let json: String = row.try_get(0)?;
+                    serde_json::from_str(&json).map_err(|e| {
+                        Failure::Store(StoreError::Corrupt(format!("audit entry: {e}")))
+                    })
+                })
+                .collect()
         }))
     }
 

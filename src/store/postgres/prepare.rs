@@ -245,6 +245,22 @@ pub async fn prepare(client: &mut Client, config: &PostgresConfig) -> Result<Vec
             .await
             .map_err(failed)?,
     );
+    for (name, columns) in [
+        (
+            super::sql::policies_table(&config.tables),
+            "key_id text PRIMARY KEY, expires_at timestamp, workflows text[], rate text",
+        ),
+        (
+            super::sql::audit_table(&config.tables),
+            "at timestamp NOT NULL, id text NOT NULL, entry text NOT NULL, PRIMARY KEY (at, id)",
+        ),
+    ] {
+        done.push(
+            own_table(&transaction, &name, columns)
+                .await
+                .map_err(failed)?,
+        );
+    }
     transaction.commit().await.map_err(failed)?;
     done.push(hash_index(client, config).await.map_err(failed)?);
     Ok(done)
@@ -273,6 +289,27 @@ async fn integrations_table(
                key_id text NOT NULL, nonce bytea NOT NULL, ciphertext bytea NOT NULL); \
              CREATE INDEX keygate_integrations_user_id ON {table} (user_id)"
         ))
+        .await?;
+    Ok(format!("table {name}: created"))
+}
+
+/// One of keygate's own tables (key policies, the audit log), made if
+/// missing.
+async fn own_table(
+    client: &impl GenericClient,
+    name: &str,
+    columns: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let table = quoted(name);
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await?
+        .get(0);
+    if exists {
+        return Ok(format!("table {name}: unchanged"));
+    }
+    client
+        .batch_execute(&format!("CREATE TABLE {table} ({columns})"))
         .await?;
     Ok(format!("table {name}: created"))
 }

@@ -13,9 +13,11 @@ pub fn quoted(name: &str) -> String {
         .join(".")
 }
 
-/// The columns of a key row, in the order [`super::key_record`] reads them.
-fn key_columns(t: &EngineTables) -> String {
+/// The columns of a key row, in the order [`super::key_record`] reads them,
+/// each after `table.` when given.
+fn key_columns(t: &EngineTables, table: Option<&str>) -> String {
     let k = &t.api_keys;
+    let at = table.map(|t| format!("{t}.")).unwrap_or_default();
     [
         &k.id,
         &k.user_id,
@@ -26,18 +28,35 @@ fn key_columns(t: &EngineTables) -> String {
         &k.last_used_at,
     ]
     .iter()
-    .map(|c| quoted(c))
+    .map(|c| format!("{at}{}", quoted(c)))
     .collect::<Vec<_>>()
     .join(", ")
+}
+
+/// keygate's own table beside the engine's keys table (in its schema when
+/// that is given), made by `store prepare`.
+fn own_table(t: &EngineTables, name: &str) -> String {
+    match t.api_keys.table.rsplit_once('.') {
+        Some((schema, _)) => format!("{schema}.{name}"),
+        None => name.to_owned(),
+    }
+}
+
+/// keygate's table of key policies (expiry, workflow scopes, rate), one
+/// row per key that has one.
+pub(super) fn policies_table(t: &EngineTables) -> String {
+    own_table(t, "keygate_key_policies")
+}
+
+/// keygate's audit log table.
+pub(super) fn audit_table(t: &EngineTables) -> String {
+    own_table(t, "keygate_audit")
 }
 
 /// keygate's own table for integration credentials, beside the engine's
 /// keys table (in its schema when that is given), made by `store prepare`.
 pub(super) fn integrations_table(t: &EngineTables) -> String {
-    match t.api_keys.table.rsplit_once('.') {
-        Some((schema, _)) => format!("{schema}.keygate_integrations"),
-        None => "keygate_integrations".to_owned(),
-    }
+    own_table(t, "keygate_integrations")
 }
 
 /// The columns of an integration row, in the order
@@ -62,6 +81,26 @@ pub(super) struct Statements {
     pub(super) reseal_integration: String,
     pub(super) delete_integration: String,
     pub(super) integration_used: String,
+    /// With keygate's policies table: the same reads with the policy
+    /// columns after the key's, and the writes of policies.
+    pub(super) with_policies: PolicyStatements,
+    pub(super) list_all_keys: String,
+    pub(super) get_key: String,
+    pub(super) policies_exist: String,
+    pub(super) insert_audit: String,
+    pub(super) trim_audit: String,
+    pub(super) list_audit: String,
+}
+
+pub(super) struct PolicyStatements {
+    pub(super) find_by_hash: String,
+    pub(super) list_keys: String,
+    pub(super) list_all_keys: String,
+    pub(super) get_key: String,
+    pub(super) delete_key: String,
+    pub(super) insert_policy: String,
+    pub(super) expire_key: String,
+    pub(super) expired_keys: String,
 }
 
 impl Statements {
@@ -75,7 +114,14 @@ impl Statements {
             quoted(&k.created_at),
             quoted(&k.last_used_at),
         );
-        let columns = key_columns(t);
+        let columns = key_columns(t, None);
+        let joined = format!(
+            "{}, p.expires_at, p.workflows, p.rate",
+            key_columns(t, Some("k"))
+        );
+        let policies = quoted(&policies_table(t));
+        let audit = quoted(&audit_table(t));
+        let from = format!("{keys} AS k LEFT JOIN {policies} AS p ON p.key_id = k.{id}");
         let workflows = quoted(&t.workflows.table);
         let (workflow_id, owner) = (quoted(&t.workflows.id), quoted(&t.workflows.user_id));
         let users = quoted(&t.users.table);
@@ -123,6 +169,42 @@ impl Statements {
                 "UPDATE {integrations} SET last_used_at = $2 \
                  WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2)"
             ),
+            list_all_keys: format!(
+                "SELECT {columns} FROM {keys} ORDER BY {created} DESC, {id} DESC"
+            ),
+            get_key: format!("SELECT {columns} FROM {keys} WHERE {id} = $1"),
+            policies_exist: format!(
+                "SELECT to_regclass('{}') IS NOT NULL AND to_regclass('{}') IS NOT NULL",
+                policies.replace('\'', "''"),
+                audit.replace('\'', "''")
+            ),
+            insert_audit: format!("INSERT INTO {audit} (at, id, entry) VALUES ($1, $2, $3)"),
+            trim_audit: format!("DELETE FROM {audit} WHERE at < $1"),
+            list_audit: format!("SELECT entry FROM {audit} WHERE at >= $1 ORDER BY at, id"),
+            with_policies: PolicyStatements {
+                find_by_hash: format!("SELECT {joined} FROM {from} WHERE k.{hash} = $1"),
+                list_keys: format!(
+                    "SELECT {joined} FROM {from} WHERE k.{user} = $1 ORDER BY k.{created} DESC, k.{id} DESC"
+                ),
+                list_all_keys: format!(
+                    "SELECT {joined} FROM {from} ORDER BY k.{created} DESC, k.{id} DESC"
+                ),
+                get_key: format!("SELECT {joined} FROM {from} WHERE k.{id} = $1"),
+                delete_key: format!(
+                    "WITH gone AS (DELETE FROM {policies} WHERE key_id = $1) \
+                     DELETE FROM {keys} WHERE {id} = $1 RETURNING {columns}"
+                ),
+                insert_policy: format!(
+                    "INSERT INTO {policies} (key_id, expires_at, workflows, rate) VALUES ($1, $2, $3, $4)"
+                ),
+                expire_key: format!(
+                    "INSERT INTO {policies} AS p (key_id, expires_at) \
+                     SELECT {id}, $2 FROM {keys} WHERE {id} = $1 \
+                     ON CONFLICT (key_id) DO UPDATE SET expires_at = \
+                       LEAST(coalesce(p.expires_at, EXCLUDED.expires_at), EXCLUDED.expires_at)"
+                ),
+                expired_keys: format!("SELECT {joined} FROM {from} WHERE p.expires_at <= $1"),
+            },
         }
     }
 }

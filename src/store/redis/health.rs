@@ -6,15 +6,10 @@
 use super::conn::{Conn, node_client};
 use crate::config::RedisConfig;
 
-/// `Err` names the masters that do not answer.
-pub(super) async fn cluster(conn: &mut Conn, config: &RedisConfig) -> Result<(), String> {
-    let nodes: String = redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query_async(conn)
-        .await
-        .map_err(|e| format!("redis cluster: {e}"))?;
-    let tls = config.nodes.tls();
-    let masters: Vec<(String, bool)> = nodes
+/// The masters `CLUSTER NODES` lists: `ip:port`, and whether it is
+/// flagged failed.
+pub(super) fn masters(nodes: &str) -> Vec<(String, bool)> {
+    nodes
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
@@ -27,7 +22,18 @@ pub(super) async fn cluster(conn: &mut Conn, config: &RedisConfig) -> Result<(),
             let failed = flags.split(',').any(|f| f == "fail" || f == "fail?");
             Some((address, failed))
         })
-        .collect();
+        .collect()
+}
+
+/// `Err` names the masters that do not answer.
+pub(super) async fn cluster(conn: &mut Conn, config: &RedisConfig) -> Result<(), String> {
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(conn)
+        .await
+        .map_err(|e| format!("redis cluster: {e}"))?;
+    let tls = config.nodes.tls();
+    let masters = masters(&nodes);
     if masters.is_empty() {
         return Err("redis cluster: CLUSTER NODES lists no master".into());
     }

@@ -14,6 +14,12 @@
 //! | `integration:<id>` | hash | `record` (JSON, its secret sealed), `lastUsedAt` |
 //! | `user_integrations:<user id>` | sorted set | the user's integration ids, scored by `createdAt` |
 //! | `integrations` | set | every integration id (for re-sealing) |
+//! | `expiring` | sorted set | ids of keys with an expiry, scored by it (the sweep) |
+//! | `audit` | sorted set | audit entries (JSON), scored by their time |
+//!
+//! A key's hash also holds `expiresAt`, `workflows` (a JSON array) and
+//! `rate` (`N/DUR`) when it has them. Listing every user's keys scans
+//! `key:*` on every master: an admin call, never a request's.
 //!
 //! No command spans two keys and nothing every request touches is one key,
 //! so on a cluster the keys spread over every master and a lost master
@@ -38,8 +44,8 @@ mod migrate;
 pub(crate) use conn::node_client;
 
 use super::{
-    IntegrationRecord, KeyRecord, LastUsed, Store, StoreError, StoreFuture, WorkflowOwner,
-    sort_integrations, sort_newest_first,
+    AuditEntry, IntegrationRecord, KeyRecord, LastUsed, Store, StoreError, StoreFuture,
+    WorkflowOwner, sort_integrations, sort_newest_first,
 };
 use crate::config::RedisConfig;
 use crate::key::KeyHash;
@@ -65,6 +71,14 @@ const KEEP_NEWER: &str = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 en
      if current == nil or current < tonumber(ARGV[1]) then \
        redis.call('HSET', KEYS[1], 'lastUsedAt', ARGV[1]) return 1 end \
      return 0";
+
+/// Sets a key hash's `expiresAt` to ARGV[1] unless it expires sooner;
+/// 0 if the key is gone.
+const EXPIRE_SOONER: &str = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
+     local current = tonumber(redis.call('HGET', KEYS[1], 'expiresAt')) \
+     if current == nil or tonumber(ARGV[1]) < current then \
+       redis.call('HSET', KEYS[1], 'expiresAt', ARGV[1]) end \
+     return 1";
 
 /// Replaces an integration's `record` only if the integration still exists.
 const RESEAL: &str = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end \
@@ -156,6 +170,80 @@ impl RedisStore {
 
     fn integrations_key(&self) -> String {
         format!("{}integrations", self.prefix)
+    }
+
+    fn expiring_key(&self) -> String {
+        format!("{}expiring", self.prefix)
+    }
+
+    fn audit_key(&self) -> String {
+        format!("{}audit", self.prefix)
+    }
+
+    /// The names matching `pattern` on every master (on one node, that
+    /// node), by `SCAN`.
+    async fn scan(&self, pattern: String) -> Result<Vec<String>, StoreError> {
+        async fn scan_one(
+            conn: &mut impl redis::aio::ConnectionLike,
+            pattern: &str,
+        ) -> redis::RedisResult<Vec<String>> {
+            let mut out = Vec::new();
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(conn)
+                    .await?;
+                out.extend(page);
+                if next == 0 {
+                    return Ok(out);
+                }
+                cursor = next;
+            }
+        }
+        let unavailable = |e: redis::RedisError| StoreError::Unavailable(format!("redis: {e}"));
+        if !self.backend.is_cluster() {
+            let pattern = &pattern;
+            return self
+                .run(Retry::Safe, move |mut conn| async move {
+                    Ok(scan_one(&mut conn, pattern).await?)
+                })
+                .await;
+        }
+        let nodes: String = self
+            .run(Retry::Safe, move |mut conn| async move {
+                Ok(redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut conn)
+                    .await?)
+            })
+            .await?;
+        let scheme = if self.config.nodes.tls() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let mut out = Vec::new();
+        for (address, failed) in health::masters(&nodes) {
+            if failed {
+                return Err(StoreError::Unavailable(format!(
+                    "redis cluster: master {address} is down"
+                )));
+            }
+            let client = node_client(&self.config, &format!("{scheme}://{address}"))
+                .map_err(StoreError::Unavailable)?;
+            let mut conn =
+                tokio::time::timeout(self.timeout, client.get_multiplexed_async_connection())
+                    .await
+                    .map_err(|_| StoreError::Unavailable(format!("redis: {address} timed out")))?
+                    .map_err(unavailable)?;
+            out.extend(scan_one(&mut conn, &pattern).await.map_err(unavailable)?);
+        }
+        Ok(out)
     }
 
     /// The old layout's single owners hash.
@@ -329,13 +417,27 @@ fn parse_record(fields: HashMap<String, String>, hash: KeyHash) -> Result<KeyRec
     let created_at = get("createdAt")?
         .parse::<i64>()
         .map_err(|_| StoreError::Corrupt("key record with a non-numeric createdAt".into()))?;
-    let last_used_at =
-        match fields.get("lastUsedAt") {
-            None => None,
-            Some(t) => Some(t.parse::<i64>().map_err(|_| {
-                StoreError::Corrupt("key record with a non-numeric lastUsedAt".into())
-            })?),
-        };
+    let number = |name: &str| match fields.get(name) {
+        None => Ok(None),
+        Some(t) => t
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| StoreError::Corrupt(format!("key record with a non-numeric {name}"))),
+    };
+    let workflows = match fields.get("workflows") {
+        None => None,
+        Some(json) => Some(
+            serde_json::from_str(json)
+                .map_err(|_| StoreError::Corrupt("key record with unreadable workflows".into()))?,
+        ),
+    };
+    let rate = match fields.get("rate") {
+        None => None,
+        Some(text) => Some(
+            crate::store::Rate::parse(text)
+                .ok_or_else(|| StoreError::Corrupt("key record with an unreadable rate".into()))?,
+        ),
+    };
     Ok(KeyRecord {
         id: get("id")?,
         user_id: get("userId")?,
@@ -343,7 +445,10 @@ fn parse_record(fields: HashMap<String, String>, hash: KeyHash) -> Result<KeyRec
         prefix: get("keyPrefix")?,
         hash,
         created_at,
-        last_used_at,
+        last_used_at: number("lastUsedAt")?,
+        expires_at: number("expiresAt")?,
+        workflows,
+        rate,
     })
 }
 
@@ -407,8 +512,16 @@ impl Store for RedisStore {
                     .arg(&record.id)
                     .query_async::<()>(&mut conn)
                     .await?;
-                redis::cmd("HSET")
-                    .arg(&key_key)
+                if let Some(at) = record.expires_at {
+                    redis::cmd("ZADD")
+                        .arg(self.expiring_key())
+                        .arg(at)
+                        .arg(&record.id)
+                        .query_async::<()>(&mut conn)
+                        .await?;
+                }
+                let mut hset = redis::cmd("HSET");
+                hset.arg(&key_key)
                     .arg("id")
                     .arg(&record.id)
                     .arg("userId")
@@ -418,9 +531,18 @@ impl Store for RedisStore {
                     .arg("keyPrefix")
                     .arg(&record.prefix)
                     .arg("createdAt")
-                    .arg(record.created_at)
-                    .query_async::<()>(&mut conn)
-                    .await?;
+                    .arg(record.created_at);
+                if let Some(at) = record.expires_at {
+                    hset.arg("expiresAt").arg(at);
+                }
+                if let Some(workflows) = &record.workflows {
+                    hset.arg("workflows")
+                        .arg(serde_json::to_string(workflows).expect("strings always serialize"));
+                }
+                if let Some(rate) = record.rate {
+                    hset.arg("rate").arg(rate.to_string());
+                }
+                hset.query_async::<()>(&mut conn).await?;
                 Ok(())
             }
         }))
@@ -513,6 +635,11 @@ impl Store for RedisStore {
                 let mut cmd = redis::cmd("ZREM");
                 cmd.arg(self.user_key(&record.user_id)).arg(id);
                 cleanup.push(cmd);
+                if record.expires_at.is_some() {
+                    let mut cmd = redis::cmd("ZREM");
+                    cmd.arg(self.expiring_key()).arg(id);
+                    cleanup.push(cmd);
+                }
                 Some(record)
             };
             if let Err(e) = each::<i64>(&mut conn, cleanup).await {
@@ -524,6 +651,169 @@ impl Store for RedisStore {
                 Some(record) if deleted == 1 => Ok(record),
                 _ => Err(StoreError::UnknownKey(id.to_owned()).into()),
             }
+        }))
+    }
+
+    fn get_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<KeyRecord>> {
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
+            let hash: Option<String> = redis::cmd("GET")
+                .arg(self.id_key(id))
+                .query_async(&mut conn)
+                .await?;
+            let Some(hash) = hash.as_deref().and_then(KeyHash::from_hex) else {
+                return Ok(None);
+            };
+            let fields: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.key_key(&hash))
+                .query_async(&mut conn)
+                .await?;
+            match fields.is_empty() {
+                true => Ok(None),
+                false => Ok(Some(parse_record(fields, hash)?)),
+            }
+        }))
+    }
+
+    fn list_all_keys(&self) -> StoreFuture<'_, Vec<KeyRecord>> {
+        Box::pin(async move {
+            let names = self.scan(format!("{}key:*", self.prefix)).await?;
+            let hashes: Vec<KeyHash> = names
+                .iter()
+                .filter_map(|n| n.rsplit(':').next().and_then(KeyHash::from_hex))
+                .collect();
+            let hashes = &hashes;
+            self.run(Retry::Safe, move |mut conn| async move {
+                let reads = hashes
+                    .iter()
+                    .map(|hash| {
+                        let mut cmd = redis::cmd("HGETALL");
+                        cmd.arg(self.key_key(hash));
+                        cmd
+                    })
+                    .collect();
+                let records: Vec<HashMap<String, String>> = each(&mut conn, reads).await?;
+                let mut out = Vec::with_capacity(records.len());
+                for (fields, hash) in records.into_iter().zip(hashes) {
+                    if !fields.is_empty() {
+                        out.push(parse_record(fields, *hash)?);
+                    }
+                }
+                sort_newest_first(&mut out);
+                Ok(out)
+            })
+            .await
+        })
+    }
+
+    fn expire_key<'a>(&'a self, id: &'a str, at: i64) -> StoreFuture<'a, KeyRecord> {
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
+            let hash: Option<String> = redis::cmd("GET")
+                .arg(self.id_key(id))
+                .query_async(&mut conn)
+                .await?;
+            let Some(hash) = hash.as_deref().and_then(KeyHash::from_hex) else {
+                return Err(StoreError::UnknownKey(id.to_owned()).into());
+            };
+            // Indexed first, so the sweep finds whatever the hash says.
+            redis::cmd("ZADD")
+                .arg(self.expiring_key())
+                .arg("LT")
+                .arg(at)
+                .arg(id)
+                .query_async::<()>(&mut conn)
+                .await?;
+            let applied: i64 = redis::cmd("EVAL")
+                .arg(EXPIRE_SOONER)
+                .arg(1)
+                .arg(self.key_key(&hash))
+                .arg(at)
+                .query_async(&mut conn)
+                .await?;
+            if applied == 0 {
+                return Err(StoreError::UnknownKey(id.to_owned()).into());
+            }
+            let fields: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.key_key(&hash))
+                .query_async(&mut conn)
+                .await?;
+            if fields.is_empty() {
+                return Err(StoreError::UnknownKey(id.to_owned()).into());
+            }
+            Ok(parse_record(fields, hash)?)
+        }))
+    }
+
+    fn expired_keys(&self, now: i64) -> StoreFuture<'_, Vec<KeyRecord>> {
+        Box::pin(async move {
+            let ids: Vec<String> = self
+                .run(Retry::Safe, move |mut conn| async move {
+                    Ok(redis::cmd("ZRANGEBYSCORE")
+                        .arg(self.expiring_key())
+                        .arg("-inf")
+                        .arg(now)
+                        .query_async(&mut conn)
+                        .await?)
+                })
+                .await?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in &ids {
+                match self.get_key(id).await? {
+                    Some(record) => out.push(record),
+                    // Revoked meanwhile: nothing left to sweep but the index.
+                    None => {
+                        let _ = self
+                            .run(Retry::Safe, move |mut conn| async move {
+                                Ok(redis::cmd("ZREM")
+                                    .arg(self.expiring_key())
+                                    .arg(id)
+                                    .query_async::<i64>(&mut conn)
+                                    .await?)
+                            })
+                            .await;
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn append_audit(&self, entry: AuditEntry, keep_since: i64) -> StoreFuture<'_, ()> {
+        Box::pin(self.run(Retry::Never, move |mut conn| {
+            let json = serde_json::to_string(&entry).expect("an audit entry always serializes");
+            async move {
+                redis::cmd("ZADD")
+                    .arg(self.audit_key())
+                    .arg(entry.at)
+                    .arg(&json)
+                    .query_async::<()>(&mut conn)
+                    .await?;
+                redis::cmd("ZREMRANGEBYSCORE")
+                    .arg(self.audit_key())
+                    .arg("-inf")
+                    .arg(format!("({keep_since}"))
+                    .query_async::<()>(&mut conn)
+                    .await?;
+                Ok(())
+            }
+        }))
+    }
+
+    fn list_audit(&self, since: i64) -> StoreFuture<'_, Vec<AuditEntry>> {
+        Box::pin(self.run(Retry::Safe, move |mut conn| async move {
+            let entries: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(self.audit_key())
+                .arg(since)
+                .arg("+inf")
+                .query_async(&mut conn)
+                .await?;
+            let mut out = Vec::with_capacity(entries.len());
+            for json in entries {
+                out.push(
+                    serde_json::from_str(&json)
+                        .map_err(|e| StoreError::Corrupt(format!("audit entry: {e}")))?,
+                );
+            }
+            Ok(out)
         }))
     }
 
