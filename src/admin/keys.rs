@@ -176,10 +176,12 @@ impl Admin {
             let before = clock::now_ms().saturating_sub(ms(d));
             keys.retain(|k| k.last_used_at.unwrap_or(k.created_at) <= before);
         }
-        json(
-            StatusCode::OK,
-            &keys.iter().map(KeyView::from).collect::<Vec<_>>(),
-        )
+        let view = if all {
+            KeyView::with_user
+        } else {
+            KeyView::from
+        };
+        json(StatusCode::OK, &keys.iter().map(view).collect::<Vec<_>>())
     }
 
     pub(super) async fn revoke_key(&self, id: &str, caller: SocketAddr) -> AdminResponse {

@@ -24,7 +24,18 @@ pub struct KeyView<'a> {
     pub workflows: Option<&'a [String]>,
     pub rate: Option<String>,
     /// In listings of every user's keys, whose each is.
-    pub user_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<&'a str>,
+}
+
+impl<'a> KeyView<'a> {
+    /// With its user, for listings of every user's keys.
+    pub fn with_user(r: &'a KeyRecord) -> KeyView<'a> {
+        KeyView {
+            user_id: Some(&r.user_id),
+            ..KeyView::from(r)
+        }
+    }
 }
 
 impl<'a> From<&'a KeyRecord> for KeyView<'a> {
@@ -38,7 +49,7 @@ impl<'a> From<&'a KeyRecord> for KeyView<'a> {
             expires_at: r.expires_at.map(clock::rfc3339),
             workflows: r.workflows.as_deref(),
             rate: r.rate.map(|r| r.to_string()),
-            user_id: &r.user_id,
+            user_id: None,
         }
     }
 }

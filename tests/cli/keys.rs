@@ -73,7 +73,19 @@ fn list_json_shows_metadata_only_newest_first() {
         fields.sort_unstable();
         assert_eq!(
             fields,
-            ["createdAt", "id", "keyPrefix", "lastUsedAt", "name"]
+            [
+                "createdAt",
+                "expiresAt",
+                "id",
+                "keyPrefix",
+                "lastUsedAt",
+                "name",
+                "rate",
+                "workflows"
+            ]
+        );
+        assert!(
+            item["expiresAt"].is_null() && item["workflows"].is_null() && item["rate"].is_null()
         );
         assert!(item["lastUsedAt"].is_null(), "{item}");
     }
@@ -166,4 +178,97 @@ fn sigterm_stops_serve_with_status_0_and_the_store_file_holds_no_full_key() {
             "the store file holds a full key"
         );
     }
+}
+
+#[test]
+fn policies_roll_review_and_audit_from_the_command_line() {
+    let mut setup = Setup::embedded();
+    let _server = setup.serve();
+    setup.ok(&["workflows", "set-owner", "wf", "u1"]);
+
+    // Bad values are one clear line naming the flag, before any call.
+    for (flag, value) in [("--expires-in", "soon"), ("--rate", "fast")] {
+        let out = setup.run(&["keys", "create", "--user", "u1", flag, value]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let first = stderr.lines().next().unwrap_or("");
+        assert!(first.contains(flag) && first.contains(value), "{stderr}");
+    }
+    let created = parse_json(&setup.ok(&[
+        "keys",
+        "create",
+        "--user",
+        "u1",
+        "--name",
+        "ci",
+        "--expires-in",
+        "30d",
+        "--workflow",
+        "wf",
+        "--workflow",
+        "wf2",
+        "--rate",
+        "100/1m",
+        "--json",
+    ]));
+    assert!(
+        created["expiresAt"].as_str().unwrap().ends_with('Z'),
+        "{created}"
+    );
+    assert_eq!(created["workflows"], serde_json::json!(["wf", "wf2"]));
+    assert_eq!(created["rate"], "100/1m");
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    let table = setup.ok(&["keys", "list", "--all"]);
+    assert!(table.starts_with("USER"), "{table}");
+    assert!(
+        table.contains("u1") && table.contains("workflows wf,wf2"),
+        "{table}"
+    );
+    let stale = list_of(&setup.ok(&["keys", "list", "--all", "--unused-for", "30d", "--json"]));
+    assert!(stale.is_empty(), "a new key is not stale yet: {stale:?}");
+    let out = setup.run(&["keys", "list"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--user") && stderr.contains("--all"),
+        "{stderr}"
+    );
+
+    // Roll: the new key alone on stdout, the old one's end on stderr.
+    let out = setup.run(&["keys", "roll", &id, "--grace", "1h"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.trim().len(), 42, "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keeps working until"));
+    let line = one_line_failure(&setup.run(&["keys", "roll", &id, "--grace", "30d"]));
+    assert!(line.contains("keys.max_grace"), "{line}");
+    let line = one_line_failure(&setup.run(&["keys", "roll", stdout.trim()]));
+    assert!(line.contains("not a key id"), "{line}");
+
+    let audit = setup.ok(&["audit", "--since", "1h"]);
+    let lines: Vec<&str> = audit.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("owner.set") && l.contains("workflow wf")),
+        "{audit}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("key.rolled") && l.contains(&id)),
+        "{audit}"
+    );
+    assert!(
+        lines.iter().all(|l| l.contains(" by 127.0.0.1:")),
+        "{audit}"
+    );
+    assert!(!audit.contains(stdout.trim()), "a key in the audit log");
+    let json = list_of(&setup.ok(&["audit", "--json"]));
+    assert!(json.len() >= 4, "{json:?}");
+}
+
+fn list_of(text: &str) -> Vec<serde_json::Value> {
+    parse_json(text).as_array().cloned().unwrap_or_default()
 }
