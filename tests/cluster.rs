@@ -27,6 +27,14 @@ async fn pair(
             .await,
             "not ready on the cluster"
         );
+        // Both of its subscriptions up: losing one node is then no gap.
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                gw.metric("keygate_invalidation_subscriptions").await == "2"
+            })
+            .await,
+            "not subscribed twice"
+        );
     }
     a.set_owner("wf", "alice").await;
     (a, b, upstream, da, db)
