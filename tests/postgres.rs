@@ -646,3 +646,111 @@ fn sslmode_is_read_as_libpq_reads_it() {
             .contains("store.postgres.url")
     );
 }
+
+#[tokio::test]
+async fn key_policies_need_store_prepare_then_work_on_the_engines_keys() {
+    // Without keygate's tables: a policy is refused saying what to run;
+    // plain keys and the engine's own keep working.
+    let f = front(false, "keys:\n  sweep_interval: 1s\n").await;
+    let (status, body) =
+        f.gw.admin_call(
+            "POST",
+            "/admin/v1/keys",
+            Some(serde_json::json!({"userId": "alice", "expiresIn": "1h"})),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("store prepare"),
+        "{body}"
+    );
+    let (_, plain) = f.gw.create_key("alice").await;
+    assert_eq!(f.gw.webhook("wf", Some(&bearer(&plain))).await.0, 200);
+    drop(f);
+
+    let f = front(true, "keys:\n  sweep_interval: 1s\n").await;
+    assert!(
+        f.prepared.contains("keygate_key_policies: created"),
+        "{}",
+        f.prepared
+    );
+    assert!(
+        f.prepared.contains("keygate_audit: created"),
+        "{}",
+        f.prepared
+    );
+    let gw = &f.gw;
+    let create = |body: serde_json::Value| async move {
+        let (status, v) = gw.admin_call("POST", "/admin/v1/keys", Some(body)).await;
+        assert_eq!(status, 201, "{v}");
+        v
+    };
+    // Expiry: refused after, even though cached; swept from the engine's
+    // table and audited.
+    let expiring = create(serde_json::json!({"userId": "alice", "expiresIn": "1s"})).await;
+    let key = expiring["key"].as_str().unwrap().to_owned();
+    let id = expiring["id"].as_str().unwrap().to_owned();
+    assert_eq!(gw.webhook("wf", Some(&bearer(&key))).await.0, 200);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            gw.webhook("wf", Some(&bearer(&key))).await.0 == 401
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            f.db.psql(&format!("SELECT count(*) FROM api_keys WHERE id = '{id}'")) == "0"
+        })
+        .await,
+        "the expired key's row was not swept"
+    );
+    // Scopes and a rate, kept in keygate's table beside the engine's row.
+    let scoped =
+        create(serde_json::json!({"userId": "alice", "workflows": ["wf"], "rate": "2/1m"})).await;
+    let key = scoped["key"].as_str().unwrap().to_owned();
+    let id = scoped["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        f.db.psql(&format!(
+            "SELECT workflows, rate FROM keygate_key_policies WHERE key_id = '{id}'"
+        )),
+        "{wf}|2/1m"
+    );
+    assert_eq!(gw.webhook("wf", Some(&bearer(&key))).await.0, 200);
+    assert_eq!(gw.webhook("wf", Some(&bearer(&key))).await.0, 200);
+    assert_eq!(gw.webhook("wf", Some(&bearer(&key))).await.0, 429);
+    // Roll with a grace: the old row gets an expiry, the new one the same
+    // scopes and rate.
+    let (status, rolled) = gw
+        .admin_call(
+            "POST",
+            &format!("/admin/v1/keys/{id}/roll"),
+            Some(serde_json::json!({"grace": "1s"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{rolled}");
+    assert_eq!(rolled["workflows"], serde_json::json!(["wf"]));
+    let new = rolled["key"].as_str().unwrap().to_owned();
+    assert_eq!(gw.webhook("wf", Some(&bearer(&new))).await.0, 200);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            gw.webhook("wf", Some(&bearer(&key))).await.0 == 401
+        })
+        .await
+    );
+    // An engine key (no policy row) is listed among every user's.
+    let engine = engine_key();
+    insert_engine_key(&f.db, "engine_key_1", "alice", &engine);
+    let (_, all) = gw.admin_call("GET", "/admin/v1/keys?all=true", None).await;
+    assert!(all.to_string().contains("engine_key_1"), "{all}");
+    let (status, audit) = gw.admin_call("GET", "/admin/v1/audit", None).await;
+    assert_eq!(status, 200, "{audit}");
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for action in ["key.created", "key.expired", "key.rolled"] {
+        assert!(actions.contains(&action), "{action}: {audit}");
+    }
+}
