@@ -11,6 +11,7 @@ mod integrations;
 mod keys;
 mod rules;
 mod token;
+mod ui;
 mod views;
 
 pub use rules::{NAME_RULE, valid_name, valid_user_id, valid_workflow_id};
@@ -18,7 +19,7 @@ pub use token::{AdminToken, read_token_file, server_token};
 pub use views::percent_encode;
 
 use crate::auth::Auth;
-use crate::config::{AuditConfig, KeysConfig};
+use crate::config::{AuditConfig, KeysConfig, UiConfig};
 use crate::invalidate::Invalidator;
 use crate::metrics::Metrics;
 use crate::store::{AuditEntry, Store, StoreError};
@@ -48,6 +49,28 @@ pub struct Admin {
     mint: Option<AdminToken>,
     keys: KeysConfig,
     audit: AuditConfig,
+    /// The panel's sessions and settings.
+    panel: ui::Panel,
+}
+
+/// What the admin API takes from the config besides its token.
+#[derive(Clone, Copy, Debug)]
+pub struct AdminSettings {
+    pub keys: KeysConfig,
+    pub audit: AuditConfig,
+    pub ui: UiConfig,
+    pub ui_session_ttl: std::time::Duration,
+}
+
+impl AdminSettings {
+    pub fn of(config: &crate::config::Config) -> AdminSettings {
+        AdminSettings {
+            keys: config.keys,
+            audit: config.audit,
+            ui: config.ui,
+            ui_session_ttl: config.admin.ui_session_ttl,
+        }
+    }
 }
 
 /// Admin bodies carry a name or a user id; this bounds what one request
@@ -65,7 +88,7 @@ impl Admin {
         invalidator: Arc<Invalidator>,
         token: &str,
         credentials: Option<Arc<Credentials>>,
-        (keys, audit): (KeysConfig, AuditConfig),
+        settings: AdminSettings,
     ) -> Admin {
         let mint = credentials
             .as_ref()
@@ -79,8 +102,9 @@ impl Admin {
             token: AdminToken::new(token),
             credentials,
             mint,
-            keys,
-            audit,
+            keys: settings.keys,
+            audit: settings.audit,
+            panel: ui::Panel::new(settings.ui, settings.ui_session_ttl),
         }
     }
 
@@ -105,6 +129,9 @@ impl Admin {
             }
             _ => {}
         }
+        if path == "/ui" || path.starts_with("/ui/") {
+            return self.ui(request, caller).await;
+        }
         let Some(rest) = path.strip_prefix("/admin/v1/") else {
             return error(StatusCode::NOT_FOUND, "Not found");
         };
@@ -120,6 +147,19 @@ impl Admin {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return r;
         }
+        self.route(method, rest, request, caller).await
+    }
+
+    /// An admin call past its authentication (the bearer token, or a
+    /// panel session with its CSRF token): `rest` is the path after
+    /// `/admin/v1/`.
+    async fn route(
+        &self,
+        method: Method,
+        rest: &str,
+        request: Request<Incoming>,
+        caller: SocketAddr,
+    ) -> AdminResponse {
         let Some(decoded) = rest
             .split('/')
             .map(percent_decode)

@@ -22,6 +22,12 @@ impl AdminToken {
         }
     }
 
+    /// Whether `presented` is this token (the panel's sign-in form).
+    pub fn matches(&self, presented: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        subtle::ConstantTimeEq::ct_eq(&digest[..], &self.digest[..]).into()
+    }
+
     /// Whether `request` carries `Authorization: Bearer <this token>`.
     pub fn admits<B>(&self, request: &Request<B>) -> bool {
         let presented = request

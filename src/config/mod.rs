@@ -95,6 +95,15 @@ pub struct Config {
     pub egress: Option<EgressConfig>,
     pub keys: KeysConfig,
     pub audit: AuditConfig,
+    pub ui: UiConfig,
+}
+
+/// The panel on the admin listener.
+#[derive(Debug, Clone, Copy)]
+pub struct UiConfig {
+    /// A key unused this long (or never used, this long after its
+    /// creation) is marked stale.
+    pub stale_after: Duration,
 }
 
 /// Key policies: how long a rolled key may keep working, and how often
@@ -215,6 +224,8 @@ pub struct AdminConfig {
     /// creates `token_file` and the CLI reads it.
     pub token: Option<String>,
     pub token_file: PathBuf,
+    /// How long a signed-in session of the panel (`/ui/`) lasts.
+    pub ui_session_ttl: Duration,
 }
 
 /// Secrets stay out of `Debug` output, so a logged config leaks nothing.

@@ -29,6 +29,13 @@ pub(super) struct Raw {
     pub(super) egress: Option<RawEgress>,
     pub(super) keys: Option<RawKeys>,
     pub(super) audit: Option<RawAudit>,
+    pub(super) ui: Option<RawUi>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUi {
+    pub(super) stale_after: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -161,6 +168,7 @@ pub(super) struct RawAdmin {
     pub(super) listen: Option<String>,
     pub(super) token: Option<String>,
     pub(super) token_file: Option<String>,
+    pub(super) ui_session_ttl: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -9,8 +9,8 @@ use super::route::{RouteConfig, route};
 use super::{
     AdminConfig, AuditConfig, CacheConfig, CacheSize, Config, ConfigError, CorsConfig,
     DEFAULT_STRIP, HeaderNames, KeysConfig, Limits, LogConfig, LogFormat, RateLimitConfig,
-    RedisConfig, RedisNodes, StoreConfig, TlsFiles, Upstream, UsageConfig, WorkerAffinity,
-    WorkerPolicy,
+    RedisConfig, RedisNodes, StoreConfig, TlsFiles, UiConfig, Upstream, UsageConfig,
+    WorkerAffinity, WorkerPolicy,
 };
 use http::HeaderName;
 use std::net::SocketAddr;
@@ -65,6 +65,13 @@ pub(super) fn config(raw: Raw, base: &Path, env: Env<'_>) -> Result<Config, Conf
         log: log(raw.log.unwrap_or_default())?,
         shutdown_timeout: duration("shutdown_timeout", raw.shutdown_timeout.as_deref(), "30s")?,
         keys: keys(raw.keys.unwrap_or_default())?,
+        ui: UiConfig {
+            stale_after: at_least_a_second(
+                "ui.stale_after",
+                raw.ui.unwrap_or_default().stale_after.as_deref(),
+                "30d",
+            )?,
+        },
         audit: AuditConfig {
             retention: at_least_a_second(
                 "audit.retention",
@@ -220,6 +227,11 @@ fn admin(
         )?,
         token,
         token_file,
+        ui_session_ttl: at_least_a_second(
+            "admin.ui_session_ttl",
+            raw.ui_session_ttl.as_deref(),
+            "8h",
+        )?,
     };
     if admin.listen == listen && listen.port() != 0 {
         return err("admin.listen: must differ from listen");

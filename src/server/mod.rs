@@ -160,7 +160,7 @@ pub async fn start_with(config: Config, options: Options) -> Result<Running, Str
         invalidator,
         &token,
         credentials.clone(),
-        (config.keys, config.audit),
+        crate::admin::AdminSettings::of(&config),
     ));
     tokio::spawn(sweep_expired_keys(admin.clone(), stopped.clone()));
     let admin_task = tokio::spawn(serve_admin(admin_listener, admin, stopped.clone()));
