@@ -460,6 +460,11 @@ async fn owners_and_rolls_from_the_panel_and_its_headers() {
         .unwrap();
     b.test("roll").await.click().await.unwrap();
     assert!(
+        b.until("document.getElementById('confirm-dialog').open")
+            .await
+    );
+    b.test("confirm").await.click().await.unwrap();
+    assert!(
         b.until("document.querySelector('[data-test=new-key]').textContent.length === 42")
             .await
     );

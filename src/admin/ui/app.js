@@ -137,8 +137,11 @@
         say("Revoked " + button.dataset.label + ".");
       });
     } else if (button.dataset.roll) {
-      const answer = await call("POST", "/ui/api/keys/" + encodeURIComponent(button.dataset.roll) + "/roll", {});
-      if (answer && answer.key) showKey(answer.key);
+      const id = button.dataset.roll;
+      ask("Roll " + button.dataset.label + "? A new key with the same name, scopes and rate is shown once; the old one is refused at once.", async () => {
+        const answer = await call("POST", "/ui/api/keys/" + encodeURIComponent(id) + "/roll", {});
+        if (answer && answer.key) showKey(answer.key);
+      });
     } else if (button.dataset.remove) {
       const path = button.dataset.remove;
       ask("Remove " + button.dataset.label + "?", async () => {

@@ -234,7 +234,7 @@ pub(super) fn keys(p: &KeysPage<'_>) -> String {
             main,
             "<tr data-test=\"key-row\" data-id=\"{id}\"><td>{name}{stale_badge}</td><td><code>{prefix}…</code></td>\
              <td>{}</td><td>{}</td><td>{}</td><td>{limits}</td>\
-             <td class=\"actions\"><button type=\"button\" class=\"secondary\" data-test=\"roll\" data-roll=\"{id}\" aria-label=\"Roll {label}\">Roll</button>\
+             <td class=\"actions\"><button type=\"button\" class=\"secondary\" data-test=\"roll\" data-roll=\"{id}\" data-label=\"{label} ({prefix}…)\" aria-label=\"Roll {label}\">Roll</button>\
              <button type=\"button\" class=\"danger\" data-test=\"revoke\" data-revoke=\"{id}\" data-label=\"{label} ({prefix}…)\" aria-label=\"Revoke {label}\">Revoke</button></td></tr>",
             when(Some(k.created_at), p.now, ago, ""),
             when(k.last_used_at, p.now, ago, "never"),
