@@ -256,7 +256,7 @@ pub async fn prepare(client: &mut Client, config: &PostgresConfig) -> Result<Vec
         ),
     ] {
         done.push(
-            own_table(&transaction, &name, columns)
+            own_table(&transaction, &name, columns, None)
                 .await
                 .map_err(failed)?,
         );
@@ -272,33 +272,24 @@ async fn integrations_table(
     client: &impl GenericClient,
     config: &PostgresConfig,
 ) -> Result<String, tokio_postgres::Error> {
-    let name = super::sql::integrations_table(&config.tables);
-    let table = quoted(&name);
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-        .await?
-        .get(0);
-    if exists {
-        return Ok(format!("table {name}: unchanged"));
-    }
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE {table} (\
-               id text PRIMARY KEY, user_id text NOT NULL, type text NOT NULL, name text NOT NULL, \
-               created_at timestamp NOT NULL, last_used_at timestamp, \
-               key_id text NOT NULL, nonce bytea NOT NULL, ciphertext bytea NOT NULL); \
-             CREATE INDEX keygate_integrations_user_id ON {table} (user_id)"
-        ))
-        .await?;
-    Ok(format!("table {name}: created"))
+    own_table(
+        client,
+        &super::sql::integrations_table(&config.tables),
+        "id text PRIMARY KEY, user_id text NOT NULL, type text NOT NULL, name text NOT NULL, \
+         created_at timestamp NOT NULL, last_used_at timestamp, \
+         key_id text NOT NULL, nonce bytea NOT NULL, ciphertext bytea NOT NULL",
+        Some("keygate_integrations_user_id (user_id)"),
+    )
+    .await
 }
 
-/// One of keygate's own tables (key policies, the audit log), made if
-/// missing.
+/// One of keygate's own tables (integrations, key policies, the audit
+/// log), made if missing, with an index (`name (columns)`) if given.
 async fn own_table(
     client: &impl GenericClient,
     name: &str,
     columns: &str,
+    index: Option<&str>,
 ) -> Result<String, tokio_postgres::Error> {
     let table = quoted(name);
     let exists: bool = client
@@ -308,9 +299,12 @@ async fn own_table(
     if exists {
         return Ok(format!("table {name}: unchanged"));
     }
-    client
-        .batch_execute(&format!("CREATE TABLE {table} ({columns})"))
-        .await?;
+    let mut ddl = format!("CREATE TABLE {table} ({columns})");
+    if let Some(index) = index {
+        let (index_name, on) = index.split_once(' ').unwrap_or((index, ""));
+        ddl.push_str(&format!("; CREATE INDEX {index_name} ON {table} {on}"));
+    }
+    client.batch_execute(&ddl).await?;
     Ok(format!("table {name}: created"))
 }
 

@@ -276,6 +276,30 @@ impl RedisStore {
             .map_err(StoreError::from)
     }
 
+    /// The key records of `hashes` that exist (one `HGETALL` each).
+    async fn records_of(
+        &self,
+        conn: &mut Conn,
+        hashes: &[KeyHash],
+    ) -> Result<Vec<KeyRecord>, Failure> {
+        let reads = hashes
+            .iter()
+            .map(|hash| {
+                let mut cmd = redis::cmd("HGETALL");
+                cmd.arg(self.key_key(hash));
+                cmd
+            })
+            .collect();
+        let records: Vec<HashMap<String, String>> = each(conn, reads).await?;
+        let mut out = Vec::with_capacity(records.len());
+        for (fields, hash) in records.into_iter().zip(hashes) {
+            if !fields.is_empty() {
+                out.push(parse_record(fields, *hash)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The records of `ids` that still exist.
     async fn integrations_of(
         &self,
@@ -583,22 +607,8 @@ impl Store for RedisStore {
                 .flatten()
                 .filter_map(|h| KeyHash::from_hex(h))
                 .collect();
-            let reads = hashes
-                .iter()
-                .map(|hash| {
-                    let mut cmd = redis::cmd("HGETALL");
-                    cmd.arg(self.key_key(hash));
-                    cmd
-                })
-                .collect();
-            let records: Vec<HashMap<String, String>> = each(&mut conn, reads).await?;
-            let mut out = Vec::with_capacity(records.len());
-            for (fields, hash) in records.into_iter().zip(hashes) {
-                // A record missing here was revoked between the two reads.
-                if !fields.is_empty() {
-                    out.push(parse_record(fields, hash)?);
-                }
-            }
+            // A record missing here was revoked between the two reads.
+            let mut out = self.records_of(&mut conn, &hashes).await?;
             sort_newest_first(&mut out);
             Ok(out)
         }))
@@ -683,21 +693,7 @@ impl Store for RedisStore {
                 .collect();
             let hashes = &hashes;
             self.run(Retry::Safe, move |mut conn| async move {
-                let reads = hashes
-                    .iter()
-                    .map(|hash| {
-                        let mut cmd = redis::cmd("HGETALL");
-                        cmd.arg(self.key_key(hash));
-                        cmd
-                    })
-                    .collect();
-                let records: Vec<HashMap<String, String>> = each(&mut conn, reads).await?;
-                let mut out = Vec::with_capacity(records.len());
-                for (fields, hash) in records.into_iter().zip(hashes) {
-                    if !fields.is_empty() {
-                        out.push(parse_record(fields, *hash)?);
-                    }
-                }
+                let mut out = self.records_of(&mut conn, hashes).await?;
                 sort_newest_first(&mut out);
                 Ok(out)
             })
