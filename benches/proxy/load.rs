@@ -48,7 +48,9 @@ fn lua_quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// One closed-loop run with wrk: `connections` over 2 threads.
+/// One closed-loop run with wrk: `connections` over 2 threads
+/// (`KEYGATE_BENCH_WRK_THREADS` overrides, e.g. 1 to leave the proxy more
+/// of the machine).
 pub fn wrk(dir: &Path, port: u16, auth: &Auth, connections: u32, seconds: u32) -> Sample {
     let mut script = String::new();
     match auth {
@@ -109,9 +111,10 @@ end
     );
     let script_path = dir.join(format!("wrk-{port}.lua"));
     std::fs::write(&script_path, script).unwrap();
+    let threads = std::env::var("KEYGATE_BENCH_WRK_THREADS").unwrap_or_else(|_| "2".into());
     let out = Command::new("wrk")
         .args([
-            "-t2",
+            &format!("-t{threads}"),
             &format!("-c{connections}"),
             &format!("-d{seconds}s"),
             "-s",

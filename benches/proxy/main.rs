@@ -12,6 +12,7 @@ mod procs;
 /// The tests' own `redis-server` starter.
 #[path = "../../tests/common/redis.rs"]
 mod redis_server;
+mod spike;
 
 use keygate::key::{KeyHash, NewKey};
 use load::{Auth, Sample};
@@ -283,6 +284,38 @@ fn main() {
         p
     });
 
+    // Issue [12]'s spike: the same minimal data plane on epoll (tokio) and
+    // on io_uring, two threads each, in this process.
+    {
+        let secret = key_b.strip_prefix("Bearer ").unwrap_or(&key_b);
+        let valid: [u8; 32] = KeyHash::of(secret).0;
+        let (t, u, v) = (free_port(), free_port(), free_port());
+        spike::epoll::serve(t, upstream_port, valid, 2);
+        spike::uring::serve(u, upstream_port, valid, 2, false);
+        spike::uring::serve(v, upstream_port, valid, 2, true);
+        procs::wait_port(t, "spike on epoll");
+        procs::wait_port(u, "spike on io_uring");
+        procs::wait_port(v, "spike on io_uring, linked");
+        variants.push(Variant {
+            id: "t",
+            what: "spike: minimal auth proxy on tokio/epoll (2 threads)",
+            port: t,
+            auth: Auth::One(key_b.clone()),
+        });
+        variants.push(Variant {
+            id: "u",
+            what: "spike: the same minimal auth proxy on io_uring (2 threads)",
+            port: u,
+            auth: Auth::One(key_b.clone()),
+        });
+        variants.push(Variant {
+            id: "v",
+            what: "spike: as u, each send linked to the next receive",
+            port: v,
+            auth: Auth::One(key_b.clone()),
+        });
+    }
+
     let unknown = format!("Bearer wfb_{}", "Q".repeat(38));
     variants.push(Variant {
         id: "e1",
@@ -436,6 +469,7 @@ fn main() {
     // Cache rejections count from here; e2 must make no store call.
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
     let mut redis_per_request: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut cpu_per_request: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut malformed_store_calls = 0.0;
 
     let idle_n: usize = std::env::var("KEYGATE_BENCH_IDLE")
@@ -505,6 +539,14 @@ fn main() {
         let n = variants.len();
         for v in (0..n).map(|i| &variants[(i + round) % n]) {
             let calls_before = use_redis.then(|| redis_calls(redis_port));
+            let cpu_pid = match v.id {
+                "b" => Some(kg_embedded.proc.pid()),
+                "b0" => baseline.as_ref().map(|kg| kg.proc.pid()),
+                "d" => _nginx_proxy.as_ref().map(procs::Proc::pid),
+                "t" | "u" | "v" => Some(std::process::id()),
+                _ => None,
+            };
+            let cpu_before = cpu_pid.map(procs::cpu_ticks);
             let misses_before =
                 (v.id == "e2").then(|| metric(&kg_embedded, "keygate_key_cache_misses_total"));
             let s = if use_wrk {
@@ -512,6 +554,14 @@ fn main() {
             } else {
                 rt.block_on(load::closed_loop(v.port, &v.auth, CONNECTIONS, SECONDS))
             };
+            if let (Some(pid), Some(before)) = (cpu_pid, cpu_before) {
+                let ticks = procs::cpu_ticks(pid).saturating_sub(before);
+                // Clock ticks are 10 ms on Linux (USER_HZ 100).
+                cpu_per_request
+                    .entry(v.id)
+                    .or_default()
+                    .push(ticks as f64 * 10_000.0 / s.requests.max(1) as f64);
+            }
             if let Some(before) = misses_before {
                 malformed_store_calls +=
                     metric(&kg_embedded, "keygate_key_cache_misses_total") - before;
@@ -536,6 +586,17 @@ fn main() {
             samples.entry(v.id).or_default().push(s);
         }
     }
+    let cpu = |id: &str| cpu_per_request.get(id).map(|v| median(&mut v.clone()));
+    let show = |id: &str| cpu(id).map_or("n/a".to_owned(), |c| format!("{c:.1} µs"));
+    println!(
+        "CPU per request (median of rounds): b {}  b0 {}  d {}  t {}  u {}  v {}   (the proxy's own processes; t, u and v include this process's idle threads)",
+        show("b"),
+        show("b0"),
+        show("d"),
+        show("t"),
+        show("u"),
+        show("v")
+    );
     let loaded_rss = kg_embedded.proc.rss();
     let result: BTreeMap<&str, Sample> = samples.iter().map(|(k, v)| (*k, summarize(v))).collect();
     if only.is_some() {
@@ -548,10 +609,13 @@ fn main() {
         }
         let ratio = |x: &str, y: &str| result.get(x).zip(result.get(y)).map(|(a, b)| a.rps / b.rps);
         println!(
-            "b/d = {:?}  b/a = {:?}  b/b0 = {:?}",
+            "b/d = {:?}  b/a = {:?}  b/b0 = {:?}  u/t = {:?}  v/t = {:?}  u/d = {:?}",
             ratio("b", "d"),
             ratio("b", "a"),
-            ratio("b", "b0")
+            ratio("b", "b0"),
+            ratio("u", "t"),
+            ratio("v", "t"),
+            ratio("u", "d")
         );
         return;
     }
@@ -676,6 +740,13 @@ fn main() {
         fmt(ratio("g", "b"))
     );
     println!(
+        "u/t = {}  v/t = {}  t/b = {}  u/d = {}   (spike: io_uring over epoll for the same minimal proxy; epoll spike over keygate; io_uring spike over nginx)",
+        fmt(ratio("u", "t")),
+        fmt(ratio("v", "t")),
+        fmt(ratio("t", "b")),
+        fmt(ratio("u", "d"))
+    );
+    println!(
         "h1/b = {}  h1/c = {}  h2/f = {}   (Redis Cluster over embedded, over one Redis node)",
         fmt(ratio("h1", "b")),
         fmt(ratio("h1", "c")),
@@ -721,7 +792,7 @@ fn main() {
         "rounds": rounds,
         "seconds_per_round": SECONDS,
         "variants": variants.iter().map(|v| json!({"id": v.id, "what": v.what, "median": result[v.id], "rounds": samples[v.id]})).collect::<Vec<_>>(),
-        "ratios": {"g_over_b": ratio("g", "b"), "b_over_d": ratio("b", "d"), "b_over_a": ratio("b", "a"), "e1_over_b": ratio("e1", "b"), "e2_over_b": ratio("e2", "b"), "b_over_b0": ratio("b", "b0"), "h1_over_b": ratio("h1", "b"), "h1_over_c": ratio("h1", "c"), "h2_over_f": ratio("h2", "f")},
+        "ratios": {"g_over_b": ratio("g", "b"), "b_over_d": ratio("b", "d"), "b_over_a": ratio("b", "a"), "e1_over_b": ratio("e1", "b"), "e2_over_b": ratio("e2", "b"), "b_over_b0": ratio("b", "b0"), "h1_over_b": ratio("h1", "b"), "h1_over_c": ratio("h1", "c"), "h2_over_f": ratio("h2", "f"), "u_over_t": ratio("u", "t"), "v_over_t": ratio("v", "t"), "cpu_us_per_request": {"b": cpu("b"), "b0": cpu("b0"), "d": cpu("d"), "t": cpu("t"), "u": cpu("u"), "v": cpu("v")}, "t_over_b": ratio("t", "b"), "u_over_d": ratio("u", "d")},
         "idle_connections": idle_memory,
         "malformed_key_store_calls": malformed_store_calls,
         "redis_commands_per_request": {"c": cmds("c"), "f": cmds("f")},

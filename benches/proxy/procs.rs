@@ -30,6 +30,48 @@ impl Proc {
     }
 }
 
+/// CPU time (user + system) of `pid` and its child processes (nginx's
+/// workers), in clock ticks, from /proc.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let own = |pid: &str| -> u64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return 0;
+        };
+        // After the `(comm)` field: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        num(11) + num(12)
+    };
+    let mut total = own(&pid.to_string());
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(child) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            let parent = std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s.rsplit_once(')')?.1.to_owned();
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                });
+            if parent == Some(pid) {
+                total += own(child);
+            }
+        }
+    }
+    total
+}
+
 pub fn rss_of(status_path: &str) -> u64 {
     std::fs::read_to_string(status_path)
         .ok()
