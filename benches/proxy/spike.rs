@@ -196,11 +196,17 @@ pub mod uring {
         sent: usize,
     }
 
-    pub fn serve(port: u16, upstream: u16, valid: [u8; 32], threads: usize, linked: bool) {
+    /// False (and nothing started) where the kernel or a seccomp profile
+    /// (Docker's default) refuses `io_uring_setup`.
+    pub fn serve(port: u16, upstream: u16, valid: [u8; 32], threads: usize, linked: bool) -> bool {
+        if IoUring::new(8).is_err() {
+            return false;
+        }
         for _ in 0..threads {
             let listener = reuseport_listener(port);
             std::thread::spawn(move || run(listener, upstream, valid, linked));
         }
+        true
     }
 
     fn push(ring: &mut IoUring, entry: &squeue::Entry) {
