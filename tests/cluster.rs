@@ -237,6 +237,7 @@ async fn a_lost_master_fails_closed_for_its_own_slots_only() {
     cluster.node(victim).save();
     cluster.node(victim).kill();
     let started = Instant::now();
+
     // Uncached keys in its slots: 503, never a pass.
     for key in &on_victim[1..] {
         assert_eq!(client.post("wf", key).await, 503);

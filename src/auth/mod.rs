@@ -178,7 +178,6 @@ impl Auth {
         self.epoch.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    /// Voids every cached answer, for when invalidations may have been missed.
     /// A request refused because its key had expired.
     pub fn count_expired(&self) {
         self.count(|c| &c.expired_keys);
@@ -189,6 +188,7 @@ impl Auth {
         self.count(|c| &c.scope_refusals);
     }
 
+    /// Voids every cached answer, for when invalidations may have been missed.
     pub fn invalidate_all(&self) {
         let epoch = self.next_epoch();
         // Two flushes at once must not lower the floor.

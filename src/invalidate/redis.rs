@@ -36,6 +36,8 @@ struct Shared {
     auth: Arc<Auth>,
     live: Arc<Live>,
     held: Mutex<Vec<Option<Held>>>,
+    /// The node each listener is on or connecting to.
+    picked: Mutex<Vec<Option<String>>>,
 }
 
 /// A listener's subscription: where, since when, the last moment it was
@@ -43,7 +45,6 @@ struct Shared {
 /// handle to PING it.
 #[derive(Clone)]
 struct Held {
-    node: String,
     since: Instant,
     proof: Instant,
     sink: PubSubSink,
@@ -64,6 +65,7 @@ impl RedisBus {
             auth,
             live: live.clone(),
             held: Mutex::new(vec![None; listeners]),
+            picked: Mutex::new(vec![None; listeners]),
         });
         let tasks = (0..listeners)
             .map(|index| tokio::spawn(subscribe(shared.clone(), index)))
@@ -108,7 +110,7 @@ async fn subscribe(shared: Arc<Shared>, index: usize) {
     let mut tried = 0usize;
     let mut backoff = Duration::from_millis(50);
     loop {
-        let at = pick(&shared, &nodes, next);
+        let at = pick(&shared, index, &nodes, next);
         let url = nodes[at].clone();
         next = at + 1;
         tried += 1;
@@ -146,7 +148,6 @@ async fn subscribe(shared: Arc<Shared>, index: usize) {
             &shared,
             index,
             Some(Held {
-                node: url.clone(),
                 since,
                 proof: since,
                 sink: sink.clone(),
@@ -199,15 +200,26 @@ async fn subscribe(shared: Arc<Shared>, index: usize) {
     }
 }
 
-/// Where in `nodes` this listener goes next: from `next` on, the first
-/// node no other listener is on (or `next`'s, when every node has one).
-fn pick(shared: &Shared, nodes: &[String], next: usize) -> usize {
-    let held = lock(shared);
-    let taken = |url: &String| held.iter().flatten().any(|h| &h.node == url);
-    (0..nodes.len())
+/// Where in `nodes` listener `index` goes next: from `next` on, the first
+/// node no other listener is on or connecting to (or `next`'s, when every
+/// node has one); noted at once, so two listeners starting together part.
+fn pick(shared: &Shared, index: usize, nodes: &[String], next: usize) -> usize {
+    let mut picked = shared
+        .picked
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let taken = |url: &String| {
+        picked
+            .iter()
+            .enumerate()
+            .any(|(i, p)| i != index && p.as_ref() == Some(url))
+    };
+    let at = (0..nodes.len())
         .map(|step| (next + step) % nodes.len())
         .find(|&at| !taken(&nodes[at]))
-        .unwrap_or(next % nodes.len())
+        .unwrap_or(next % nodes.len());
+    picked[index] = Some(nodes[at].clone());
+    at
 }
 
 /// Whether a subscription that was up before `proof` (a lost one's last

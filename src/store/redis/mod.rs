@@ -408,7 +408,8 @@ impl RedisStore {
             .rsplit_once('@')
             .map(|(u, _)| format!("{u}@"))
             .unwrap_or_default();
-        Ok(nodes
+        // Sorted: each node lists the others in an order of its own.
+        let mut urls: Vec<String> = nodes
             .lines()
             .filter_map(|line| {
                 let fields: Vec<&str> = line.split(' ').collect();
@@ -422,7 +423,9 @@ impl RedisStore {
                 let address = fields.get(1)?.split('@').next()?;
                 Some(format!("{scheme}://{userinfo}{address}"))
             })
-            .collect())
+            .collect();
+        urls.sort();
+        Ok(urls)
     }
 
     /// The config it was made from (the invalidation listener's too).
