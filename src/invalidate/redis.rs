@@ -28,8 +28,9 @@ pub(super) struct RedisBus {
 /// Subscriptions an instance holds on a cluster.
 const CLUSTER_LISTENERS: usize = 2;
 
-/// What an instance's listeners share: the channel, and each one's
-/// subscription (each prefers a node the others are not on).
+/// What an instance's listeners share: the channel, each one's
+/// subscription, and the node each is on (each prefers one the others are
+/// not on).
 struct Shared {
     store: Arc<RedisStore>,
     channel: String,
@@ -40,9 +41,9 @@ struct Shared {
     picked: Mutex<Vec<Option<String>>>,
 }
 
-/// A listener's subscription: where, since when, the last moment it was
-/// known to be up (a PING it answered, a message it brought), and a
-/// handle to PING it.
+/// A listener's subscription: since when, the last moment it was known to
+/// be up (a PING it answered, a message it brought), and a handle to PING
+/// it.
 #[derive(Clone)]
 struct Held {
     since: Instant,
