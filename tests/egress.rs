@@ -329,6 +329,23 @@ async fn egress_refuses_tokens_and_keys_that_are_not_the_owners() {
     .await
     .unwrap();
     assert_eq!(status, 401);
+    // Minting is audited: who for, and by which token; never the token.
+    let (_, audit) = gw.admin_call("GET", "/admin/v1/audit", None).await;
+    let minted = audit.as_array().unwrap().iter().any(|e| {
+        e["action"] == "run_token.minted"
+            && e["userId"] == "alice"
+            && e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("mint_token") && d.contains("ttl 300s"))
+    });
+    assert!(
+        minted,
+        "no run_token.minted for alice by the mint token: {audit}"
+    );
+    assert!(
+        !audit.to_string().contains("kgr_"),
+        "a run token in the audit log"
+    );
 }
 
 #[tokio::test]

@@ -664,8 +664,27 @@ async fn key_policies_need_store_prepare_then_work_on_the_engines_keys() {
         body["error"].as_str().unwrap().contains("store prepare"),
         "{body}"
     );
-    let (_, plain) = f.gw.create_key("alice").await;
+    let (plain_id, plain) = f.gw.create_key("alice").await;
     assert_eq!(f.gw.webhook("wf", Some(&bearer(&plain))).await.0, 200);
+    // A roll with a grace needs the tables too, and is refused before a
+    // successor exists.
+    let keys_before = f.gw.list_keys("alice").await.as_array().unwrap().len();
+    let (status, body) =
+        f.gw.admin_call(
+            "POST",
+            &format!("/admin/v1/keys/{plain_id}/roll"),
+            Some(serde_json::json!({"grace": "1h"})),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("store prepare"),
+        "{body}"
+    );
+    assert_eq!(
+        f.gw.list_keys("alice").await.as_array().unwrap().len(),
+        keys_before
+    );
     drop(f);
 
     let f = front(true, "keys:\n  sweep_interval: 1s\n").await;
@@ -753,4 +772,16 @@ async fn key_policies_need_store_prepare_then_work_on_the_engines_keys() {
     for action in ["key.created", "key.expired", "key.rolled"] {
         assert!(actions.contains(&action), "{action}: {audit}");
     }
+    // The sweep's entry says when the key expired (the revoke returned its
+    // policy row).
+    let expired = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "key.expired")
+        .unwrap();
+    assert!(
+        expired["detail"].as_str().unwrap().starts_with("expired "),
+        "{expired}"
+    );
 }

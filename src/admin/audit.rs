@@ -24,6 +24,7 @@ pub(crate) enum Action {
     IntegrationAdded,
     IntegrationRemoved,
     IntegrationsRekeyed,
+    RunTokenMinted,
 }
 
 impl Action {
@@ -38,6 +39,7 @@ impl Action {
             Action::IntegrationAdded => "integration.added",
             Action::IntegrationRemoved => "integration.removed",
             Action::IntegrationsRekeyed => "integrations.rekeyed",
+            Action::RunTokenMinted => "run_token.minted",
         }
     }
 }
@@ -83,7 +85,7 @@ impl Admin {
                 None => {
                     return error(
                         StatusCode::BAD_REQUEST,
-                        "since must be a duration of at least 1s like 90s, 15m, 12h or 30d",
+                        "since must be a duration from 1s to 100 years, like 90s, 15m, 12h or 30d",
                     );
                 }
             },

@@ -401,6 +401,16 @@ impl Admin {
         };
         let (token, expires_at) = credentials.run_token(&body.user_id, "", ttl);
         tracing::info!(target: "keygate::audit", user = %body.user_id, ttl_s = ttl.as_secs(), expires_at, by, %caller, "run token minted");
+        self.record(
+            Action::RunTokenMinted,
+            caller,
+            AuditEntry {
+                user_id: Some(body.user_id.clone()),
+                detail: Some(format!("ttl {}s, by the {by}", ttl.as_secs())),
+                ..AuditEntry::default()
+            },
+        )
+        .await;
         json(
             StatusCode::CREATED,
             &serde_json::json!({

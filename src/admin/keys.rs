@@ -24,7 +24,7 @@ const MAX_SCOPES: usize = 100;
 fn bad_duration(field: &str) -> AdminResponse {
     error(
         StatusCode::BAD_REQUEST,
-        format!("{field} must be a duration of at least 1s like 90s, 15m, 12h or 30d"),
+        format!("{field} must be a duration from 1s to 100 years, like 90s, 15m, 12h or 30d"),
     )
 }
 
@@ -274,6 +274,18 @@ impl Admin {
             Err(e) => return store_error(e),
         };
         let now = clock::now_ms();
+        if old.expires_at.is_some_and(|at| at <= now) {
+            return error(
+                StatusCode::CONFLICT,
+                format!("key {id} has expired; create a new key instead"),
+            );
+        }
+        // Checked before the successor exists: a grace needs an expiry.
+        if !grace.is_zero()
+            && let Err(e) = self.store.keeps_policies().await
+        {
+            return store_error(e);
+        }
         let template = KeyRecord {
             created_at: now,
             last_used_at: None,

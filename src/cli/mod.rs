@@ -170,7 +170,9 @@ pub enum WorkflowsCommand {
 fn lifetime(value: &str) -> Result<String, String> {
     crate::store::policy::parse_lifetime(value)
         .map(|_| value.to_owned())
-        .ok_or_else(|| "expected a duration of at least 1s like 90s, 15m, 12h or 30d".to_owned())
+        .ok_or_else(|| {
+            "expected a duration from 1s to 100 years, like 90s, 15m, 12h or 30d".to_owned()
+        })
 }
 
 /// A rate as the admin API takes it (`100/1m`).

@@ -242,6 +242,13 @@ pub trait Store: Send + Sync + 'static {
     /// returns it as it is now; `UnknownKey` if there is none.
     fn expire_key<'a>(&'a self, id: &'a str, at: i64) -> StoreFuture<'a, KeyRecord>;
 
+    /// Whether keys here can have an expiry, scopes or a rate (the postgres
+    /// store needs `store prepare`'s tables); `Refused` saying what is
+    /// missing when not.
+    fn keeps_policies(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Keys whose expiry is at or before `now`, for the sweep.
     fn expired_keys(&self, now: i64) -> StoreFuture<'_, Vec<KeyRecord>> {
         Box::pin(async move {

@@ -67,10 +67,14 @@ impl<'de> serde::Deserialize<'de> for Rate {
     }
 }
 
+/// The longest duration taken: past it a time no longer reads as RFC 3339
+/// (or fits a database timestamp).
+const MAX_LIFETIME: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// A duration the admin API and the CLI take (`90s`, `15m`, `12h`, `30d`),
-/// at least a second.
+/// from a second to 100 years.
 pub fn parse_lifetime(text: &str) -> Option<Duration> {
-    parse_duration(text).filter(|d| *d >= Duration::from_secs(1))
+    parse_duration(text).filter(|d| (Duration::from_secs(1)..=MAX_LIFETIME).contains(d))
 }
 
 /// One entry of the audit log: an admin action, when, by whom, on what.
@@ -82,7 +86,7 @@ pub struct AuditEntry {
     pub at: i64,
     /// `key.created`, `key.rolled`, `key.revoked`, `key.expired`,
     /// `owner.set`, `owner.removed`, `integration.added`,
-    /// `integration.removed`, `integrations.rekeyed`.
+    /// `integration.removed`, `integrations.rekeyed`, `run_token.minted`.
     pub action: String,
     /// The admin caller's address, or `keygate` for what keygate did itself.
     pub caller: String,
@@ -139,6 +143,12 @@ mod tests {
         assert_eq!(parse_lifetime("12h"), Some(Duration::from_secs(12 * 3600)));
         assert_eq!(parse_lifetime("90s"), Some(Duration::from_secs(90)));
         assert_eq!(parse_lifetime("500ms"), None);
+        assert_eq!(
+            parse_lifetime("36500d"),
+            Some(Duration::from_secs(36_500 * 86_400))
+        );
+        assert_eq!(parse_lifetime("36501d"), None);
+        assert_eq!(parse_lifetime("999999999999d"), None);
         assert_eq!(parse_lifetime("soon"), None);
         assert_eq!(duration_text(7 * 86_400_000), "7d");
         assert_eq!(duration_text(1500), "1500ms");

@@ -45,12 +45,13 @@ pub struct PostgresStore {
     channel: String,
     users_table: String,
     /// Whether keygate's policy and audit tables are there: 0 not known,
-    /// 1 yes, 2 no; asked again every [`POLICIES_RECHECK_MS`] while no.
+    /// 1 yes, 2 no; asked again every [`POLICIES_RECHECK_MS`] while no, and
+    /// every instance's caches flushed when they turn up.
     policies: std::sync::atomic::AtomicU8,
     policies_checked: std::sync::atomic::AtomicU64,
 }
 
-const POLICIES_RECHECK_MS: u64 = 10_000;
+const POLICIES_RECHECK_MS: u64 = 2_000;
 
 /// The refusal for a key policy or an audit entry before `store prepare`.
 const NEEDS_PREPARE: &str = "expiry, workflow scopes, per-key rates and the audit log need keygate's keygate_key_policies and keygate_audit tables in the engine's database: run `keygate store prepare`";
@@ -225,8 +226,18 @@ impl PostgresStore {
         let statement = client.prepare_cached(&self.sql.policies_exist).await?;
         let found: bool = client.query_one(&statement, &[]).await?.get(0);
         self.policies_checked.store(now, Ordering::Release);
-        self.policies
-            .store(if found { 1 } else { 2 }, Ordering::Release);
+        let was = self
+            .policies
+            .swap(if found { 1 } else { 2 }, Ordering::AcqRel);
+        if found && was == 2 {
+            // Keys read without their policies may be cached on every
+            // instance: every instance drops its caches (each one that
+            // finds the tables later says so again).
+            let statement = client
+                .prepare_cached("SELECT pg_notify($1, 'flush')")
+                .await?;
+            client.execute(&statement, &[&self.channel]).await?;
+        }
         Ok(found)
     }
 
@@ -515,6 +526,15 @@ impl Store for PostgresStore {
                 .iter()
                 .map(key_record)
                 .collect()
+        }))
+    }
+
+    fn keeps_policies(&self) -> StoreFuture<'_, ()> {
+        Box::pin(self.run(Retry::Safe, move |client| async move {
+            match self.has_policies(&client).await? {
+                true => Ok(()),
+                false => Err(StoreError::Refused(NEEDS_PREPARE.into()).into()),
+            }
         }))
     }
 

@@ -191,8 +191,10 @@ impl Statements {
                 ),
                 get_key: format!("SELECT {joined} FROM {from} WHERE k.{id} = $1"),
                 delete_key: format!(
-                    "WITH gone AS (DELETE FROM {policies} WHERE key_id = $1) \
-                     DELETE FROM {keys} WHERE {id} = $1 RETURNING {columns}"
+                    "WITH gone AS (DELETE FROM {policies} WHERE key_id = $1 \
+                       RETURNING expires_at, workflows, rate) \
+                     DELETE FROM {keys} WHERE {id} = $1 RETURNING {columns}, \
+                       (SELECT expires_at FROM gone), (SELECT workflows FROM gone), (SELECT rate FROM gone)"
                 ),
                 insert_policy: format!(
                     "INSERT INTO {policies} (key_id, expires_at, workflows, rate) VALUES ($1, $2, $3, $4)"

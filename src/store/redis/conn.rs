@@ -83,6 +83,22 @@ fn certificates(config: &RedisConfig) -> Result<redis::TlsCertificates, String> 
     })
 }
 
+/// The URL of a cluster node at `address` (`ip:port`), with the first
+/// seed's scheme and credentials (a cluster's nodes share them).
+pub(crate) fn address_url(config: &RedisConfig, address: &str) -> String {
+    let seed = config
+        .nodes
+        .urls()
+        .first()
+        .map_or("redis://", String::as_str);
+    let (scheme, rest) = seed.split_once("://").unwrap_or(("redis", seed));
+    let userinfo = rest
+        .rsplit_once('@')
+        .map(|(u, _)| format!("{u}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{userinfo}{address}")
+}
+
 /// A node's URL as redis-rs takes it: `#insecure` when asked not to check
 /// the certificate.
 pub(crate) fn node_url(config: &RedisConfig, url: &str) -> String {
@@ -216,5 +232,25 @@ pub(super) async fn each<T: FromRedisValue>(
                 .into_iter()
                 .collect()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_urls_keep_the_seeds_scheme_and_credentials() {
+        let mut config = RedisConfig::single("redis://127.0.0.1:1", Duration::from_secs(1));
+        config.nodes = RedisNodes::Cluster(vec!["rediss://:s3cret@10.0.0.1:6379".into()]);
+        assert_eq!(
+            address_url(&config, "10.0.0.9:7000"),
+            "rediss://:s3cret@10.0.0.9:7000"
+        );
+        config.nodes = RedisNodes::Cluster(vec!["redis://10.0.0.1:6379".into()]);
+        assert_eq!(
+            address_url(&config, "10.0.0.9:7000"),
+            "redis://10.0.0.9:7000"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! asked for a PING on a connection of its own. Any that does not answer
 //! is named, so an operator sees which slots are out.
 
-use super::conn::{Conn, node_client};
+use super::conn::{Conn, address_url, node_client};
 use crate::config::RedisConfig;
 
 /// The masters `CLUSTER NODES` lists: `ip:port`, and whether it is
@@ -32,7 +32,6 @@ pub(super) async fn cluster(conn: &mut Conn, config: &RedisConfig) -> Result<(),
         .query_async(conn)
         .await
         .map_err(|e| format!("redis cluster: {e}"))?;
-    let tls = config.nodes.tls();
     let masters = masters(&nodes);
     if masters.is_empty() {
         return Err("redis cluster: CLUSTER NODES lists no master".into());
@@ -43,9 +42,8 @@ pub(super) async fn cluster(conn: &mut Conn, config: &RedisConfig) -> Result<(),
             down.push(address);
             continue;
         }
-        let scheme = if tls { "rediss" } else { "redis" };
         let answered = async {
-            let client = node_client(config, &format!("{scheme}://{address}"))?;
+            let client = node_client(config, &address_url(config, &address))?;
             let mut node = client
                 .get_multiplexed_async_connection()
                 .await

@@ -222,11 +222,6 @@ impl RedisStore {
                     .await?)
             })
             .await?;
-        let scheme = if self.config.nodes.tls() {
-            "rediss"
-        } else {
-            "redis"
-        };
         let mut out = Vec::new();
         for (address, failed) in health::masters(&nodes) {
             if failed {
@@ -234,7 +229,7 @@ impl RedisStore {
                     "redis cluster: master {address} is down"
                 )));
             }
-            let client = node_client(&self.config, &format!("{scheme}://{address}"))
+            let client = node_client(&self.config, &conn::address_url(&self.config, &address))
                 .map_err(StoreError::Unavailable)?;
             let mut conn =
                 tokio::time::timeout(self.timeout, client.get_multiplexed_async_connection())
@@ -402,12 +397,6 @@ impl RedisStore {
                     .await?)
             })
             .await?;
-        let seed = &seeds[0];
-        let (scheme, rest) = seed.split_once("://").unwrap_or(("redis", seed));
-        let userinfo = rest
-            .rsplit_once('@')
-            .map(|(u, _)| format!("{u}@"))
-            .unwrap_or_default();
         // Sorted: each node lists the others in an order of its own.
         let mut urls: Vec<String> = nodes
             .lines()
@@ -421,7 +410,7 @@ impl RedisStore {
                     return None;
                 }
                 let address = fields.get(1)?.split('@').next()?;
-                Some(format!("{scheme}://{userinfo}{address}"))
+                Some(conn::address_url(&self.config, address))
             })
             .collect();
         urls.sort();
