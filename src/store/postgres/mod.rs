@@ -241,6 +241,15 @@ impl PostgresStore {
         Ok(found)
     }
 
+    /// The key statements to use: with the policy columns once keygate's
+    /// tables exist.
+    async fn key_statements(&self, client: &Object) -> Result<&sql::KeyStatements, Failure> {
+        Ok(match self.has_policies(client).await? {
+            true => &self.sql.with_policies.keys,
+            false => &self.sql.keys,
+        })
+    }
+
     /// Refuses a user the engine does not know.
     async fn user_must_exist(&self, client: &Object, user: &str) -> Result<(), Failure> {
         let statement = client.prepare_cached(&self.sql.user_exists).await?;
@@ -455,11 +464,9 @@ impl Store for PostgresStore {
 
     fn find_by_hash(&self, hash: KeyHash) -> StoreFuture<'_, Option<KeyRecord>> {
         Box::pin(self.run(Retry::Safe, move |client| async move {
-            let sql = match self.has_policies(&client).await? {
-                true => &self.sql.with_policies.find_by_hash,
-                false => &self.sql.find_by_hash,
-            };
-            let statement = client.prepare_cached(sql).await?;
+            let statement = client
+                .prepare_cached(&self.key_statements(&client).await?.find_by_hash)
+                .await?;
             client
                 .query_opt(&statement, &[&hash.to_hex()])
                 .await?
@@ -470,11 +477,9 @@ impl Store for PostgresStore {
 
     fn list_keys<'a>(&'a self, user_id: &'a str) -> StoreFuture<'a, Vec<KeyRecord>> {
         Box::pin(self.run(Retry::Safe, move |client| async move {
-            let sql = match self.has_policies(&client).await? {
-                true => &self.sql.with_policies.list_keys,
-                false => &self.sql.list_keys,
-            };
-            let statement = client.prepare_cached(sql).await?;
+            let statement = client
+                .prepare_cached(&self.key_statements(&client).await?.list_keys)
+                .await?;
             client
                 .query(&statement, &[&user_id])
                 .await?
@@ -486,11 +491,9 @@ impl Store for PostgresStore {
 
     fn revoke_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, KeyRecord> {
         Box::pin(self.run(Retry::Never, move |client| async move {
-            let sql = match self.has_policies(&client).await? {
-                true => &self.sql.with_policies.delete_key,
-                false => &self.sql.delete_key,
-            };
-            let statement = client.prepare_cached(sql).await?;
+            let statement = client
+                .prepare_cached(&self.key_statements(&client).await?.delete_key)
+                .await?;
             match client.query_opt(&statement, &[&id]).await? {
                 Some(row) => key_record(&row),
                 None => Err(StoreError::UnknownKey(id.to_owned()).into()),
@@ -500,11 +503,9 @@ impl Store for PostgresStore {
 
     fn get_key<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<KeyRecord>> {
         Box::pin(self.run(Retry::Safe, move |client| async move {
-            let sql = match self.has_policies(&client).await? {
-                true => &self.sql.with_policies.get_key,
-                false => &self.sql.get_key,
-            };
-            let statement = client.prepare_cached(sql).await?;
+            let statement = client
+                .prepare_cached(&self.key_statements(&client).await?.get_key)
+                .await?;
             client
                 .query_opt(&statement, &[&id])
                 .await?
@@ -515,11 +516,9 @@ impl Store for PostgresStore {
 
     fn list_all_keys(&self) -> StoreFuture<'_, Vec<KeyRecord>> {
         Box::pin(self.run(Retry::Safe, move |client| async move {
-            let sql = match self.has_policies(&client).await? {
-                true => &self.sql.with_policies.list_all_keys,
-                false => &self.sql.list_all_keys,
-            };
-            let statement = client.prepare_cached(sql).await?;
+            let statement = client
+                .prepare_cached(&self.key_statements(&client).await?.list_all_keys)
+                .await?;
             client
                 .query(&statement, &[])
                 .await?
@@ -550,7 +549,7 @@ impl Store for PostgresStore {
                 return Err(StoreError::UnknownKey(id.to_owned()).into());
             }
             let statement = client
-                .prepare_cached(&self.sql.with_policies.get_key)
+                .prepare_cached(&self.sql.with_policies.keys.get_key)
                 .await?;
             match client.query_opt(&statement, &[&id]).await? {
                 Some(row) => key_record(&row),

@@ -65,10 +65,9 @@ const INTEGRATION_COLUMNS: &str =
     "id, user_id, type, name, created_at, last_used_at, key_id, nonce, ciphertext";
 
 pub(super) struct Statements {
-    pub(super) find_by_hash: String,
+    /// The key reads (and the delete) on the engine's table alone.
+    pub(super) keys: KeyStatements,
     pub(super) insert_key: String,
-    pub(super) list_keys: String,
-    pub(super) delete_key: String,
     pub(super) last_used: String,
     pub(super) user_exists: String,
     pub(super) get_owner: String,
@@ -84,20 +83,24 @@ pub(super) struct Statements {
     /// With keygate's policies table: the same reads with the policy
     /// columns after the key's, and the writes of policies.
     pub(super) with_policies: PolicyStatements,
-    pub(super) list_all_keys: String,
-    pub(super) get_key: String,
     pub(super) policies_exist: String,
     pub(super) insert_audit: String,
     pub(super) trim_audit: String,
     pub(super) list_audit: String,
 }
 
-pub(super) struct PolicyStatements {
+/// The statements that read a key row (and the one that deletes it,
+/// returning the row), in [`super::key_record`]'s column order.
+pub(super) struct KeyStatements {
     pub(super) find_by_hash: String,
     pub(super) list_keys: String,
     pub(super) list_all_keys: String,
     pub(super) get_key: String,
     pub(super) delete_key: String,
+}
+
+pub(super) struct PolicyStatements {
+    pub(super) keys: KeyStatements,
     pub(super) insert_policy: String,
     pub(super) expire_key: String,
     pub(super) expired_keys: String,
@@ -129,16 +132,22 @@ impl Statements {
         let integrations = quoted(&integrations_table(t));
         let all = INTEGRATION_COLUMNS;
         Statements {
-            find_by_hash: format!("SELECT {columns} FROM {keys} WHERE {hash} = $1"),
+            keys: KeyStatements {
+                find_by_hash: format!("SELECT {columns} FROM {keys} WHERE {hash} = $1"),
+                list_keys: format!(
+                    "SELECT {columns} FROM {keys} WHERE {user} = $1 ORDER BY {created} DESC, {id} DESC"
+                ),
+                list_all_keys: format!(
+                    "SELECT {columns} FROM {keys} ORDER BY {created} DESC, {id} DESC"
+                ),
+                get_key: format!("SELECT {columns} FROM {keys} WHERE {id} = $1"),
+                delete_key: format!("DELETE FROM {keys} WHERE {id} = $1 RETURNING {columns}"),
+            },
             insert_key: format!(
                 "INSERT INTO {keys} ({id}, {user}, {}, {hash}, {}, {created}) VALUES ($1, $2, $3, $4, $5, $6)",
                 quoted(&k.name),
                 quoted(&k.key_prefix),
             ),
-            list_keys: format!(
-                "SELECT {columns} FROM {keys} WHERE {user} = $1 ORDER BY {created} DESC, {id} DESC"
-            ),
-            delete_key: format!("DELETE FROM {keys} WHERE {id} = $1 RETURNING {columns}"),
             // One statement a flush, whatever its size; a time never moves
             // back, and a key deleted meanwhile has no row to update.
             last_used: format!(
@@ -169,10 +178,6 @@ impl Statements {
                 "UPDATE {integrations} SET last_used_at = $2 \
                  WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2)"
             ),
-            list_all_keys: format!(
-                "SELECT {columns} FROM {keys} ORDER BY {created} DESC, {id} DESC"
-            ),
-            get_key: format!("SELECT {columns} FROM {keys} WHERE {id} = $1"),
             policies_exist: format!(
                 "SELECT to_regclass('{}') IS NOT NULL AND to_regclass('{}') IS NOT NULL",
                 policies.replace('\'', "''"),
@@ -182,20 +187,22 @@ impl Statements {
             trim_audit: format!("DELETE FROM {audit} WHERE at < $1"),
             list_audit: format!("SELECT entry FROM {audit} WHERE at >= $1 ORDER BY at, id"),
             with_policies: PolicyStatements {
-                find_by_hash: format!("SELECT {joined} FROM {from} WHERE k.{hash} = $1"),
-                list_keys: format!(
-                    "SELECT {joined} FROM {from} WHERE k.{user} = $1 ORDER BY k.{created} DESC, k.{id} DESC"
-                ),
-                list_all_keys: format!(
-                    "SELECT {joined} FROM {from} ORDER BY k.{created} DESC, k.{id} DESC"
-                ),
-                get_key: format!("SELECT {joined} FROM {from} WHERE k.{id} = $1"),
-                delete_key: format!(
-                    "WITH gone AS (DELETE FROM {policies} WHERE key_id = $1 \
-                       RETURNING expires_at, workflows, rate) \
-                     DELETE FROM {keys} WHERE {id} = $1 RETURNING {columns}, \
-                       (SELECT expires_at FROM gone), (SELECT workflows FROM gone), (SELECT rate FROM gone)"
-                ),
+                keys: KeyStatements {
+                    find_by_hash: format!("SELECT {joined} FROM {from} WHERE k.{hash} = $1"),
+                    list_keys: format!(
+                        "SELECT {joined} FROM {from} WHERE k.{user} = $1 ORDER BY k.{created} DESC, k.{id} DESC"
+                    ),
+                    list_all_keys: format!(
+                        "SELECT {joined} FROM {from} ORDER BY k.{created} DESC, k.{id} DESC"
+                    ),
+                    get_key: format!("SELECT {joined} FROM {from} WHERE k.{id} = $1"),
+                    delete_key: format!(
+                        "WITH gone AS (DELETE FROM {policies} WHERE key_id = $1 \
+                           RETURNING expires_at, workflows, rate) \
+                         DELETE FROM {keys} WHERE {id} = $1 RETURNING {columns}, \
+                           (SELECT expires_at FROM gone), (SELECT workflows FROM gone), (SELECT rate FROM gone)"
+                    ),
+                },
                 insert_policy: format!(
                     "INSERT INTO {policies} (key_id, expires_at, workflows, rate) VALUES ($1, $2, $3, $4)"
                 ),
@@ -230,10 +237,11 @@ mod tests {
             "SELECT \"userId\" FROM \"flows\" WHERE \"id\" = $1"
         );
         assert!(
-            sql.find_by_hash
+            sql.keys
+                .find_by_hash
                 .ends_with("FROM \"api_keys\" WHERE \"key_hash\" = $1"),
             "{}",
-            sql.find_by_hash
+            sql.keys.find_by_hash
         );
     }
 }
